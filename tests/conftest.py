@@ -1,0 +1,8 @@
+import os
+
+import torch
+
+# Triton kernels run under the CPU interpreter when there is no GPU. The variable must be set
+# before any @triton.jit definition is executed, so before lmmrt.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
