@@ -1,0 +1,3 @@
+from lmmrt.cli import main
+
+raise SystemExit(main())

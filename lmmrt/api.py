@@ -1,0 +1,106 @@
+"""The public API: load, generate, logits, info."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmmrt.kernels.backend import requested_backend
+from lmmrt.models.config import ModelConfig
+from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.runtime import generate as _gen
+from lmmrt.runtime.tokenizer import Tokenizer
+from lmmrt.runtime.weights import TOKENIZER, load_checkpoint
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class Model:
+    """A loaded model: the torch module, its config, tokenizer, device, dtype and backend."""
+
+    def __init__(self, module: FlamingoModel, config: ModelConfig, tokenizer: Tokenizer | None,
+                 backend: str = "auto", path: str | None = None):
+        self.module = module.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+        self.backend = requested_backend(backend)
+        module.set_backend(self.backend)
+        module.fold_gates()
+        self.last_stats: _gen.GenerationStats | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.dtype
+
+    def generate(self, prompts, images=None, **kw):
+        return generate(self, prompts, images, **kw)
+
+    def logits(self, prompts, images=None):
+        return logits(self, prompts, images)
+
+    def __repr__(self):
+        c = self.config
+        return (f"lmmrt.Model({c.family}, decoder={c.decoder.family} {c.decoder.layers}x{c.decoder.dim}, "
+                f"xattn={len(c.xattn.layers)} blocks, device={self.device}, dtype={self.dtype}, backend={self.backend})")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False) -> Model:
+    """Load an lmmrt checkpoint directory (made by `lmmrt convert`).
+
+    device: "cuda", "cpu", ... (default: cuda when available); dtype: torch dtype or name
+    (default: the dtype stored in the file); backend: torch | triton | cuda | auto
+    (default: $LMMRT_BACKEND, else auto)."""
+    device = torch.device(device or default_device())
+    backend = requested_backend(backend)
+    cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
+    tok_path = Path(path) / TOKENIZER
+    tok = Tokenizer.from_file(tok_path) if tok_path.exists() else None
+    return Model(module, cfg, tok, backend=backend, path=str(path))
+
+
+def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop=None,
+             stop_token_ids=None, ignore_eos: bool = False, seed: int | None = None, stream: bool = False):
+    """Generate text for one or more prompts.
+
+    prompts: a string, a list of strings, or a list of token-id lists; media markers (the model's
+    image token, e.g. "<image>") stand where the media sit. images: for one prompt a list of media
+    items, else one list per prompt; a media item is a PIL image, a uint8 (H, W, 3) array or tensor,
+    a float (3, H, W) tensor of already-normalized pixels, or a video clip (lmmrt.video).
+    temperature 0 is greedy; sampling is reproducible with `seed`. Generation stops at the end-of-
+    sequence token (unless ignore_eos), at any of stop_token_ids or the model's default stop tokens,
+    or at a stop string (str or list of str; the text is cut before it).
+
+    Returns a list of results with .text, .token_ids (new tokens only) and .finish_reason
+    ("stop" | "length"); with stream=True an iterator of text pieces (str for one prompt,
+    (prompt index, str) for several). Timings of the last call are in model.last_stats.
+    """
+    return _gen.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
+                         ignore_eos=ignore_eos, seed=seed)
+
+
+def logits(model: Model, prompts, images=None) -> list[torch.Tensor]:
+    """Prompt logits: one float32 tensor (prompt_len, vocab) per prompt, on the CPU."""
+    return _gen.prompt_logits(model, prompts, images)

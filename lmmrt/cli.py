@@ -1,0 +1,142 @@
+"""The `lmmrt` command: info, convert, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_info(args) -> int:
+    import json
+
+    import lmmrt
+
+    if args.json:
+        print(json.dumps(lmmrt.info(args.backend), indent=2))
+    else:
+        print(lmmrt.info_text(args.backend))
+    return 0
+
+
+def _cmd_convert_idefics(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.idefics import convert_idefics
+
+    out = convert_idefics(args.src, args.out, dtype=parse_dtype(args.dtype), image_token_id=args.image_token_id,
+                          progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _load_image(path: str):
+    from PIL import Image
+
+    try:
+        return Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise SystemExit(f"lmmrt: image file not found: {path}") from None
+    except Exception as e:
+        raise SystemExit(f"lmmrt: cannot read image {path}: {e}") from None
+
+
+def _cmd_generate(args) -> int:
+    import lmmrt
+
+    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=True)
+    images = [_load_image(p) for p in args.image]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+              stop=args.stop or None, ignore_eos=args.ignore_eos)
+    if args.stream:
+        for piece in lmmrt.generate(model, args.prompt, images, stream=True, **kw):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        out = lmmrt.generate(model, args.prompt, images, **kw)
+        print(out[0].text)
+    s = model.last_stats
+    if s is not None and not args.quiet:
+        print(f"[prefill {1e3 * s.prefill_s:.1f} ms, decode {s.ms_per_step:.2f} ms/token, "
+              f"{s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from lmmrt.demo import run_demo
+
+    run_demo(device=args.device, max_new_tokens=args.max_new_tokens, backend=args.backend)
+    return 0
+
+
+# name -> (help, function adding the arguments, handler); converters for other formats add here.
+CONVERTERS: dict = {}
+
+
+def _add_idefics(p):
+    p.add_argument("src", help="transformers IdeficsForVisionText2Text directory (config.json + safetensors)")
+    p.add_argument("out", help="output directory (lmmrt format)")
+    p.add_argument("--dtype", default=None, help="store weights as float32|float16|bfloat16 (default: as in source)")
+    p.add_argument("--image-token-id", type=int, default=None,
+                   help="id of the <image> marker when the directory has no tokenizer.json "
+                        "(default: IDEFICS's convention, the last additional token)")
+
+
+CONVERTERS["idefics"] = ("convert a transformers IDEFICS checkpoint", _add_idefics, _cmd_convert_idefics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for "
+                                "Flamingo-style multimodal models (IDEFICS, OpenFlamingo).")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses")
+    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("convert", help="convert a public checkpoint into lmmrt's format")
+    csub = s.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, (help_, add_args, fn) in CONVERTERS.items():
+        c = csub.add_parser(name, help=help_)
+        add_args(c)
+        c.add_argument("--quiet", action="store_true", help="no progress bar")
+        c.set_defaults(fn=fn)
+
+    s = sub.add_parser("generate", help="generate text from a prompt with interleaved images")
+    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`)")
+    s.add_argument("--prompt", "-p", required=True, help="prompt text; write <image> where each image goes")
+    s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stream", action="store_true", help="print text as it is generated")
+    s.add_argument("--device", default=None, help="cuda|cpu (default: cuda when available)")
+    s.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: as stored)")
+    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto")
+    s.add_argument("--quiet", action="store_true", help="no timings on stderr")
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--backend", default=None)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"lmmrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""What every converter shares: reading source weights (safetensors, sharded or not, or torch
+files with weights_only=True — never a full unpickle), applying a weight map with a progress bar,
+and checking the result against the model lmmrt will build, naming every bad key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmmrt.models.config import ModelConfig
+from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.runtime.weights import (
+    CheckpointError,
+    check_state,
+    describe_key_problems,
+    open_safetensors,
+    read_tensor,
+)
+
+
+def torch_load_weights_only(path: Path) -> dict:
+    """A torch pickle file, read with weights_only=True: tensors and plain containers only."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # mmap needs the zip format; older files fall back to a plain (still weights_only) read
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read as a weights-only torch file "
+                              f"(lmmrt never unpickles arbitrary objects): {e}") from None
+
+
+class SourceWeights:
+    """A read-only mapping name -> tensor over one or more files, loading tensors lazily."""
+
+    def __init__(self):
+        self._where: dict[str, tuple[object, Path]] = {}
+        self._dicts: list[dict] = []
+
+    @classmethod
+    def open(cls, src: Path) -> SourceWeights:
+        src = Path(src)
+        self = cls()
+        index = src / "model.safetensors.index.json"
+        single = src / "model.safetensors"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            for shard in shards:
+                self.add_safetensors(src / shard)
+        elif single.exists():
+            self.add_safetensors(single)
+        else:
+            bins = sorted(src.glob("pytorch_model*.bin"))
+            if not bins:
+                raise FileNotFoundError(f"no weights in {src}: expected model.safetensors, "
+                                        "model.safetensors.index.json or pytorch_model*.bin")
+            for b in bins:
+                self.add_dict(torch_load_weights_only(b), b)
+        return self
+
+    def add_safetensors(self, path: Path) -> None:
+        f = open_safetensors(path)
+        for k in f.keys():
+            self._where[k] = (f, path)
+
+    def add_dict(self, d: dict, path: Path) -> None:
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path} does not hold a state dict (got {type(d).__name__})")
+        for k, v in d.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            self._where[k] = (d, path)
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, k):
+        return k in self._where
+
+    def shape(self, k) -> tuple:
+        f, _ = self._where[k]
+        if isinstance(f, dict):
+            return tuple(f[k].shape)
+        return tuple(f.get_slice(k).get_shape())
+
+    def get(self, k) -> torch.Tensor:
+        f, path = self._where[k]
+        if isinstance(f, dict):
+            return f[k]
+        return read_tensor(f, k, path)
+
+
+def find_tokenizer_json(src: Path) -> Path | None:
+    p = Path(src) / "tokenizer.json"
+    return p if p.exists() else None
+
+
+def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConfig, *,
+                  ignored_prefixes=(), dtype: torch.dtype | None = None, progress: bool = True,
+                  reshape: dict[str, tuple] | None = None, transforms: dict | None = None) -> dict[str, torch.Tensor]:
+    """Apply a weight map: each lmmrt tensor is the concatenation (dim 0) of its sources, optionally
+    reshaped or transformed. Raises CheckpointError naming every missing source key, every source
+    key left unused, and every tensor whose shape differs from the model's."""
+    reshape = reshape or {}
+    transforms = transforms or {}
+    needed = {s for srcs in wmap.values() for s in srcs}
+    missing = sorted(s for s in needed if s not in src)
+    unused = sorted(k for k in src.keys() if k not in needed and not k.startswith(tuple(ignored_prefixes))
+                    and not k.endswith(("rotary_emb.inv_freq", "embeddings.position_ids", "masked_bias",
+                                        ".attn.bias", "attention.bias", "attention.masked_bias")))
+    if missing or unused:
+        raise CheckpointError(describe_key_problems(missing, unused, [], "the source checkpoint"))
+    with torch.device("meta"):
+        model = FlamingoModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    items = list(wmap.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="converting", unit="tensor")
+    for name, srcs in items:
+        parts = [src.get(s) for s in srcs]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if name in transforms:
+            t = transforms[name](t)
+        if name in reshape:
+            if t.numel() != int(torch.tensor(reshape[name]).prod()):
+                raise CheckpointError(f"{srcs[0]}: shape {tuple(t.shape)} cannot become {reshape[name]} for {name}")
+            t = t.reshape(reshape[name])
+        want = expected.get(name)
+        if want is not None and tuple(t.shape) != want:
+            raise CheckpointError(f"source tensor(s) {', '.join(srcs)} have shape {tuple(t.shape)}, "
+                                  f"lmmrt's {name} needs {want}")
+        out[name] = t.to(dtype) if dtype is not None else t.contiguous()
+    check_state({k: tuple(v.shape) for k, v in out.items()}, model, "the converted state")
+    return out

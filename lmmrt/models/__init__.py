@@ -1,0 +1,6 @@
+"""The math of Flamingo-style models in plain PyTorch modules, dispatching hot ops to kernels."""
+
+from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
+from lmmrt.models.flamingo import FlamingoModel
+
+__all__ = ["DecoderConfig", "FlamingoModel", "ModelConfig", "PerceiverConfig", "VisionConfig", "XAttnConfig"]

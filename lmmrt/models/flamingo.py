@@ -1,0 +1,77 @@
+"""The whole Flamingo-style model: vision encoder -> perceiver -> LM decoder with gated
+cross-attention blocks placed before the configured decoder layers (flamingo.md §1, §4.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lmmrt.models.config import ModelConfig
+from lmmrt.models.decoder import Decoder, StepContext
+from lmmrt.models.perceiver import PerceiverResampler
+from lmmrt.models.vision import VisionEncoder
+from lmmrt.models.xattn import GatedCrossAttention, MediaContext
+
+
+class FlamingoModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.perceiver = PerceiverResampler(cfg.perceiver) if cfg.perceiver is not None else None
+        self.decoder = Decoder(cfg.decoder)
+        bad = [i for i in cfg.xattn.layers if not 0 <= i < cfg.decoder.layers]
+        if bad:
+            raise ValueError(f"cross-attention placed before decoder layers {bad}, but the decoder has "
+                             f"{cfg.decoder.layers} layers")
+        self.xattn = nn.ModuleList(GatedCrossAttention(cfg) for _ in cfg.xattn.layers)
+        self.xattn_at = {layer: j for j, layer in enumerate(cfg.xattn.layers)}
+        self.backend = "torch"
+
+    # --- setup ----------------------------------------------------------------------------------
+    def set_backend(self, backend: str) -> None:
+        """Hand the backend name to every module that dispatches an op."""
+        self.backend = backend
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
+    def fold_gates(self) -> None:
+        for blk in self.xattn:
+            blk.fold_gates()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed.weight.device
+
+    # --- media ----------------------------------------------------------------------------------
+    def encode_media(self, pixels: torch.Tensor, media_time: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (M, F, 3, S, S) normalized -> media latents (M, L, media_dim)."""
+        m, f = pixels.shape[:2]
+        feats = self.vision(pixels.flatten(0, 1).to(self.dtype))
+        feats = feats.view(m, f, feats.shape[1], feats.shape[2])
+        if self.perceiver is None:
+            return feats.reshape(m, -1, feats.shape[-1])
+        return self.perceiver(feats, media_time)
+
+    def project_media(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's media K/V, computed once per media item (the media cache)."""
+        return [blk.project_media(latents) for blk in self.xattn]
+
+    # --- text -----------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, ctx: StepContext, kv_cache, media: MediaContext,
+                logits_for: str = "all") -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) ("all") or (B, V) ("last"), filling kv_cache."""
+        x = self.decoder.embed(tokens)
+        for i, layer in enumerate(self.decoder.layers):
+            j = self.xattn_at.get(i)
+            if j is not None:
+                x = self.xattn[j](x, media, j)
+            x = layer(x, ctx, kv_cache.k[i], kv_cache.v[i])
+        if logits_for == "last":
+            x = x[:, -1]
+        return self.decoder.head(x).float()

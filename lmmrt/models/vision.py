@@ -1,0 +1,63 @@
+"""CLIP ViT vision encoder (flamingo.md §2), with both output conventions.
+
+IDEFICS hands the perceiver every token of the last layer (class token included, no
+post-LayerNorm); OpenFlamingo hands it the patch tokens only (no class token, no ln_post).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmmrt.models.config import VisionConfig
+from lmmrt.models.layers import LayerNorm, activation
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.width
+        self.heads = cfg.heads
+        self.ln1 = LayerNorm(d, cfg.ln_eps)
+        self.wqkv = nn.Linear(d, 3 * d, bias=True)  # q, k, v stacked along the output dim
+        self.wo = nn.Linear(d, d, bias=True)
+        self.ln2 = LayerNorm(d, cfg.ln_eps)
+        self.fc1 = nn.Linear(d, cfg.mlp_dim, bias=True)
+        self.fc2 = nn.Linear(cfg.mlp_dim, d, bias=True)
+        self.act = activation(cfg.act)
+
+    def forward(self, x):
+        n, s, d = x.shape
+        qkv = self.wqkv(self.ln1(x)).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.wo(a.transpose(1, 2).reshape(n, s, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embed = nn.Parameter(torch.zeros(d))
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.grid * cfg.grid + 1, d))
+        self.ln_pre = LayerNorm(d, cfg.ln_eps)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (N, 3, S, S) normalized -> (N, n_tokens, width)."""
+        cfg = self.cfg
+        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"vision encoder expects pixels of shape (N, 3, {cfg.image_size}, {cfg.image_size}), "
+                             f"got {tuple(pixels.shape)}")
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embed.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        x = self.ln_pre(x)
+        for blk in self.blocks:
+            x = blk(x)
+        if cfg.output == "patch_tokens":
+            x = x[:, 1:]
+        return x

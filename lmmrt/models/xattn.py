@@ -1,0 +1,111 @@
+"""GATED XATTN-DENSE (flamingo.md §4): text cross-attends to media latents through a mask, then a
+feed-forward; both branches scaled by tanh gates.
+
+Gates are constants at inference, so `fold_gates()` multiplies tanh(gate) into the last matrix of
+each branch (per output row for vector gates) and marks branches whose gate is exactly zero, which
+are then skipped. Media K/V are projected once per media item (`project_media`) into the media
+cache; the attention reads them through lmmrt.kernels.masked_cross_attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lmmrt.kernels.masked_cross_attention import masked_cross_attention
+from lmmrt.models.config import ModelConfig
+from lmmrt.models.layers import activation, make_norm
+
+
+@dataclass
+class MediaContext:
+    """Per forward call: the media K/V of every block and which media each token sees.
+
+    kv[j] = (k, v) each (N, L, H, dh), all sequences' media packed; text_time (B, T) media ordinal
+    per token (0 = none); media_start, media_count (B,) each sequence's slice of the packed media."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    text_time: torch.Tensor
+    media_start: torch.Tensor
+    media_count: torch.Tensor
+    any_media: bool
+
+
+class GatedCrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        xc, d = cfg.xattn, cfg.decoder.dim
+        self.cfg = xc
+        inner = xc.heads * xc.head_dim
+        idefics = xc.style == "idefics"
+        norm_kind = "rms" if idefics else "ln"
+        self.attn_norm = make_norm(norm_kind, d, xc.norm_eps)
+        self.wq = nn.Linear(d, inner, bias=False)
+        self.wkv = nn.Linear(xc.media_dim, 2 * inner, bias=False)  # k rows, then v rows
+        self.wo = nn.Linear(inner, d, bias=False)
+        if xc.qk_norm:
+            self.q_norm = make_norm("rms", xc.head_dim, xc.norm_eps)
+            self.k_norm = make_norm("rms", xc.head_dim, xc.norm_eps)
+        gate_shape = (d,) if xc.gate_type == "vector" else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
+        self.ff_norm = make_norm(norm_kind, d, xc.norm_eps)
+        if idefics:  # SwiGLU
+            self.ff_w13 = nn.Linear(d, 2 * xc.ffn_dim, bias=False)
+        else:  # GELU MLP
+            self.ff_w1 = nn.Linear(d, xc.ffn_dim, bias=False)
+        self.ff_w2 = nn.Linear(xc.ffn_dim, d, bias=False)
+        self.act = activation("silu" if idefics else "gelu")
+        self.backend = "torch"
+        self.gates_folded = False
+        self.skip_attn = False
+        self.skip_ff = False
+
+    @torch.no_grad()
+    def fold_gates(self) -> None:
+        """Fold tanh(gate) into wo and ff_w2 (exact up to rounding); skip zero-gate branches."""
+        if self.gates_folded:
+            return
+        for gate, w in ((self.attn_gate, self.wo.weight), (self.ff_gate, self.ff_w2.weight)):
+            g = torch.tanh(gate.float())
+            w.copy_((w.float() * g[:, None]).to(w.dtype))  # (1,) broadcasts; (D,) scales output rows
+        self.skip_attn = bool((self.attn_gate == 0).all())
+        self.skip_ff = bool((self.ff_gate == 0).all())
+        self.gates_folded = True
+
+    def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (N, L, media_dim) -> k, v each (N, L, H, dh), k normalized when qk_norm."""
+        xc = self.cfg
+        n, L, _ = latents.shape
+        kv = self.wkv(latents.to(self.wkv.weight.dtype)).view(n, L, 2, xc.heads, xc.head_dim)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if xc.qk_norm:
+            k = self.k_norm(k)
+        return k.contiguous(), v.contiguous()
+
+    def _gate(self, gate, x):
+        return x if self.gates_folded else torch.tanh(gate.float()).to(x.dtype) * x
+
+    def forward(self, x: torch.Tensor, media: MediaContext, j: int) -> torch.Tensor:
+        xc = self.cfg
+        b, t, _ = x.shape
+        if media.any_media and not self.skip_attn:
+            q = self.wq(self.attn_norm(x)).view(b, t, xc.heads, xc.head_dim)
+            if xc.qk_norm:
+                q = self.q_norm(q)
+            k, v = media.kv[j]
+            a = masked_cross_attention(q, k, v, media.text_time, media.media_start, media.media_count,
+                                       mode=xc.mask_mode, backend=self.backend)
+            x = x + self._gate(self.attn_gate, self.wo(a.reshape(b, t, -1)))
+        # With no media anywhere in the batch every attention row is zero: the branch adds nothing.
+        if not self.skip_ff:
+            h = self.ff_norm(x)
+            if xc.style == "idefics":
+                g, u = self.ff_w13(h).chunk(2, dim=-1)
+                h = self.act(g) * u
+            else:
+                h = self.act(self.ff_w1(h))
+            x = x + self._gate(self.ff_gate, self.ff_w2(h))
+        return x

@@ -1,0 +1,1 @@
+"""The runtime: batching, caches (KV, media K/V), sampling, the generate loop."""

@@ -1,0 +1,178 @@
+"""Turning user inputs (prompts, images) into one model batch: token ids left-padded to a common
+length, each token's media ordinal (`text_time`, flamingo.md §4.1), and the media pixels.
+
+Every check on user input happens here, before anything reaches a kernel, and each error names
+the prompt and what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmmrt.runtime.processor import preprocess_images
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) long, left-padded with pad_id
+    pad: torch.Tensor  # (B,) long, left padding of each row
+    lengths: list[int]  # prompt length of each row
+    text_time: torch.Tensor  # (B, T) int32 media ordinal, 0 = no media
+    media: list[torch.Tensor]  # one (F, 3, S, S) pixel tensor per media item, in batch order
+    media_start: torch.Tensor  # (B,) int32
+    media_count: torch.Tensor  # (B,) int32
+    media_time: torch.Tensor  # (N,) 0-based index of each media item in its prompt
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
+def media_ordinals(ids: list[int], image_token_id: int, eos_token_id: int | None, reset_after_eos: bool) -> list[int]:
+    """text_time of each token: the number of media markers at or before it (the marker itself
+    counts). With `reset_after_eos` (IDEFICS) a token after an end-of-sequence token sees no media
+    until the next marker; the end-of-sequence token itself still does."""
+    out, count, seen_eos = [], 0, False
+    for t in ids:
+        if t == image_token_id:
+            count += 1
+            seen_eos = False
+        out.append(0 if seen_eos else count)
+        if reset_after_eos and eos_token_id is not None and t == eos_token_id:
+            seen_eos = True
+    return out
+
+
+def normalize_prompts(prompts) -> list:
+    """A string, a list of strings, a list of ints (one tokenized prompt) or a list of int lists."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of strings or a list of token-id lists, "
+                        f"got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty")
+    if all(isinstance(p, int) for p in prompts):
+        return [list(prompts)]
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            continue
+        if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            continue
+        raise TypeError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _is_media_item(x) -> bool:
+    return not isinstance(x, (list, tuple))
+
+
+def normalize_images(images, n_prompts: int) -> list[list]:
+    """None, a list of images (one prompt), or one list of images per prompt."""
+    if images is None:
+        return [[] for _ in range(n_prompts)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if n_prompts == 1 and all(_is_media_item(x) for x in images):
+        return [list(images)]
+    if len(images) != n_prompts:
+        raise ValueError(f"images must hold one list of images per prompt: got {len(images)} lists for "
+                         f"{n_prompts} prompts")
+    out = []
+    for i, per in enumerate(images):
+        if per is None:
+            per = []
+        if _is_media_item(per):
+            per = [per]
+        out.append(list(per))
+    return out
+
+
+def media_item_pixels(item, vision_cfg, device, where: str) -> torch.Tensor:
+    """One media item -> (F, 3, S, S). An image gives F = 1; a video clip object (anything with
+    a `frames` list, see lmmrt.runtime.video) gives its F frames."""
+    frames = getattr(item, "frames", None)
+    if frames is not None:
+        if len(frames) == 0:
+            raise ValueError(f"{where}: the video clip has no frames")
+        return preprocess_images(list(frames), vision_cfg, device, where=where)
+    return preprocess_images([item], vision_cfg, device, where=where)
+
+
+def expand_image_markers(text: str, cfg) -> str:
+    """Write each media marker the way the checkpoint was trained to see it, e.g. IDEFICS wraps
+    <image> in <fake_token_around_image>, one shared wrapper between adjacent images."""
+    tpl = cfg.image_prompt_template
+    if tpl == "{image}" or cfg.image_token not in text:
+        return text
+    pre, post = tpl.split("{image}")
+    out = text.replace(cfg.image_token, pre + cfg.image_token + post)
+    if pre and pre == post:
+        while pre + pre in out:
+            out = out.replace(pre + pre, pre)
+    return out
+
+
+def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
+    cfg = model.config
+    prompts = normalize_prompts(prompts)
+    per_prompt_images = normalize_images(images, len(prompts))
+    ids_list: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): "
+                                 "pass prompts as lists of token ids")
+            ids = model.tokenizer.encode(expand_image_markers(p, cfg))
+        else:
+            ids = p
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        vocab = cfg.decoder.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        ids_list.append(ids)
+
+    limit = cfg.decoder.max_seq_len
+    for i, ids in enumerate(ids_list):
+        if len(ids) + max_new_tokens > limit:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(ids) + max_new_tokens}, beyond the model's context of {limit} tokens")
+
+    media: list[torch.Tensor] = []
+    media_time: list[int] = []
+    starts, counts, text_times = [], [], []
+    for i, (ids, imgs) in enumerate(zip(ids_list, per_prompt_images)):
+        n_markers = sum(1 for t in ids if t == cfg.image_token_id)
+        if n_markers != len(imgs):
+            raise ValueError(f"prompt {i} has {n_markers} media marker(s) ({cfg.image_token!r}, id "
+                             f"{cfg.image_token_id}) but {len(imgs)} image(s) were given for it")
+        starts.append(len(media))
+        counts.append(len(imgs))
+        for j, img in enumerate(imgs):
+            media.append(media_item_pixels(img, cfg.vision, model.device, where=f"images[{i}][{j}]"))
+            media_time.append(j)
+        text_times.append(media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
+
+    B, T = len(ids_list), max(len(x) for x in ids_list)
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    tt = torch.zeros((B, T), dtype=torch.int32)
+    pad = torch.zeros(B, dtype=torch.long)
+    for b, (ids, t) in enumerate(zip(ids_list, text_times)):
+        p = T - len(ids)
+        pad[b] = p
+        tokens[b, p:] = torch.tensor(ids)
+        tt[b, p:] = torch.tensor(t, dtype=torch.int32)
+    dev = model.device
+    return Batch(
+        tokens=tokens.to(dev), pad=pad.to(dev), lengths=[len(x) for x in ids_list], text_time=tt.to(dev),
+        media=media, media_start=torch.tensor(starts, dtype=torch.int32, device=dev),
+        media_count=torch.tensor(counts, dtype=torch.int32, device=dev),
+        media_time=torch.tensor(media_time, dtype=torch.long, device=dev),
+    )

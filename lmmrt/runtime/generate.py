@@ -1,0 +1,309 @@
+"""Prefill + decode loop over a static KV cache and a media K/V cache.
+
+Media are encoded once (vision encoder + perceiver, all media of the batch together) and each
+cross-attention block's K/V are projected once into the media cache; every decode step reads
+them. Prompts are left-padded to a common length so all rows decode at the same cache slot;
+positions count from each row's first real token, so padding never changes the result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmmrt.models.decoder import StepContext
+from lmmrt.models.xattn import MediaContext
+from lmmrt.runtime.batch import Batch, build_batch
+from lmmrt.runtime.kv_cache import KVCache
+from lmmrt.runtime.sampling import apply_repetition_penalty, sample
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    finish_reason: str  # "stop" (eos, stop token or stop string) | "length"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class GenerationStats:
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    media_s: float = 0.0  # vision encoder + perceiver + media K/V projection
+    prefill_s: float = 0.0  # includes media_s: time to the first token
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def encode_batch_media(model, batch: Batch) -> tuple[torch.Tensor | None, list]:
+    """Vision + perceiver for every media item of the batch, grouped by frame count so each group
+    is one launch; then each block's K/V. Returns (latents (N, L, Dv) or None, kv per block)."""
+    module = model.module
+    if not batch.media:
+        return None, []
+    n = len(batch.media)
+    by_frames: dict[int, list[int]] = {}
+    for i, px in enumerate(batch.media):
+        by_frames.setdefault(px.shape[0], []).append(i)
+    latents = None
+    for _, idx in by_frames.items():
+        px = torch.stack([batch.media[i] for i in idx]).to(model.device)
+        lat = module.encode_media(px, batch.media_time[idx])
+        if latents is None:
+            latents = lat.new_empty((n,) + tuple(lat.shape[1:]))
+        latents[idx] = lat
+    return latents, module.project_media(latents)
+
+
+def prefill_context(module, batch: Batch, max_len: int) -> StepContext:
+    B, T = batch.tokens.shape
+    dev = batch.tokens.device
+    slots = torch.arange(T, device=dev)
+    positions = (slots[None, :] - batch.pad[:, None]).clamp(min=0)
+    key_ok = slots[None, :] >= batch.pad[:, None]  # (B, T)
+    causal = slots[:, None] >= slots[None, :]  # (T, T)
+    mask = key_ok[:, None, :] & causal[None]
+    mask = mask | torch.eye(T, dtype=torch.bool, device=dev)[None]  # pad rows see themselves: no NaN
+    return module.decoder.context(positions, 0, T, mask[:, None])
+
+
+def decode_context(module, batch: Batch, slot: int) -> StepContext:
+    dev = batch.tokens.device
+    keys = torch.arange(slot + 1, device=dev)
+    positions = (slot - batch.pad)[:, None]
+    mask = (keys[None, :] >= batch.pad[:, None])[:, None, None, :]
+    return module.decoder.context(positions, slot, slot + 1, mask)
+
+
+def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last"):
+    """Media encoding + the prompt forward. Returns (logits, MediaContext for decode)."""
+    module = model.module
+    latents, kv = encode_batch_media(model, batch)
+    media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
+                         media_count=batch.media_count, any_media=bool(batch.media))
+    ctx = prefill_context(module, batch, cache.max_len)
+    logits = module(batch.tokens, ctx, cache, media, logits_for=logits_for)
+    # Decode tokens keep the media of the last prompt token (as the reference implementations do).
+    decode_media = MediaContext(kv=kv, text_time=batch.text_time[:, -1:].contiguous(),
+                                media_start=batch.media_start, media_count=batch.media_count,
+                                any_media=bool(batch.media))
+    return logits, decode_media
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompts, images=None) -> list[torch.Tensor]:
+    batch = build_batch(model, prompts, images)
+    cache = KVCache(model.config.decoder, batch.size, batch.tokens.shape[1], model.dtype, model.device)
+    logits, _ = run_prefill(model, batch, cache, logits_for="all")
+    T = batch.tokens.shape[1]
+    return [logits[b, T - n:].cpu() for b, n in enumerate(batch.lengths)]
+
+
+class _StopChecker:
+    def __init__(self, model, stop, stop_token_ids, ignore_eos):
+        cfg = model.config
+        ids = set(stop_token_ids or [])
+        if not ignore_eos:
+            if cfg.eos_token_id is not None:
+                ids.add(cfg.eos_token_id)
+            ids.update(cfg.stop_token_ids)
+        self.ids = ids
+        if isinstance(stop, str):
+            stop = [stop]
+        self.strings = [s for s in (stop or []) if s]
+        if self.strings and model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+
+def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                   repetition_penalty=1.0, stop=None, stop_token_ids=None, ignore_eos=False, seed=None,
+                   stats: GenerationStats | None = None) -> Iterator[tuple[list[int], list[str | None]]]:
+    """Yields, per decode step, (token of each row or -1 when finished, finish reason or None).
+    The caller turns that into results or a text stream."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError(f"bad sampling options: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                         f"top_p={top_p} (in (0, 1]), repetition_penalty={repetition_penalty} (> 0)")
+    stopper = _StopChecker(model, stop, stop_token_ids, ignore_eos)
+    stats = stats if stats is not None else GenerationStats()
+    dev = model.device
+    t0 = time.perf_counter()
+    batch = build_batch(model, prompts, images, max_new_tokens=max_new_tokens)
+    B, T = batch.tokens.shape
+    stats.batch, stats.prompt_tokens = B, sum(batch.lengths)
+    stats.extra["prompt_lengths"] = list(batch.lengths)
+    if max_new_tokens == 0:
+        return
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed)
+    cache = KVCache(model.config.decoder, B, T + max_new_tokens, model.dtype, dev)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.bool, device=dev)
+        for b in range(B):  # real prompt tokens only, not the left padding
+            seen[b, batch.tokens[b, T - batch.lengths[b]:]] = True
+
+    with torch.inference_mode():
+        logits, media = run_prefill(model, batch, cache, logits_for="last")
+        finished = [False] * B
+        for step in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            toks = nxt.tolist()  # the one host sync per step
+            now = time.perf_counter()  # tolist() above synchronized with the device
+            if step == 0:
+                stats.prefill_s = now - t0
+                t_dec = now
+            else:
+                stats.decode_s, stats.decode_steps = now - t_dec, step
+            out, reasons = [], []
+            for b in range(B):
+                if finished[b]:
+                    out.append(-1)
+                    reasons.append(None)
+                    continue
+                out.append(toks[b])
+                if toks[b] in stopper.ids:
+                    finished[b] = True
+                    reasons.append("stop")
+                elif step == max_new_tokens - 1:
+                    finished[b] = True
+                    reasons.append("length")
+                else:
+                    reasons.append(None)
+            stats.new_tokens += sum(1 for t in out if t >= 0)
+            yield out, reasons
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            slot = T + step
+            ctx = decode_context(model.module, batch, slot)
+            logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
+
+
+class _Detok:
+    """Incremental detokenization: emits the new text once it is complete UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
+
+
+def generate(model, prompts, images=None, *, stream=False, **kw):
+    """See lmmrt.generate. token_ids include a final stop token; text never does."""
+    from lmmrt.runtime.batch import normalize_prompts
+
+    stop = kw.get("stop")
+    stop_strings = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    if stream:
+        return _generate_stream(model, prompts, images, stop_strings, **kw)
+    n = len(normalize_prompts(prompts))
+    toks: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    detoks = [_Detok(model.tokenizer) for _ in range(n)] if stop_strings else None
+    texts = [""] * n
+    stats = GenerationStats()
+    steps = generate_steps(model, prompts, images, stats=stats, **kw)
+    try:
+        for out, rs in steps:
+            for b, t in enumerate(out):
+                if t < 0 or reasons[b] is not None:
+                    continue
+                toks[b].append(t)
+                reasons[b] = rs[b]
+                if detoks is not None and rs[b] is None:
+                    texts[b] += detoks[b].push(t)
+                    if any(s in texts[b] for s in stop_strings):
+                        reasons[b] = "stop"
+            if all(r is not None for r in reasons):
+                break
+    finally:
+        steps.close()
+    model.last_stats = stats
+    results = []
+    for b in range(n):
+        text = ""
+        if model.tokenizer is not None:
+            ids = toks[b]
+            if ids and reasons[b] == "stop" and ids[-1] in _StopChecker(model, None, kw.get("stop_token_ids"),
+                                                                         kw.get("ignore_eos", False)).ids:
+                ids = ids[:-1]
+            text = model.tokenizer.decode(ids)
+            cut = min((text.index(s) for s in stop_strings if s in text), default=None)
+            if cut is not None:
+                text = text[:cut]
+        results.append(GenerationResult(text=text, token_ids=toks[b], finish_reason=reasons[b] or "length",
+                                        prompt_tokens=stats.extra.get("prompt_lengths", [0] * n)[b]))
+    return results
+
+
+def _generate_stream(model, prompts, images, stop_strings, **kw):
+    """Text pieces as they are produced: str for one prompt, (prompt index, str) for several."""
+    from lmmrt.runtime.batch import normalize_prompts
+
+    if model.tokenizer is None:
+        raise ValueError("stream=True needs a tokenizer; this model has none")
+    n = len(normalize_prompts(prompts))
+    detoks = [_Detok(model.tokenizer) for _ in range(n)]
+    held = [""] * n  # text withheld while it could still be the start of a stop string
+    done = [False] * n
+    stats = GenerationStats()
+    steps = generate_steps(model, prompts, images, stats=stats, **kw)
+    try:
+        for out, _ in steps:
+            for b, t in enumerate(out):
+                if t < 0 or done[b]:
+                    continue
+                held[b] += detoks[b].push(t)
+                hit = next((s for s in stop_strings if s in held[b]), None)
+                if hit is not None:
+                    piece, done[b] = held[b][:held[b].index(hit)], True
+                    held[b] = ""
+                else:
+                    keep = max((len(s) - 1 for s in stop_strings), default=0)
+                    # emit all but a tail that might begin a stop string
+                    cut = len(held[b])
+                    for k in range(min(keep, len(held[b])), 0, -1):
+                        if any(s.startswith(held[b][-k:]) for s in stop_strings):
+                            cut = len(held[b]) - k
+                            break
+                    piece, held[b] = held[b][:cut], held[b][cut:]
+                if piece:
+                    yield piece if n == 1 else (b, piece)
+            if all(done):
+                break
+        for b in range(n):
+            if held[b] and not done[b]:
+                yield held[b] if n == 1 else (b, held[b])
+    finally:
+        steps.close()
+        model.last_stats = stats

@@ -1,0 +1,90 @@
+"""Image preprocessing: PIL images, uint8 HxWx3 arrays/tensors, or normalized float (3, H, W)
+tensors -> normalized (N, 3, S, S) pixels, per the checkpoint's VisionConfig.
+
+uint8 inputs are resized (bicubic, antialiased), optionally centre-cropped, scaled to [0, 1] and
+normalized with the checkpoint's mean/std; the work runs on `device` (the GPU when there is one)
+and is batched over images of the same size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmmrt.models.config import VisionConfig
+
+
+def _to_uint8_hwc(img, where: str) -> torch.Tensor | None:
+    """A uint8 (H, W, 3) tensor for PIL / uint8 inputs; None for float tensors (already normalized)."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(img, Image.Image):
+        return torch.from_numpy(np.asarray(img.convert("RGB"))).clone()
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8:
+            raise TypeError(f"{where}: a numpy image must be uint8 (H, W, 3), got dtype {img.dtype}; "
+                            "pass float pixels as a torch tensor of shape (3, H, W)")
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"{where}: a numpy image must have shape (H, W, 3), got {img.shape}")
+        return torch.from_numpy(np.ascontiguousarray(img))
+    if isinstance(img, torch.Tensor):
+        if img.dtype == torch.uint8:
+            if img.dim() != 3 or img.shape[2] != 3:
+                raise ValueError(f"{where}: a uint8 image tensor must have shape (H, W, 3), got {tuple(img.shape)}")
+            return img
+        if not img.is_floating_point():
+            raise TypeError(f"{where}: image tensor dtype {img.dtype} is not supported "
+                            "(use uint8 (H, W, 3) or float (3, H, W))")
+        if img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f"{where}: a float image tensor must have shape (3, H, W) (normalized pixels), "
+                             f"got {tuple(img.shape)}")
+        return None
+    raise TypeError(f"{where}: unsupported image type {type(img).__name__}; use a PIL image, a uint8 (H, W, 3) "
+                    "array or tensor, or a normalized float (3, H, W) tensor")
+
+
+def _resize(x: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """x: (N, 3, H, W) float -> (N, 3, S, S)."""
+    s = cfg.image_size
+    h, w = x.shape[-2:]
+    if cfg.resize == "resize_crop":
+        scale = s / min(h, w)
+        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (nh - s) // 2, (nw - s) // 2
+        return x[..., top:top + s, left:left + s]
+    if (h, w) != (s, s):
+        x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+    return x
+
+
+def normalize_uint8(frames: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """frames: (N, H, W, 3) uint8 on any device -> (N, 3, S, S) float32 normalized."""
+    x = frames.permute(0, 3, 1, 2).float()
+    x = _resize(x, cfg).clamp_(0, 255) / 255.0
+    mean = torch.tensor(cfg.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str = "images") -> torch.Tensor:
+    """A list of images -> (N, 3, S, S) float32 on `device`."""
+    out = []
+    for i, img in enumerate(images):
+        u8 = _to_uint8_hwc(img, f"{where}[{i}]")
+        if u8 is None:
+            x = img.to(device=device, dtype=torch.float32)[None]
+            if x.shape[-2:] != (cfg.image_size, cfg.image_size):
+                x = _resize(x, cfg)
+            out.append(x)
+        else:
+            if min(u8.shape[0], u8.shape[1]) < 1:
+                raise ValueError(f"{where}[{i}]: empty image of shape {tuple(u8.shape)}")
+            out.append(normalize_uint8(u8.to(device)[None], cfg))
+    if not out:
+        return torch.empty(0, 3, cfg.image_size, cfg.image_size, device=device)
+    return torch.cat(out, dim=0)
