@@ -1,24 +1,46 @@
 // pybind11 glue: argument checks, then launch on the caller's stream. Tensors arrive as raw
-// device pointers (integers) so the extension never links against libtorch.
+// device pointers (integers) so the extension never links against libtorch. Bad arguments raise
+// ValueError before anything touches CUDA; CUDA failures raise RuntimeError with the error name.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <cuda_runtime.h>
+
+#include <array>
 #include <stdexcept>
 #include <string>
 
-namespace py = pybind11;
+#include "lmmrt/api.h"
 
-namespace lmmrt {
-cudaError_t fill_f32(float* out, int64_t n, float value, cudaStream_t stream);
-}
+namespace py = pybind11;
 
 namespace {
 
+using lmmrt::DType;
+
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("lmmrt CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+    throw std::runtime_error(std::string("lmmrt CUDA error in ") + what + ": " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) + ")");
   }
 }
+
+[[noreturn]] void bad_arg(const std::string& fn, const std::string& msg) {
+  throw py::value_error(fn + ": " + msg);
+}
+
+DType parse_dtype(const std::string& fn, const char* arg, const std::string& s) {
+  if (s == "float32") return DType::kFloat32;
+  if (s == "float16") return DType::kFloat16;
+  if (s == "bfloat16") return DType::kBFloat16;
+  bad_arg(fn, std::string(arg) + " must be 'float32', 'float16' or 'bfloat16', got '" + s + "'");
+}
+
+void require_ptr(const std::string& fn, const char* arg, uintptr_t p, unsigned align) {
+  if (p == 0) bad_arg(fn, std::string(arg) + " is a null pointer");
+  if (p % align != 0) bad_arg(fn, std::string(arg) + " must be " + std::to_string(align) + "-byte aligned");
+}
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 py::dict build_info() {
   py::dict d;
@@ -27,6 +49,7 @@ py::dict build_info() {
   int rt = 0;
   cudaRuntimeGetVersion(&rt);
   d["cudart_version"] = rt;
+  d["decode_min_keys_per_split"] = lmmrt::kMinKeysPerSplit;
   return d;
 }
 
@@ -39,9 +62,129 @@ int device_count() {
 void fill_f32(uintptr_t out, int64_t n, float value, uintptr_t stream) {
   if (n < 0) throw std::invalid_argument("fill_f32: n must be >= 0, got " + std::to_string(n));
   if (n > 0 && out == 0) throw std::invalid_argument("fill_f32: out is a null pointer");
-  check_cuda(lmmrt::fill_f32(reinterpret_cast<float*>(out), n, value,
-                             reinterpret_cast<cudaStream_t>(stream)),
-             "fill_f32");
+  check_cuda(lmmrt::fill_f32(reinterpret_cast<float*>(out), n, value, as_stream(stream)), "fill_f32");
+}
+
+void masked_cross_attention_decode(uintptr_t out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t text_time,
+                                   uintptr_t media_start, uintptr_t media_count, uintptr_t workspace, int batch,
+                                   int heads, int head_dim, int latents, int64_t num_media,
+                                   std::array<int64_t, 2> q_strides, std::array<int64_t, 2> out_strides,
+                                   std::array<int64_t, 2> kv_strides, std::array<int64_t, 3> index_strides,
+                                   std::array<bool, 3> index_int64, bool cumulative, double scale, int num_splits,
+                                   const std::string& dtype, uintptr_t stream) {
+  const std::string fn = "masked_cross_attention_decode";
+  const DType dt = parse_dtype(fn, "dtype", dtype);
+  if (dt == DType::kFloat32) bad_arg(fn, "dtype must be 'float16' or 'bfloat16' (float32 is not supported)");
+  if (head_dim != 64 && head_dim != 96 && head_dim != 128)
+    bad_arg(fn, "head_dim must be 64, 96 or 128, got " + std::to_string(head_dim));
+  if (batch < 0 || batch > 65535) bad_arg(fn, "batch must be in [0, 65535], got " + std::to_string(batch));
+  if (heads < 0 || heads > 65535) bad_arg(fn, "heads must be in [0, 65535], got " + std::to_string(heads));
+  if (latents < 0 || num_media < 0) bad_arg(fn, "latents and num_media must be >= 0");
+  if (num_splits < 1 || num_splits > 65535)
+    bad_arg(fn, "num_splits must be in [1, 65535], got " + std::to_string(num_splits));
+  constexpr int kVec = 8;  // 16-byte packs of 2-byte elements
+  for (int64_t s : {q_strides[0], q_strides[1], kv_strides[0], kv_strides[1]})
+    if (s % kVec != 0) bad_arg(fn, "q/k/v strides must be multiples of 8 elements (16-byte loads)");
+  if (batch == 0 || heads == 0) return;
+  require_ptr(fn, "out", out, 2);
+  require_ptr(fn, "q", q, 16);
+  if (num_media > 0 && latents > 0) {
+    require_ptr(fn, "k", k, 16);
+    require_ptr(fn, "v", v, 16);
+  }
+  require_ptr(fn, "text_time", text_time, index_int64[0] ? 8 : 4);
+  require_ptr(fn, "media_start", media_start, index_int64[1] ? 8 : 4);
+  require_ptr(fn, "media_count", media_count, index_int64[2] ? 8 : 4);
+  if (num_splits > 1) require_ptr(fn, "workspace", workspace, 4);
+
+  lmmrt::DecodeParams p{};
+  p.out = reinterpret_cast<void*>(out);
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.text_time = reinterpret_cast<const void*>(text_time);
+  p.media_start = reinterpret_cast<const void*>(media_start);
+  p.media_count = reinterpret_cast<const void*>(media_count);
+  p.tt_int64 = index_int64[0];
+  p.ms_int64 = index_int64[1];
+  p.mc_int64 = index_int64[2];
+  float* ws = reinterpret_cast<float*>(workspace);
+  p.ws_acc = num_splits > 1 ? ws : nullptr;
+  p.ws_ml = num_splits > 1 ? ws + (int64_t)batch * heads * num_splits * head_dim : nullptr;
+  p.batch = batch;
+  p.heads = heads;
+  p.latents = latents;
+  p.num_media = num_media;
+  p.q_stride_b = q_strides[0];
+  p.q_stride_h = q_strides[1];
+  p.out_stride_b = out_strides[0];
+  p.out_stride_h = out_strides[1];
+  p.kv_stride_tok = kv_strides[0];
+  p.kv_stride_h = kv_strides[1];
+  p.tt_stride = index_strides[0];
+  p.ms_stride = index_strides[1];
+  p.mc_stride = index_strides[2];
+  p.cumulative = cumulative;
+  p.scale = (float)scale;
+  p.num_splits = num_splits;
+  check_cuda(lmmrt::masked_cross_attention_decode(dt, head_dim, p, as_stream(stream)), fn.c_str());
+}
+
+void fused_norm(uintptr_t out, uintptr_t h_out, uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias,
+                int64_t rows, int dim, double eps, bool layer_norm, const std::string& dtype,
+                const std::string& weight_dtype, uintptr_t stream) {
+  const std::string fn = "fused_norm";
+  const DType dt = parse_dtype(fn, "dtype", dtype);
+  const DType wdt = parse_dtype(fn, "weight_dtype", weight_dtype);
+  if (wdt != dt && wdt != DType::kFloat32) bad_arg(fn, "weight_dtype must equal dtype or be 'float32'");
+  if (rows < 0 || rows > 0x7fffffffLL) bad_arg(fn, "rows must be in [0, 2^31), got " + std::to_string(rows));
+  if (dim < 1) bad_arg(fn, "dim must be >= 1, got " + std::to_string(dim));
+  if ((residual == 0) != (h_out == 0)) bad_arg(fn, "residual and h_out must be given together");
+  if (bias != 0 && !layer_norm) bad_arg(fn, "bias is only valid with layer_norm=True");
+  if (rows == 0) return;
+  const unsigned a = dt == DType::kFloat32 ? 4 : 2, aw = wdt == DType::kFloat32 ? 4 : 2;
+  require_ptr(fn, "out", out, a);
+  require_ptr(fn, "x", x, a);
+  require_ptr(fn, "weight", weight, aw);
+  if (residual) {
+    require_ptr(fn, "residual", residual, a);
+    require_ptr(fn, "h_out", h_out, a);
+  }
+  if (bias) require_ptr(fn, "bias", bias, aw);
+  lmmrt::NormParams p{};
+  p.out = reinterpret_cast<void*>(out);
+  p.h_out = reinterpret_cast<void*>(h_out);
+  p.x = reinterpret_cast<const void*>(x);
+  p.residual = reinterpret_cast<const void*>(residual);
+  p.weight = reinterpret_cast<const void*>(weight);
+  p.bias = reinterpret_cast<const void*>(bias);
+  p.rows = rows;
+  p.dim = dim;
+  p.eps = (float)eps;
+  p.layer_norm = layer_norm;
+  check_cuda(lmmrt::fused_norm(dt, wdt, p, as_stream(stream)), fn.c_str());
+}
+
+void gated_residual(uintptr_t out, uintptr_t x, uintptr_t branch, uintptr_t gate, int64_t numel, int dim,
+                    int64_t gate_numel, const std::string& dtype, const std::string& gate_dtype, uintptr_t stream) {
+  const std::string fn = "gated_residual";
+  const DType dt = parse_dtype(fn, "dtype", dtype);
+  const DType gdt = parse_dtype(fn, "gate_dtype", gate_dtype);
+  if (gdt != dt && gdt != DType::kFloat32) bad_arg(fn, "gate_dtype must equal dtype or be 'float32'");
+  if (dim < 1) bad_arg(fn, "dim must be >= 1, got " + std::to_string(dim));
+  if (numel < 0 || numel % dim != 0) bad_arg(fn, "numel must be a non-negative multiple of dim");
+  if (gate_numel != 1 && gate_numel != dim)
+    bad_arg(fn, "gate must hold 1 or dim (" + std::to_string(dim) + ") elements, got " + std::to_string(gate_numel));
+  if (numel == 0) return;
+  const unsigned a = dt == DType::kFloat32 ? 4 : 2;
+  require_ptr(fn, "out", out, a);
+  require_ptr(fn, "x", x, a);
+  require_ptr(fn, "branch", branch, a);
+  require_ptr(fn, "gate", gate, gdt == DType::kFloat32 ? 4 : 2);
+  check_cuda(lmmrt::gated_residual(dt, gdt, reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
+                                   reinterpret_cast<const void*>(branch), reinterpret_cast<const void*>(gate), numel,
+                                   dim, gate_numel == dim && dim != 1, as_stream(stream)),
+             fn.c_str());
 }
 
 }  // namespace
@@ -52,4 +195,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &device_count, "Number of CUDA devices (raises on a driver error)");
   m.def("fill_f32", &fill_f32, py::arg("out"), py::arg("n"), py::arg("value"), py::arg("stream"),
         "Fill n float32 values at device pointer `out` (a probe of the launch and error path)");
+  m.def("masked_cross_attention_decode", &masked_cross_attention_decode, py::arg("out"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("text_time"), py::arg("media_start"), py::arg("media_count"), py::arg("workspace"),
+        py::kw_only(), py::arg("batch"), py::arg("heads"), py::arg("head_dim"), py::arg("latents"),
+        py::arg("num_media"), py::arg("q_strides"), py::arg("out_strides"), py::arg("kv_strides"),
+        py::arg("index_strides"), py::arg("index_int64"), py::arg("cumulative"), py::arg("scale"),
+        py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+        "Decode masked cross-attention (one query token per sequence). Strides in elements: q/out "
+        "(batch, head), kv (token, head), index (text_time, media_start, media_count). The workspace "
+        "holds batch*heads*num_splits*(head_dim+2) float32 when num_splits > 1.");
+  m.def("fused_norm", &fused_norm, py::arg("out"), py::arg("h_out"), py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("bias"), py::kw_only(), py::arg("rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("layer_norm"), py::arg("dtype"), py::arg("weight_dtype"), py::arg("stream"),
+        "RMSNorm / LayerNorm of contiguous (rows, dim) rows, optionally of x + residual (then h_out "
+        "receives the sum). Pointer 0 means absent.");
+  m.def("gated_residual", &gated_residual, py::arg("out"), py::arg("x"), py::arg("branch"), py::arg("gate"),
+        py::kw_only(), py::arg("numel"), py::arg("dim"), py::arg("gate_numel"), py::arg("dtype"),
+        py::arg("gate_dtype"), py::arg("stream"), "out = x + tanh(gate) * branch over contiguous (..., dim)");
 }

@@ -11,10 +11,22 @@ The tanh gate is not applied here: it is folded into the output projection at lo
 Media K/V of all sequences are packed along the first axis; sequence b owns media
 `media_start[b] : media_start[b] + media_count[b]`.
 
-File layout: reference (also the CPU path), then the kernels, then the public dispatching op.
+File layout: reference (also the CPU path), then launch configurations, the Triton kernels, their
+launcher and torch.library op, then the public dispatching op.
+
+Kernels (backend "triton"), chosen by T:
+- prefill (T > 1): one program per (query block, batch, head); the key range of the block is
+  computed in the kernel from text_time (the union of its rows' media, masked per row); no dense
+  mask is ever built; sequences of different lengths and media counts share one launch.
+- decode (T == 1): one program per (batch, head, key split) (flash-decoding) plus a combine
+  kernel that merges the split partials when the key range is long (video, cumulative mode).
+Accumulation is fp32; the output is q's dtype.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
@@ -77,6 +89,353 @@ def masked_cross_attention_reference(
     return out.to(out_dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+try:  # the package imports (and the torch path works) without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# Running max starts at a large finite negative value instead of -inf: a row whose keys so far are
+# all masked then keeps alpha = exp2(0) = 1 and p = exp2(-inf) = 0 instead of exp2(-inf + inf) = nan.
+_NEG_INIT = -1.0e30
+_LOG2E = 1.4426950408889634
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _interpreted(device) -> bool:
+    return _backend.triton_interpreted() or device.type != "cuda"
+
+
+def _prefill_config(T: int, dh: int, dtype: torch.dtype, device) -> dict:
+    """Launch configuration by a plain heuristic (the interpreter cannot autotune)."""
+    block_d = max(16, _next_pow2(dh))
+    if _interpreted(device):
+        # ~1 ms per program instance and per loop iteration in the interpreter: big tiles.
+        return dict(BLOCK_M=min(128, max(16, _next_pow2(T))), BLOCK_N=128, BLOCK_D=block_d,
+                    num_warps=4, num_stages=1)
+    # 64 query rows: a 64-key media block of one image is one tile; a text block rarely spans
+    # more than two media, so the union-range loop wastes little.
+    block_n = 64 if (block_d <= 128 or dtype != torch.float32) else 32
+    return dict(BLOCK_M=64 if T > 32 else max(16, _next_pow2(T)), BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 64 else 8, num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _decode_config(BH: int, N: int, L: int, dh: int, cumulative: bool, device) -> dict:
+    """Decode (T == 1) launch: how many key splits (flash-decoding).
+
+    Chosen from shapes only — the real key range lives in text_time on the device and reading it
+    would be a host sync (and break CUDA-graph capture). The bound is L keys in immediate mode and
+    N * L (every packed media item) in cumulative mode; splits that find no keys exit at once.
+    """
+    block_d = max(16, _next_pow2(dh))
+    key_bound = L * (N if cumulative else 1)
+    if _interpreted(device):
+        block_n, min_keys, target = 128, 256, 4
+    else:
+        # enough (b, head, split) programs for two waves, each split streaming >= 256 keys
+        block_n, min_keys = 64, 256
+        target = triton.cdiv(2 * _sm_count_cached(device.index if device.index is not None
+                                                  else torch.cuda.current_device()), max(BH, 1))
+    n_splits = max(1, min(target, triton.cdiv(key_bound, min_keys), 128))
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=n_splits,
+                num_warps=4 if block_d <= 64 else 8, num_stages=1 if _interpreted(device) else 3)
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _xattn_row_ranges(tt, valid_row, cnt, CUMULATIVE: tl.constexpr):
+    """Per-row media ordinal range [lo, hi] (1-based, inclusive; empty when hi < lo) and whether
+    the row is an OpenFlamingo cumulative no-media row (uniform average: all scores 0)."""
+    if CUMULATIVE:
+        uniform = valid_row & (tt == 0)
+        hi = tl.where(uniform, cnt, tl.minimum(tt, cnt))
+        hi = tl.where(valid_row & (tt >= 0), hi, 0)
+        lo = tl.where(hi >= 1, 1, cnt + 1)
+    else:
+        uniform = valid_row & (tt < 0)  # never true; keeps both modes' return types alike
+        ok = valid_row & (tt >= 1) & (tt <= cnt)
+        lo = tl.where(ok, tt, cnt + 1)
+        hi = tl.where(ok, tt, 0)
+    return lo, hi, uniform
+
+
+@_jit
+def _xattn_prefill_kernel(
+    Q, K, V, TT, MS, MC, O,
+    sq_b, sq_t, sq_h, sq_d,
+    sk_n, sk_l, sk_h, sk_d,
+    sv_n, sv_l, sv_h, sv_d,
+    stt_b, stt_t,
+    so_b, so_t, so_h, so_d,
+    T, H, L, qk_scale,
+    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid: (query blocks, batch * heads). The key range is derived here from text_time: the keys
+    # of the sequence's media are addressed as one flat index g = (ordinal - 1) * L + l, and the
+    # block loops over the union [min lo, max hi] of its rows' media, masking per row. Rows of one
+    # block may see different media (immediate) or different prefixes (cumulative).
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_mask = offs_d < HEAD_DIM
+
+    tt = tl.load(TT + b * stt_b + offs_m * stt_t, mask=row_ok, other=0).to(tl.int32)
+    start = tl.load(MS + b).to(tl.int64)
+    cnt = tl.load(MC + b).to(tl.int32)
+    lo, hi, uniform = _xattn_row_ranges(tt, row_ok, cnt, CUMULATIVE)
+    g_start = (tl.min(lo, 0) - 1) * L
+    g_end = tl.max(hi, 0) * L  # <= g_start when no row of the block sees any media
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for g0 in tl.range(g_start, g_end, BLOCK_N):
+        g = g0 + offs_n
+        key_ok = g < g_end
+        media = g // L  # 0-based ordinal within the sequence
+        lat = g - media * L
+        row = start + media  # packed media index (int64)
+        kv_mask = key_ok[:, None] & d_mask[None, :]
+        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        ordinal = media + 1
+        allowed = key_ok[None, :] & (ordinal[None, :] >= lo[:, None]) & (ordinal[None, :] <= hi[:, None])
+        if CUMULATIVE:
+            s = tl.where(uniform[:, None], 0.0, s)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # rows that saw no key (immediate: no media; padding) have l_i == 0: zero output
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(O + b64 * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+
+
+@_jit
+def _xattn_decode_kernel(
+    Q, K, V, TT, MS, MC, O, WS_ACC, WS_M, WS_L,
+    sq_b, sq_h, sq_d,
+    sk_n, sk_l, sk_h, sk_d,
+    sv_n, sv_l, sv_h, sv_d,
+    stt_b,
+    so_b, so_h, so_d,
+    H, L, qk_scale,
+    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NEG_INIT: tl.constexpr,
+):
+    # grid: (batch * heads, splits). One query row: a tl.dot would need >= 16 rows, so scores are
+    # an elementwise product + row sum (decode is bound by reading K/V anyway). Split s handles the
+    # s-th BLOCK_N-aligned chunk of the row's key range; with NUM_SPLITS == 1 it writes the output,
+    # otherwise its (max, sum, acc) partial goes to the workspace for _xattn_decode_combine_kernel.
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    one = tl.arange(0, 1)
+
+    tt = tl.load(TT + b * stt_b + one).to(tl.int32)  # (1,) keeps every per-row value a tensor
+    start = tl.load(MS + b).to(tl.int64)
+    cnt = tl.load(MC + b).to(tl.int32)
+    lo, hi, uniform = _xattn_row_ranges(tt, one == 0, cnt, CUMULATIVE)
+    lo = tl.max(lo, 0)
+    hi = tl.max(hi, 0)
+    g_lo = (lo - 1) * L
+    g_hi = tl.maximum(hi * L, g_lo)
+    chunk = tl.cdiv(tl.cdiv(g_hi - g_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = tl.minimum(g_lo + split * chunk, g_hi)
+    s_hi = tl.minimum(s_lo + chunk, g_hi)
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * sq_b + h * sq_h + offs_d * sq_d, mask=d_mask, other=0.0).to(tl.float32)
+    m_i = tl.full([1], NEG_INIT, tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for g0 in tl.range(s_lo, s_hi, BLOCK_N):
+        g = g0 + offs_n
+        key_ok = g < s_hi
+        media = g // L
+        lat = g - media * L
+        row = start + media
+        kv_mask = key_ok[:, None] & d_mask[None, :]
+        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1) * qk_scale
+        if CUMULATIVE:
+            s = tl.where(uniform, 0.0, s)
+        s = tl.where(key_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        tl.store(O + b64 * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty), mask=d_mask)
+    else:
+        ws = pid_bh.to(tl.int64) * NUM_SPLITS + split
+        tl.store(WS_M + ws + one, m_i)
+        tl.store(WS_L + ws + one, l_i)
+        tl.store(WS_ACC + ws * BLOCK_D + offs_d, acc)
+
+
+@_jit
+def _xattn_decode_combine_kernel(
+    WS_ACC, WS_M, WS_L, O, so_b, so_h, so_d, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    NEG_INIT: tl.constexpr,
+):
+    # grid: (batch * heads,). Log-sum-exp merge of the split partials.
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    ws = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
+    m_s = tl.load(WS_M + ws, mask=s_ok, other=NEG_INIT)
+    l_s = tl.load(WS_L + ws, mask=s_ok, other=0.0)
+    acc_s = tl.load(WS_ACC + ws[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(m_s, 0)
+    w = tl.exp2(m_s - m)  # empty splits have l = 0 and acc = 0, whatever their weight
+    l_tot = tl.sum(w * l_s, 0)
+    acc = tl.sum(w[:, None] * acc_s, 0)
+    out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    tl.store(O + b.to(tl.int64) * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count, out,
+                                   cumulative: bool, scale: float, num_splits: int) -> None:
+    B, T, H, dh = q.shape
+    N, L = k.shape[:2]
+    if B == 0 or T == 0 or H == 0:
+        return
+    if N == 0 or L == 0:  # no media anywhere: immediate and cumulative both give zeros
+        out.zero_()
+        return
+    qk_scale = float(scale) * _LOG2E
+    dev_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with dev_ctx:
+        if T > 1:
+            cfg = _prefill_config(T, dh, q.dtype, q.device)
+            grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+            _xattn_prefill_kernel[grid](
+                q, k, v, text_time, media_start, media_count, out,
+                *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), *out.stride(),
+                T, H, L, qk_scale,
+                CUMULATIVE=cumulative, HEAD_DIM=dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_D=cfg["BLOCK_D"], NEG_INIT=_NEG_INIT,
+                DOT_PRECISION="ieee",  # fp32 inputs are the accurate path: no TF32
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+            return
+        cfg = _decode_config(B * H, N, L, dh, cumulative, q.device)
+        splits = num_splits if num_splits > 0 else cfg["NUM_SPLITS"]
+        if splits > 1:
+            ws_acc = torch.empty((B * H * splits, cfg["BLOCK_D"]), dtype=torch.float32, device=q.device)
+            ws_m = torch.empty((B * H * splits,), dtype=torch.float32, device=q.device)
+            ws_l = torch.empty_like(ws_m)
+        else:
+            ws_acc = ws_m = ws_l = out  # never touched
+        _xattn_decode_kernel[(B * H, splits)](
+            q, k, v, text_time, media_start, media_count, out, ws_acc, ws_m, ws_l,
+            q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(), text_time.stride(0),
+            out.stride(0), out.stride(2), out.stride(3),
+            H, L, qk_scale,
+            CUMULATIVE=cumulative, HEAD_DIM=dh, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            NUM_SPLITS=splits, NEG_INIT=_NEG_INIT,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if splits > 1:
+            _xattn_decode_combine_kernel[(B * H,)](
+                ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(2), out.stride(3), H,
+                HEAD_DIM=dh, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits, SPLITS_P2=_next_pow2(splits),
+                NEG_INIT=_NEG_INIT, num_warps=4 if cfg["BLOCK_D"] <= 64 else 8,
+            )
+
+
+# torch.library op: torch.compile(fullgraph=True) sees one opaque node, and CUDA-graph capture
+# works (no host sync: the key ranges are read from text_time on the device; workspaces are
+# allocated through torch). It writes into `out`; the functional wrapper below allocates it.
+@torch.library.custom_op("lmmrt::masked_cross_attention", mutates_args=("out",))
+def _masked_cross_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+    media_start: torch.Tensor, media_count: torch.Tensor, out: torch.Tensor,
+    cumulative: bool, scale: float, num_splits: int,
+) -> None:
+    _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count, out, cumulative,
+                                   scale, num_splits)
+
+
+@_masked_cross_attention_op.register_fake
+def _(q, k, v, text_time, media_start, media_count, out, cumulative, scale, num_splits) -> None:
+    return None
+
+
+def masked_cross_attention_triton(
+    q, k, v, text_time, media_start, media_count, *, mode: str = "immediate",
+    scale: float | None = None, out: torch.Tensor | None = None, num_splits: int = 0,
+) -> torch.Tensor:
+    """The Triton implementation (same contract as the reference, plus `out=`).
+
+    T > 1 runs the prefill kernel, T == 1 the decode kernel; num_splits > 0 forces the decode
+    key split (0: heuristic).
+    """
+    dh = q.shape[-1]
+    if q.dtype not in _KERNEL_DTYPES or dh > _MAX_HEAD_DIM:
+        # Outside what the kernels are built for (fp64, huge head dims): the reference is exact.
+        res = masked_cross_attention_reference(q, k, v, text_time, media_start, media_count,
+                                               mode=mode, scale=scale)
+        return res if out is None else out.copy_(res)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.lmmrt.masked_cross_attention(q, k, v, text_time, media_start, media_count, out,
+                                           mode == "cumulative", float(dh**-0.5 if scale is None else scale),
+                                           int(num_splits))
+    return out
+
+
 def _check(q, k, v, text_time, media_start, media_count, mode):
     if mode not in MODES:
         raise ValueError(f"masked_cross_attention: mode must be one of {MODES}, got {mode!r}")
@@ -112,6 +471,7 @@ def masked_cross_attention(
     mode: str = "immediate",
     scale: float | None = None,
     backend: str = "torch",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text queries attend to their media's cached K/V through the media-ordinal mask.
 
@@ -119,10 +479,26 @@ def masked_cross_attention(
     sequence (L latents per media item); text_time: (B, T) media ordinal of each token (0 = none);
     media_start, media_count: (B,) each sequence's media slice of k/v. Returns (B, T, H, dh).
     Index tensors are trusted (the runtime builds them); shapes and dtypes are checked here.
+    out: optional (B, T, H, dh) buffer of q's dtype and device (any strides) to write into.
+    Returns (B, T, H, dh) (`out` when given).
     """
     _check(q, k, v, text_time, media_start, media_count, mode)
+    for name, t in (("text_time", text_time), ("media_start", media_start), ("media_count", media_count)):
+        if t.device != q.device:
+            raise ValueError(f"masked_cross_attention: {name} is on {t.device}, q is on {q.device}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"masked_cross_attention: out is {tuple(out.shape)} {out.dtype} on {out.device}, "
+                         f"expected {tuple(q.shape)} {q.dtype} on {q.device}")
+    name = _backend.resolve_name("masked_cross_attention", backend, q.device)
     impl = _backend.resolve("masked_cross_attention", backend, q.device)
-    return impl(q, k, v, text_time, media_start, media_count, mode=mode, scale=scale)
+    args = (q, k, v, text_time, media_start, media_count)
+    if out is None:
+        return impl(*args, mode=mode, scale=scale)
+    if name == "triton":
+        return impl(*args, mode=mode, scale=scale, out=out)
+    return out.copy_(impl(*args, mode=mode, scale=scale))
 
 
 _backend.register("masked_cross_attention", "torch", masked_cross_attention_reference)
+if triton is not None:
+    _backend.register("masked_cross_attention", "triton", masked_cross_attention_triton)
