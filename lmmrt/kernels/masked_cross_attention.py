@@ -366,7 +366,9 @@ def _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count,
                 T, H, L, qk_scale,
                 CUMULATIVE=cumulative, HEAD_DIM=dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 BLOCK_D=cfg["BLOCK_D"], NEG_INIT=_NEG_INIT,
-                DOT_PRECISION="ieee",  # fp32 inputs are the accurate path: no TF32
+                # fp32 inputs are the accurate path: no TF32 rounding of q.k (the argument only
+                # matters for fp32 operands; fp16/bf16 keep the default).
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
             return

@@ -127,7 +127,7 @@ def _layer_norm_rows(x, w, b, eps, HEAD_DIM: tl.constexpr, d_mask):
     # come out 0 and do not disturb the dot products.
     mean = tl.sum(x, 1) / HEAD_DIM
     xc = tl.where(d_mask[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, 1) / BLOCK_D
+    var = tl.sum(xc * xc, 1) / HEAD_DIM
     rstd = 1.0 / tl.sqrt(var + eps)
     return xc * rstd[:, None] * w[None, :] + b[None, :]
 
@@ -235,8 +235,9 @@ def _perceiver_attention_launch(q, k_media, v_media, k_latents, v_latents, q_w, 
             *out.stride(),
             H, n_lat, S, float(scale) * _LOG2E, float(norm_eps),
             HAS_QNORM=q_w is not None, HAS_KNORM=k_w is not None, HEAD_DIM=dh, NEG_INIT=_NEG_INIT,
-            # fp32 inputs are meant as the accurate path: no TF32 rounding of q.k.
-            DOT_PRECISION="ieee",
+            # fp32 inputs are the accurate path: no TF32 rounding of q.k (the argument only
+            # matters for fp32 operands; fp16/bf16 keep the default).
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta,
         )
 
