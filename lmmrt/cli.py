@@ -62,8 +62,11 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from lmmrt.demo import run_demo
+    from lmmrt.demo import run_demo, save_demo
 
+    if args.save:
+        print(f"wrote {save_demo(args.save)}")
+        return 0
     run_demo(device=args.device, max_new_tokens=args.max_new_tokens, backend=args.backend)
     return 0
 
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--backend", default=None)
     s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--save", metavar="DIR", default=None,
+                   help="write the demo model as an lmmrt checkpoint to DIR instead of running it")
     s.set_defaults(fn=_cmd_demo)
     return p
 

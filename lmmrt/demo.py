@@ -90,3 +90,21 @@ def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) 
     pieces = list(lmmrt.generate(model, prompt, images, max_new_tokens=12, temperature=0.8, top_k=50, seed=0,
                                  ignore_eos=True, stream=True))
     print(f"  {len(pieces)} pieces: {pieces}")
+
+
+def save_demo(out_dir, dtype=torch.float32):
+    """Write the embedded demo model as an lmmrt checkpoint directory (config, weights, tokenizer)."""
+    import tempfile
+    from pathlib import Path
+
+    from lmmrt.models.random_init import random_model
+    from lmmrt.runtime.weights import save_checkpoint
+
+    tok = byte_tokenizer()
+    cfg = demo_config(tok.get_vocab_size())
+    module = random_model(cfg, seed=1234, device="cpu", dtype=dtype)  # gates not folded: stored as trained
+    with tempfile.TemporaryDirectory() as d:
+        tj = Path(d) / "tokenizer.json"
+        tok.save(str(tj))
+        return save_checkpoint(out_dir, cfg, module.state_dict(), tokenizer_json=tj,
+                               metadata={"source": "lmmrt-demo-random"})

@@ -1,0 +1,153 @@
+"""Bad input gets a clear error that names what is wrong, before anything reaches a kernel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lmmrt
+from lmmrt.demo import demo_model, save_demo
+from lmmrt.runtime.weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return demo_model(device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_demo(tmp_path_factory.mktemp("demo") / "ckpt")
+
+
+def _img():
+    return np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+
+
+def test_more_markers_than_images(model):
+    with pytest.raises(ValueError, match=r"prompt 0 has 2 media marker\(s\).*but 1 image\(s\)"):
+        lmmrt.generate(model, "a<image>b<image>c", [_img()], max_new_tokens=2)
+
+
+def test_more_images_than_markers(model):
+    with pytest.raises(ValueError, match=r"prompt 1 has 1 media marker\(s\).*but 3 image\(s\)"):
+        lmmrt.generate(model, ["x", "<image>y"], [[], [_img(), _img(), _img()]], max_new_tokens=2)
+
+
+def test_images_list_per_prompt_count(model):
+    with pytest.raises(ValueError, match="one list of images per prompt: got 3 lists for 2 prompts"):
+        lmmrt.generate(model, ["<image>a", "<image>b"], [[_img()], [_img()], [_img()]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (np.zeros((40, 50), dtype=np.uint8), r"shape \(H, W, 3\)"),
+    (np.zeros((40, 50, 4), dtype=np.uint8), r"shape \(H, W, 3\)"),
+    (np.zeros((40, 50, 3), dtype=np.float32), "must be uint8"),
+    (torch.zeros(40, 50, 3), r"float image tensor must have shape \(3, H, W\)"),
+    (torch.zeros(3, 4, 4, dtype=torch.int32), "not supported"),
+    ("cat.png", "unsupported image type str"),
+])
+def test_wrong_image_shape_or_dtype(model, bad, msg):
+    with pytest.raises((ValueError, TypeError), match=msg) as e:
+        lmmrt.generate(model, "<image>hi", [bad], max_new_tokens=2)
+    assert "images[0][0]" in str(e.value)
+
+
+def test_prompt_longer_than_context(model):
+    long = "a" * (model.config.decoder.max_seq_len - 10)
+    with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens; with max_new_tokens=64 that is \d+, beyond the model's context of 1024"):
+        lmmrt.generate(model, long, max_new_tokens=64)
+
+
+def test_token_ids_out_of_vocab(model):
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside the vocabulary"):
+        lmmrt.generate(model, [[1, 2, 10**6]], max_new_tokens=2)
+
+
+def test_bad_sampling_options(model):
+    with pytest.raises(ValueError, match="top_p"):
+        lmmrt.generate(model, "hi", max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        lmmrt.generate(model, "hi", max_new_tokens=-1)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        demo_model(device="cpu", backend="fast")
+
+
+def test_truncated_safetensors(ckpt, tmp_path):
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*(truncated or corrupted|cannot be read)"):
+        lmmrt.load(bad, device="cpu")
+
+
+def test_corrupted_safetensors_header(ckpt, tmp_path):
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    (bad / "model.safetensors").write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        lmmrt.load(bad, device="cpu")
+
+
+def test_missing_key_is_named(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "missing"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    sd = load_file(str(ckpt / "model.safetensors"))
+    del sd["xattn.1.wkv.weight"]
+    sd["decoder.layers.0.wo.weight"] = sd["decoder.layers.0.wo.weight"][:, :10].contiguous()
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        lmmrt.load(bad, device="cpu")
+    assert "missing keys (1): xattn.1.wkv.weight" in str(e.value)
+    assert "decoder.layers.0.wo.weight: shape (256, 10), expected (256, 256)" in str(e.value)
+
+
+def test_transformers_dir_is_not_an_lmmrt_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics"}))
+    with pytest.raises(CheckpointError, match="convert it first"):
+        lmmrt.load(tmp_path, device="cpu")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        lmmrt.load(tmp_path / "nope", device="cpu")
+
+
+def test_converter_names_missing_source_key(tmp_path):
+    from idefics_util import tiny_idefics
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_idefics()
+    hf.save_pretrained(tmp_path / "hf")
+    w = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(w))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(w))
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "convert", "idefics", str(tmp_path / "hf"),
+                        str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "missing keys (1): model.layers.1.mlp.up_proj.weight" in r.stderr
+    assert "unexpected keys (1): model.extra.weight" in r.stderr
+
+
+def test_cli_generate_reports_missing_image_file(ckpt):
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "<image>hi", "-i", "/no/such.png",
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "image file not found: /no/such.png" in r.stderr
