@@ -1,5 +1,5 @@
 """The embedded default model: a small Flamingo (IDEFICS-style) with deterministic random weights
-and a byte-level tokenizer, both built in code. `make demo` / `lmmrt demo` run the whole pipeline
+and a character-level tokenizer, both built in code. `make demo` / `lmmrt demo` run the whole pipeline
 on it: images made in code, an interleaved prompt, generation, timings."""
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, Vis
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<fake_token_around_image>"]
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, plus the specials."""
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII and newline, plus the special tokens:
+    whatever random weights produce, the text stays readable and valid UTF-8."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, processors
+    from tokenizers import decoders, models, processors
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+    for ch in [chr(i) for i in range(32, 127)] + ["\n"]:
         vocab[ch] = len(vocab)
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return tok
@@ -50,7 +50,7 @@ def demo_model(device=None, dtype=torch.float32, backend: str | None = None):
     from lmmrt.models.random_init import random_model
     from lmmrt.runtime.tokenizer import Tokenizer
 
-    tok = byte_tokenizer()
+    tok = char_tokenizer()
     cfg = demo_config(tok.get_vocab_size())
     module = random_model(cfg, seed=1234, device=device or default_device(), dtype=dtype)
     return Model(module, cfg, Tokenizer(tok), backend=backend or "auto", path="<embedded demo>")
@@ -100,7 +100,7 @@ def save_demo(out_dir, dtype=torch.float32):
     from lmmrt.models.random_init import random_model
     from lmmrt.runtime.weights import save_checkpoint
 
-    tok = byte_tokenizer()
+    tok = char_tokenizer()
     cfg = demo_config(tok.get_vocab_size())
     module = random_model(cfg, seed=1234, device="cpu", dtype=dtype)  # gates not folded: stored as trained
     with tempfile.TemporaryDirectory() as d:

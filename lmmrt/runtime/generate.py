@@ -89,10 +89,28 @@ def decode_context(module, batch: Batch, slot: int) -> StepContext:
     return module.decoder.context(positions, slot, slot + 1, mask)
 
 
-def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last"):
-    """Media encoding + the prompt forward. Returns (logits, MediaContext for decode)."""
+def precomputed_media(model, batch: Batch, media_latents) -> tuple[torch.Tensor | None, list]:
+    """Media encoded ahead of time (e.g. on another CUDA stream by the video pipeline) for the
+    media items of `batch`, in batch order: latents (N, L, Dv), whose K/V are projected here, or
+    (latents, kv per block) as returned by encode_batch_media. The caller orders the streams."""
+    latents, kv = (media_latents, None) if isinstance(media_latents, torch.Tensor) else media_latents
+    n = len(batch.media)
+    got = 0 if latents is None else latents.shape[0]
+    if got != n:
+        raise ValueError(f"media_latents hold {got} media item(s) but the prompts have {n}")
+    if n == 0:
+        return None, []
+    return latents, (model.module.project_media(latents) if kv is None else list(kv))
+
+
+def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", media_latents=None):
+    """Media encoding + the prompt forward. Returns (logits, MediaContext for decode).
+    media_latents: already-encoded media (see precomputed_media); default: encode here."""
     module = model.module
-    latents, kv = encode_batch_media(model, batch)
+    if media_latents is None:
+        latents, kv = encode_batch_media(model, batch)
+    else:
+        latents, kv = precomputed_media(model, batch, media_latents)
     media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
                          media_count=batch.media_count, any_media=bool(batch.media))
     ctx = prefill_context(module, batch, cache.max_len)
@@ -131,9 +149,14 @@ class _StopChecker:
 
 def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
                    repetition_penalty=1.0, stop=None, stop_token_ids=None, ignore_eos=False, seed=None,
-                   stats: GenerationStats | None = None) -> Iterator[tuple[list[int], list[str | None]]]:
+                   stats: GenerationStats | None = None, media_latents=None,
+                   on_step=None) -> Iterator[tuple[list[int], list[str | None]]]:
     """Yields, per decode step, (token of each row or -1 when finished, finish reason or None).
-    The caller turns that into results or a text stream."""
+    The caller turns that into results or a text stream.
+
+    media_latents: media already encoded for `images` (see precomputed_media), so prefill skips
+    the vision encoder and perceiver. on_step: called on the host between decode steps (the video
+    pipeline launches the next chunk's encoding there, on its own CUDA stream)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
@@ -161,7 +184,7 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
             seen[b, batch.tokens[b, T - batch.lengths[b]:]] = True
 
     with torch.inference_mode():
-        logits, media = run_prefill(model, batch, cache, logits_for="last")
+        logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents)
         finished = [False] * B
         for step in range(max_new_tokens):
             if seen is not None:
@@ -195,26 +218,38 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
             yield out, reasons
             if all(finished) or step == max_new_tokens - 1:
                 break
+            if on_step is not None:
+                on_step()
             slot = T + step
             ctx = decode_context(model.module, batch, slot)
             logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
 
 
 class _Detok:
-    """Incremental detokenization: emits the new text once it is complete UTF-8."""
+    """Incremental detokenization. A piece ending in an incomplete UTF-8 sequence is held back for
+    up to 4 tokens (the longest UTF-8 character), then emitted as it decodes."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
         self.emitted = 0
+        self.pending = 0
 
     def push(self, tid: int) -> str:
         self.ids.append(tid)
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        self.pending += 1
+        if text.endswith("\ufffd") and self.pending < 4:
             return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        return self._take(self.tok.decode(self.ids)) if self.ids else ""
+
+    def _take(self, text: str) -> str:
         piece = text[self.emitted:]
-        self.emitted = len(text)
+        self.emitted = max(self.emitted, len(text))
+        self.pending = 0
         return piece
 
 
@@ -302,8 +337,9 @@ def _generate_stream(model, prompts, images, stop_strings, **kw):
             if all(done):
                 break
         for b in range(n):
-            if held[b] and not done[b]:
-                yield held[b] if n == 1 else (b, held[b])
+            rest = "" if done[b] else held[b] + detoks[b].flush()
+            if rest:
+                yield rest if n == 1 else (b, rest)
     finally:
         steps.close()
         model.last_stats = stats

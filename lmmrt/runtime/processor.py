@@ -22,7 +22,7 @@ def _to_uint8_hwc(img, where: str) -> torch.Tensor | None:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(img, Image.Image):
-        return torch.from_numpy(np.asarray(img.convert("RGB"))).clone()
+        return torch.from_numpy(np.array(img.convert("RGB")))
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
             raise TypeError(f"{where}: a numpy image must be uint8 (H, W, 3), got dtype {img.dtype}; "
