@@ -30,7 +30,7 @@ class Model:
     """A loaded model: the torch module, its config, tokenizer, device, dtype and backend."""
 
     def __init__(self, module: FlamingoModel, config: ModelConfig, tokenizer: Tokenizer | None,
-                 backend: str = "auto", path: str | None = None):
+                 backend: str = "auto", path: str | None = None, cuda_graph: bool = False):
         self.module = module.eval()
         self.config = config
         self.tokenizer = tokenizer
@@ -39,6 +39,8 @@ class Model:
         module.set_backend(self.backend)
         module.fold_gates()
         self.last_stats: _gen.GenerationStats | None = None
+        # Decode with a fixed-shape step replayed as a CUDA graph (where the step's ops allow it).
+        self.cuda_graph = cuda_graph
 
     @property
     def device(self) -> torch.device:
@@ -64,18 +66,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False) -> Model:
+def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False,
+         cuda_graph: bool = False) -> Model:
     """Load an lmmrt checkpoint directory (made by `lmmrt convert`).
 
     device: "cuda", "cpu", ... (default: cuda when available); dtype: torch dtype or name
     (default: the dtype stored in the file); backend: torch | triton | cuda | auto
-    (default: $LMMRT_BACKEND, else auto)."""
+    (default: $LMMRT_BACKEND, else auto); cuda_graph: decode with a fixed-shape step captured
+    as a CUDA graph (used on CUDA when the cross-attention op runs a kernel, eager elsewhere)."""
     device = torch.device(device or default_device())
     backend = requested_backend(backend)
     cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
     tok_path = Path(path) / TOKENIZER
     tok = Tokenizer.from_file(tok_path) if tok_path.exists() else None
-    return Model(module, cfg, tok, backend=backend, path=str(path))
+    return Model(module, cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph)
 
 
 def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,

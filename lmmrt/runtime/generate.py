@@ -19,6 +19,7 @@ from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.batch import Batch, build_batch
 from lmmrt.runtime.kv_cache import KVCache
 from lmmrt.runtime.sampling import apply_repetition_penalty, sample
+from lmmrt.runtime.static_decode import StaticDecodeStep
 
 
 @dataclass
@@ -185,6 +186,9 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
 
     with torch.inference_mode():
         logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents)
+        # Fixed-shape decode step (a CUDA graph on the GPU when every op of it is capturable).
+        static_step = StaticDecodeStep(model, batch, cache, media, use_graph=True) \
+            if getattr(model, "cuda_graph", False) else None
         finished = [False] * B
         for step in range(max_new_tokens):
             if seen is not None:
@@ -221,8 +225,11 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
             if on_step is not None:
                 on_step()
             slot = T + step
-            ctx = decode_context(model.module, batch, slot)
-            logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
+            if static_step is not None:
+                logits = static_step(nxt, slot)
+            else:
+                ctx = decode_context(model.module, batch, slot)
+                logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
 
 
 class _Detok:
