@@ -4,6 +4,8 @@ every cross-attention bug."""
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from lmmrt.models.config import ModelConfig
@@ -35,7 +37,7 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.f
             v = std * torch.randn(p.shape, generator=g) if on_cpu or p.numel() < (1 << 22) else None
         if v is None:
             # Large matrices on the GPU: draw there (fast), from a device generator seeded per tensor.
-            dg = torch.Generator(device=device).manual_seed(seed * 1000003 + hash(name) % 1000003)
+            dg = torch.Generator(device=device).manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
             p.normal_(0.0, std, generator=dg)
         else:
             p.copy_(v.to(dtype))
