@@ -19,7 +19,7 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.f
     weights on any device: values are drawn on the CPU per tensor, in a fixed order)."""
     with torch.device("meta"):
         model = FlamingoModel(cfg)
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-precision copy on the device
     g = torch.Generator().manual_seed(seed)
     on_cpu = torch.device(device).type == "cpu"
     for name, p in model.named_parameters():
@@ -41,4 +41,4 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.f
             p.normal_(0.0, std, generator=dg)
         else:
             p.copy_(v.to(dtype))
-    return model.to(dtype)
+    return model
