@@ -31,7 +31,7 @@ class Model:
 
     def __init__(self, module: FlamingoModel, config: ModelConfig, tokenizer: Tokenizer | None,
                  backend: str = "auto", path: str | None = None, cuda_graph: bool = False):
-        self.module = module.eval()
+        self.module = module.eval().requires_grad_(False)
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
