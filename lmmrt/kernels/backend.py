@@ -45,6 +45,16 @@ def cuda_extension():
     return _C
 
 
+def cuda_build_info() -> dict | None:
+    """What the CUDA extension was built for: {"archs": "80,90", "cuda_version": "13.0.88"}, or
+    None when lmmrt was installed without it. Reads build constants only: never touches a device."""
+    ext = cuda_extension()
+    if ext is None:
+        return None
+    info = ext.build_info()
+    return {"archs": info["cuda_archs"], "cuda_version": info["cuda_version"]}
+
+
 # op name -> {backend name -> callable}. Kernel files register what they provide.
 _REGISTRY: dict[str, dict[str, object]] = {}
 # Preference when backend == "auto" on a CUDA device.
