@@ -60,6 +60,14 @@ class SourceWeights:
                 self.add_dict(torch_load_weights_only(b), b)
         return self
 
+    @classmethod
+    def from_state_dict(cls, sd: dict, name: str = "<state dict>") -> SourceWeights:
+        """An in-memory state dict (e.g. a transformers model's `state_dict()`), read in place:
+        converting a model built in memory needs no file."""
+        self = cls()
+        self.add_dict(dict(sd), Path(name))
+        return self
+
     def add_safetensors(self, path: Path) -> None:
         f = open_safetensors(path)
         for k in f.keys():

@@ -1,0 +1,91 @@
+"""The benchmark harness end to end at tiny shapes on the CPU (torch backend and baselines): it
+writes JSON, a markdown table and plots, and every number it reports is finite and positive.
+A smoke test of the harness, not a speed claim: nothing here compares timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    from bench import bench_generate, bench_perceiver, bench_xattn, run
+
+    # Fewer tiny shapes than `bench.run --smoke`, to keep CI quick.
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bench_perceiver, "SMOKE_MEDIA", (2,))
+    mp.setattr(bench_perceiver, "SMOKE_FRAMES", (2,))
+    mp.setattr(bench_xattn, "SMOKE_TEXT", (24,))
+    mp.setattr(bench_xattn, "SMOKE_MEDIA", (3,))
+    mp.setattr(bench_xattn, "SMOKE_BATCH", (2,))
+    mp.setattr(bench_generate, "SMOKE_BATCHES", (2,))
+    out = tmp_path_factory.mktemp("bench")
+    try:
+        rc = run.main(["--smoke", "--no-compile", "--out", str(out), "--budget-s", "300"])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out
+
+
+def test_writes_json_table_and_plots(smoke_out):
+    merged = json.loads((smoke_out / "results.json").read_text())
+    assert set(merged["benches"]) == {"perceiver", "xattn", "generate"}
+    key = merged["key"]
+    assert key["smoke"] is True and key["device"] == "cpu" and key["torch"] and key["source_digest"]
+    md = (smoke_out / "results.md").read_text()
+    assert "Smoke run" in md and "| case" in md and "| model" in md
+    pngs = sorted(p.name for p in smoke_out.glob("*.png"))
+    assert pngs == ["generate.png", "perceiver_attention.png", "xattn_decode.png", "xattn_prefill.png"]
+    for p in smoke_out.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_kernel_numbers_finite_and_positive(smoke_out):
+    merged = json.loads((smoke_out / "results.json").read_text())
+    for name in ("perceiver", "xattn"):
+        data = merged["benches"][name]
+        assert data["status"] == "ok", data.get("error")
+        c = data["ceilings"]
+        assert c["smoke_stand_in"] and _finite_positive(c["copy_gbps"]) and _finite_positive(c["matmul_tflops"])
+        assert "available" in data["telemetry"]["start"]  # NVML or a graceful "unavailable"; never a crash
+        rows = data["rows"]
+        assert rows and not [r for r in rows if r["status"] == "error"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert {r["impl"] for r in ok} >= {"eager", "sdpa-concat" if name == "perceiver" else "sdpa-dense-mask"}
+        for r in ok:
+            for field in ("ms", "p10_ms", "p90_ms", "flops", "bytes", "gbps", "tflops", "roofline_frac",
+                          "speedup_vs_eager"):
+                assert _finite_positive(r[field]), (name, r["case"], r["impl"], field, r.get(field))
+            assert r["p10_ms"] <= r["ms"] <= r["p90_ms"]
+            if r["impl"] != "eager":  # every baseline computes the same attention as the reference
+                assert r["rel_err"] < 1e-4, (name, r["case"], r["impl"], r["rel_err"])
+
+
+def test_generate_numbers_finite_and_positive(smoke_out):
+    data = json.loads((smoke_out / "results.json").read_text())["benches"]["generate"]
+    assert data["status"] == "ok", data.get("notes")
+    rows = [r for r in data["rows"] if r["status"] == "ok"]
+    engines = {r["engine"] for r in rows if r["group"] == "idefics-tiny"}
+    assert engines == {"hf-eager", "lmmrt[auto]"}, data["rows"]
+    for r in rows:
+        for field in ("ttft_ms", "decode_tok_s", "ms_per_step", "bytes_per_step", "gbps", "roofline_frac"):
+            assert _finite_positive(r[field]), (r["case"], r["engine"], field, r.get(field))
+    lm = next(r for r in rows if r["engine"] == "lmmrt[auto]" and r["group"] == "idefics-tiny")
+    assert lm["agreement"]["rows"] == 2 and lm["agreement"]["steps_compared"] > 0  # reported, not asserted
