@@ -1,0 +1,570 @@
+"""Video input: clips of frames as media, two feeding modes, and streaming generation that encodes
+the next chunk of frames on its own CUDA stream while the LM decodes text for the current one.
+
+Sources (load_video, iter_chunks, generate_video_stream):
+  - a file path, decoded with PyAV;
+  - a (F, H, W, 3) uint8 numpy array or tensor, or a list of frames (PIL or uint8 (H, W, 3));
+  - an iterator of frames (a live stream), read as the frames come;
+  - a VideoClip.
+
+Frame sampling at `fps`: timestamps are seconds from the stream start (a file's come from each
+frame's pts minus the stream's start_time; other sources use i / source_fps). For k = 0, 1, 2, ...
+the target time k / fps takes the frame whose timestamp is nearest (a tie goes to the earlier
+frame); a target after the last frame's timestamp takes nothing, and a frame nearest to several
+targets (fps above the source rate) is taken once. `max_frames` keeps the first max_frames frames
+taken (the source is read no further). E.g. a 10 fps file of 2 s (frames at 0.0, 0.1, ..., 1.9 s):
+fps=2 takes frames 0, 5, 10, 15; fps=3 takes 0, 3, 7, 10, 13, 17. Without fps, every frame.
+
+Feeding modes (flamingo.md §3, §7):
+  "frames"  every frame is its own media item with its own marker: works with every checkpoint
+            (OpenFlamingo's released checkpoints accept only this);
+  "clip"    the clip is ONE media item of F frames; the perceiver adds frame_embs[:F]: only for
+            checkpoints with frame embeddings (PerceiverConfig.max_frames > 0) and F <= max_frames.
+The default is "clip" when the checkpoint has frame embeddings, else "frames".
+
+Streaming (generate_video_stream): each chunk of frames is its own prompt; chunk k+1 is encoded on
+a side CUDA stream (events order it, record_stream guards its memory) while chunk k decodes. On the
+CPU the same pipeline runs inline and gives the tokens of the sequential run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmmrt.runtime import generate as _gen
+from lmmrt.runtime.processor import normalize_uint8
+
+MODES = ("frames", "clip")
+VIDEO = "{video}"  # where a prompt template puts the video's marker(s)
+
+
+# --- clips and sources ------------------------------------------------------------------------------
+def _as_frame(f, where: str) -> torch.Tensor:
+    """A frame as a uint8 (H, W, 3) tensor (no copy for numpy arrays and tensors)."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(f, Image.Image):
+        f = np.asarray(f.convert("RGB"))
+    if isinstance(f, np.ndarray):
+        f = torch.from_numpy(np.ascontiguousarray(f))
+    if not isinstance(f, torch.Tensor) or f.dtype != torch.uint8 or f.dim() != 3 or f.shape[2] != 3:
+        desc = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
+        raise TypeError(f"{where}: a video frame must be a uint8 (H, W, 3) array or tensor or a PIL image, "
+                        f"got {desc}")
+    if min(f.shape[0], f.shape[1]) < 1:
+        raise ValueError(f"{where}: empty frame of shape {tuple(f.shape)}")
+    return f
+
+
+@dataclass
+class VideoClip:
+    """A video clip: ONE media item of F frames for lmmrt.generate (the "clip" mode), or F media
+    items through video_prompt(mode="frames").
+
+    frames: uint8 (H, W, 3) tensors; timestamps: seconds from the stream start, one per frame, or
+    None when the source had none; indices: each frame's index in its source."""
+
+    frames: list[torch.Tensor]
+    timestamps: list[float] | None = None
+    indices: list[int] | None = None
+
+    def __post_init__(self):
+        self.frames = [_as_frame(f, f"frame {i}") for i, f in enumerate(self.frames)]
+        if not self.frames:
+            raise ValueError("a video clip needs at least one frame; got none")
+        for name in ("timestamps", "indices"):
+            v = getattr(self, name)
+            if v is not None and len(v) != len(self.frames):
+                raise ValueError(f"a clip of {len(self.frames)} frames was given {len(v)} {name}")
+        if self.indices is None:
+            self.indices = list(range(len(self.frames)))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __repr__(self) -> str:
+        h, w, _ = self.frames[0].shape
+        span = f", {self.timestamps[0]:.3f}-{self.timestamps[-1]:.3f} s" if self.timestamps else ""
+        return f"VideoClip({len(self)} frames of {w}x{h}{span})"
+
+
+def _open_file(path) -> Iterator[tuple[int, float | None, torch.Tensor]]:
+    """Opens a video file now (so a missing / empty / corrupt file fails at the call) and returns
+    an iterator of (index, seconds from the stream start, uint8 (H, W, 3) frame)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"video file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p}: the video file is empty (0 bytes)")
+    try:
+        import av
+    except ImportError:  # pragma: no cover - an optional dependency
+        raise ImportError("reading video files needs PyAV: pip install av (or lmmrt[video]); "
+                          "or pass the frames as arrays") from None
+    try:
+        container = av.open(str(p))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{p}: cannot read the video: the file is corrupt or not a video ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{p}: the file has no video stream, so no frames")
+
+    def frames():
+        with container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb, origin, rate = stream.time_base, stream.start_time, stream.average_rate
+            n = 0
+            try:
+                for frame in container.decode(stream):
+                    if frame.pts is not None and tb is not None:
+                        origin = frame.pts if origin is None else origin
+                        t = float((frame.pts - origin) * tb)
+                    else:
+                        t = n / float(rate) if rate else None
+                    yield n, t, torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                    n += 1
+            except av.error.FFmpegError as e:
+                raise ValueError(f"{p}: decoding failed after {n} frame(s): the file is corrupt ({e})") from None
+            if n == 0:
+                raise ValueError(f"{p}: the video stream has no frames")
+
+    return frames()
+
+
+def _timed_frames(source, source_fps: float | None) -> Iterator[tuple[int, float | None, torch.Tensor]]:
+    """Any video source -> iterator of (index, timestamp or None, frame)."""
+    if isinstance(source, (str, Path)):
+        return _open_file(source)
+    if isinstance(source, VideoClip):
+        ts = source.timestamps or [None] * len(source)
+        return iter(zip(source.indices, ts, source.frames))
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        if source.ndim != 4:
+            raise ValueError(f"a video array must have shape (frames, H, W, 3), got {tuple(source.shape)}")
+        source = torch.from_numpy(source) if isinstance(source, np.ndarray) else source
+        source = source.unbind(0)
+    if not isinstance(source, Iterable):
+        raise TypeError(f"a video source must be a file path, a (F, H, W, 3) uint8 array, a list or an iterator "
+                        f"of frames, or a VideoClip; got {type(source).__name__}")
+
+    def frames():
+        for i, f in enumerate(source):
+            yield i, (i / source_fps if source_fps else None), _as_frame(f, f"video frame {i}")
+
+    return frames()
+
+
+def _sample(timed, fps: float | None, max_frames: int | None):
+    """The frames taken at `fps` (see the module docstring), read lazily from `timed`."""
+    taken = 0
+    if fps is None:
+        for item in timed:
+            yield item
+            taken += 1
+            if max_frames and taken >= max_frames:
+                return
+        return
+    eps = 1e-9  # timestamps are rationals turned into floats: k / fps may land a hair off a frame
+    k, prev, last = 0, None, -1
+    for item in timed:
+        t = item[1]
+        if t is None:
+            raise ValueError("sampling at fps= needs frame timestamps: pass source_fps= for frames given "
+                             "as arrays, lists or iterators")
+        while k / fps <= t + eps:  # target k lies at or before this frame: it is resolved now
+            target = k / fps
+            pick = prev if prev is not None and target - prev[1] <= t - target + eps else item
+            k += 1
+            if pick[0] != last:
+                yield pick
+                last, taken = pick[0], taken + 1
+                if max_frames and taken >= max_frames:
+                    return
+        prev = item
+
+
+def _check_rate(fps, max_frames, source_fps):
+    for name, v in (("fps", fps), ("source_fps", source_fps)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
+        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+
+
+def sample_frame_indices(timestamps: list[float], fps: float, max_frames: int | None = None) -> list[int]:
+    """Which frames (indices into `timestamps`, seconds from the stream start) sampling at `fps` takes."""
+    _check_rate(fps, max_frames, None)
+    return [i for i, _, _ in _sample(((i, t, None) for i, t in enumerate(timestamps)), fps, max_frames)]
+
+
+def load_video(source, *, fps: float | None = None, max_frames: int | None = None,
+               source_fps: float | None = None) -> VideoClip:
+    """Read a video into a VideoClip: every frame, or frames sampled at `fps`, at most `max_frames`.
+
+    source: a file path (PyAV), a (F, H, W, 3) uint8 array or tensor, a list or iterator of frames,
+    or a VideoClip (resampled). source_fps: the frame rate of a source without timestamps (arrays,
+    lists, iterators), needed to sample them at `fps`. An iterator is read only as far as needed."""
+    _check_rate(fps, max_frames, source_fps)
+    picked = list(_sample(_timed_frames(source, source_fps), fps, max_frames))
+    if not picked:
+        raise ValueError("the video has no frames (the frame source was empty)")
+    idx, ts, frames = zip(*picked)
+    return VideoClip(list(frames), None if ts[0] is None else list(ts), list(idx))
+
+
+def iter_chunks(source, chunk_frames: int, *, fps: float | None = None, source_fps: float | None = None,
+                max_frames: int | None = None) -> Iterator[VideoClip]:
+    """Cut a video source into clips of `chunk_frames` consecutive (sampled) frames; the last clip
+    may be shorter. A file is opened now, so a missing or corrupt file fails here."""
+    if not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
+    _check_rate(fps, max_frames, source_fps)
+    frames = _sample(_timed_frames(source, source_fps), fps, max_frames)
+
+    def chunks():
+        buf, n = [], 0
+        for item in frames:
+            buf.append(item)
+            if len(buf) == chunk_frames:
+                yield _clip(buf)
+                n, buf = n + 1, []
+        if buf:
+            yield _clip(buf)
+        elif n == 0:
+            raise ValueError("the video stream has no frames (the frame source was empty)")
+
+    return chunks()
+
+
+def _clip(items) -> VideoClip:
+    idx, ts, frames = zip(*items)
+    return VideoClip(list(frames), None if ts[0] is None else list(ts), list(idx))
+
+
+# --- prompts --------------------------------------------------------------------------------------
+def resolve_mode(model, mode: str | None, n_frames: int | None = None) -> str:
+    """"frames" | "clip" for this checkpoint (None / "auto": "clip" when it has frame embeddings)."""
+    per = model.config.perceiver
+    max_frames = per.max_frames if per is not None else 0
+    if mode in (None, "auto"):
+        mode = "clip" if max_frames > 0 else "frames"
+    if mode not in MODES:
+        raise ValueError(f"unknown video mode {mode!r}; use one of {MODES} (or None for the default)")
+    if mode == "clip":
+        if max_frames == 0:
+            raise ValueError("mode='clip' needs a checkpoint with frame embeddings (perceiver max_frames > 0); "
+                             "this one has none: use mode='frames' (each frame its own media item)")
+        if n_frames is not None and n_frames > max_frames:
+            raise ValueError(f"a clip of {n_frames} frames is longer than the checkpoint's max_frames="
+                             f"{max_frames} (its frame embeddings): take fewer frames (fps=, max_frames=, "
+                             f"chunk_frames=) or use mode='frames'")
+    return mode
+
+
+def _fill(template: str, model, mode: str, n_frames: int) -> str:
+    """The template with its "{video}" replaced by the markers (prepended when it has none)."""
+    if template.count(VIDEO) > 1:
+        raise ValueError(f"a video prompt template holds {VIDEO!r} at most once, got {template!r}")
+    markers = model.config.image_token * (n_frames if mode == "frames" else 1)
+    return template.replace(VIDEO, markers) if VIDEO in template else markers + template
+
+
+@dataclass
+class ClipPixels:
+    """A clip already preprocessed on the model's device: one media item of F frames, as
+    lmmrt.generate takes it (anything with `frames`). pixels: (F, 3, S, S) normalized float32."""
+
+    pixels: torch.Tensor
+
+    @property
+    def frames(self) -> list[torch.Tensor]:
+        return list(self.pixels.unbind(0))
+
+
+def clip_pixels(model, clip: VideoClip) -> torch.Tensor:
+    """A clip's frames -> normalized (F, 3, S, S) float32 on the model's device: one batched resize +
+    normalize per frame size, on the device. The uint8 frames travel (from pinned memory, so the copy
+    is asynchronous on the current stream), never the 4x larger floats."""
+    dev, cfg = model.device, model.config.vision
+    by_shape: dict[tuple, list[int]] = {}
+    for i, f in enumerate(clip.frames):
+        by_shape.setdefault(tuple(f.shape), []).append(i)
+    out = None
+    for shape, idx in by_shape.items():
+        frames = [clip.frames[i] for i in idx]
+        if dev.type == "cuda" and frames[0].device.type == "cpu":
+            # Stack straight into pinned memory; the caching host allocator keeps the buffer alive
+            # until the copy, queued on the current stream, has run.
+            host = torch.empty((len(idx),) + shape, dtype=torch.uint8, pin_memory=True)
+            u8 = torch.stack(frames, out=host).to(dev, non_blocking=True)
+        else:
+            u8 = torch.stack(frames).to(dev)
+        px = normalize_uint8(u8, cfg)
+        if len(by_shape) == 1:
+            return px
+        if out is None:
+            out = px.new_empty((len(clip),) + tuple(px.shape[1:]))
+        out[idx] = px
+    return out
+
+
+def _media_items(pixels: torch.Tensor, mode: str) -> list:
+    return list(pixels.unbind(0)) if mode == "frames" else [ClipPixels(pixels)]
+
+
+def video_prompt(model, video, text: str = VIDEO, *, mode: str | None = None, fps: float | None = None,
+                 max_frames: int | None = None, source_fps: float | None = None) -> tuple[str, list]:
+    """(prompt, media) for lmmrt.generate / lmmrt.logits: `text` with its "{video}" (or its start)
+    replaced by the video's markers, and the media, preprocessed on the model's device.
+
+    mode "frames": one marker and one media item per frame; "clip": one marker, one media item of F
+    frames (checkpoints with frame embeddings); None: "clip" when supported, else "frames".
+    video: a VideoClip or any load_video source (sampled with fps / max_frames / source_fps)."""
+    if isinstance(video, VideoClip) and fps is None and max_frames is None:
+        clip = video
+    else:
+        clip = load_video(video, fps=fps, max_frames=max_frames, source_fps=source_fps)
+    mode = resolve_mode(model, mode, len(clip))
+    prompt = _fill(text, model, mode, len(clip))
+    return prompt, _media_items(clip_pixels(model, clip), mode)
+
+
+# --- streaming: encode chunk k+1 while decoding chunk k -------------------------------------------
+class VideoChunkText(tuple):
+    """(chunk index, text) of one chunk. Also: .result (GenerationResult: token_ids, finish_reason),
+    .timestamps / .frame_indices of the chunk's frames, .stats (GenerationStats of its decode)."""
+
+    def __new__(cls, index: int, result, clip: VideoClip, stats):
+        self = super().__new__(cls, (index, result.text))
+        self.result, self.stats = result, stats
+        self.timestamps, self.frame_indices = clip.timestamps, clip.indices
+        return self
+
+    @property
+    def index(self) -> int:
+        return self[0]
+
+    @property
+    def text(self) -> str:
+        return self[1]
+
+
+@dataclass
+class _Encoded:
+    index: int
+    clip: VideoClip
+    pixels: torch.Tensor  # (F, 3, S, S)
+    latents: torch.Tensor  # (media items, L, Dv)
+    kv: list  # per xattn block (k, v)
+    done: torch.cuda.Event | None  # recorded on the side stream after the last kernel of this chunk
+
+
+class _ChunkEncoder:
+    """Frame preprocessing, vision encoder, perceiver and media K/V projection of one chunk. On a GPU
+    with pipelining, the work is queued on a side stream and ordered by an event; elsewhere it runs
+    inline, in the same order and with the same ops as lmmrt.generate's own media encoding."""
+
+    def __init__(self, model, mode: str, side_stream: bool):
+        self.model, self.mode = model, mode
+        self.stream = None
+        if side_stream and model.device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=model.device)
+            # Whatever the compute stream produced so far (the weights included) is visible to it.
+            self.stream.wait_stream(torch.cuda.current_stream(model.device))
+
+    def submit(self, index: int, clip: VideoClip) -> _Encoded:
+        module, dev = self.model.module, self.model.device
+        on_side = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with on_side, torch.inference_mode():
+            pixels = clip_pixels(self.model, clip)
+            if self.mode == "frames":  # F media items of one frame each, media_time 0..F-1
+                px, media_time = pixels[:, None], torch.arange(len(clip), device=dev)
+            else:  # one media item of F frames
+                px, media_time = pixels[None], torch.zeros(1, dtype=torch.long, device=dev)
+            latents = module.encode_media(px, media_time)
+            kv = module.project_media(latents)
+            done = None
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        return _Encoded(index, clip, pixels, latents, kv, done)
+
+    def hand_over(self, enc: _Encoded) -> None:
+        """Make the compute stream wait for the chunk's encoding, and tell the caching allocator the
+        compute stream uses its tensors (they were allocated on the side stream: without
+        record_stream their memory could be reused by the side stream while decode still reads it)."""
+        if enc.done is None:
+            return
+        cur = torch.cuda.current_stream(self.model.device)
+        cur.wait_event(enc.done)
+        for t in (enc.pixels, enc.latents, *(x for kv in enc.kv for x in kv)):
+            t.record_stream(cur)
+
+
+_PENDING, _END = object(), object()
+
+
+class _Reader:
+    """Reads chunks from the source on a background thread, so a source that blocks for its next
+    frames (a camera) never stalls decoding; the model runs only on the caller's thread."""
+
+    def __init__(self, chunks: Iterator, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True, name="lmmrt-video-reader")
+        self._thread.start()
+
+    def _run(self, chunks):
+        try:
+            for c in chunks:
+                if not self._put((c, None)):
+                    return
+            self._put((_END, None))
+        except BaseException as e:  # handed to the caller's thread
+            self._put((_END, e))
+
+    def _put(self, msg) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(msg, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self, block: bool = True):
+        """The next chunk, _PENDING (none ready and block=False) or _END; re-raises the source's error."""
+        if self._ended:
+            return _END
+        try:
+            item, err = self._q.get(block=block)
+        except queue.Empty:
+            return _PENDING
+        if item is _END:
+            self._ended = True
+            if err is not None:
+                raise err
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def generate_video_stream(model, chunks, prompt_template: str = VIDEO, *, chunk_frames: int | None = None,
+                          mode: str | None = None, fps: float | None = None, source_fps: float | None = None,
+                          max_frames: int | None = None, pipelined: bool = True, max_new_tokens: int = 64,
+                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                          repetition_penalty: float = 1.0, stop=None, stop_token_ids=None,
+                          ignore_eos: bool = False, seed: int | None = None) -> Iterator[VideoChunkText]:
+    """Text for each chunk of a video stream, as an iterator of (chunk index, text).
+
+    chunks: with chunk_frames=n, a video source (file path, array, list or iterator of frames - a
+    live stream -, VideoClip) cut into chunks of n frames (sampled at fps, at most max_frames in
+    all; the last chunk may be shorter); without it, an iterable of chunks, each a VideoClip or a
+    list / array of frames.
+
+    Semantics: every chunk is its own, independent prompt: `prompt_template` with "{video}" (or its
+    start) replaced by the chunk's markers (see video_prompt), generated from a fresh context with
+    the given options; chunk k samples with seed + k. So chunk k's result equals
+        lmmrt.generate(model, *video_prompt(model, chunk_k, prompt_template, mode=mode), seed=seed + k, ...)
+    token for token; context never grows with the stream's length and every chunk's latency is
+    the same (a running conversation would grow without bound).
+
+    pipelined=True: on a GPU, chunk k+1's frame preprocessing, vision encoder, perceiver and media
+    K/V projection run on a side CUDA stream while the LM decodes chunk k (ordered by events; the
+    encoding is launched as soon as chunk k+1's frames have arrived, between decode steps). The
+    source is read on a background thread. On the CPU the same pipeline runs inline, no streams.
+    pipelined=False: encode, then decode, one chunk after the other, all on the current stream.
+
+    Each item also carries .result (token_ids, finish_reason), .timestamps, .frame_indices, .stats.
+    """
+    if model.tokenizer is None:
+        raise ValueError("generate_video_stream needs a tokenizer (text prompts); this model has none")
+    if chunk_frames is not None:
+        mode = resolve_mode(model, mode, chunk_frames)
+        source = iter_chunks(chunks, chunk_frames, fps=fps, source_fps=source_fps, max_frames=max_frames)
+    else:
+        if fps is not None or source_fps is not None or max_frames is not None:
+            raise ValueError("fps=, source_fps= and max_frames= sample a frame source cut with chunk_frames=; "
+                             "pass chunk_frames= (or sample each chunk with load_video)")
+        if isinstance(chunks, (str, Path, np.ndarray, torch.Tensor, VideoClip)):
+            raise TypeError("without chunk_frames=, chunks must be an iterable of chunks; pass chunk_frames= "
+                            "to cut a video into chunks")
+        mode = resolve_mode(model, mode)
+        source = (c if isinstance(c, VideoClip) else load_video(c) for c in chunks)
+    _fill(prompt_template, model, mode, 1)  # a bad template fails here, not at the first chunk
+    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
+                  ignore_eos=ignore_eos)
+    return _run_stream(model, source, prompt_template, mode, pipelined, seed, gen_kw)
+
+
+def _decode_chunk(model, enc: _Encoded, template: str, mode: str, seed, gen_kw, on_step=None) -> VideoChunkText:
+    prompt = _fill(template, model, mode, len(enc.clip))
+    result = _gen.generate(model, prompt, _media_items(enc.pixels, mode), media_latents=(enc.latents, enc.kv),
+                           on_step=on_step, seed=None if seed is None else seed + enc.index, **gen_kw)[0]
+    return VideoChunkText(enc.index, result, enc.clip, model.last_stats)
+
+
+def _run_stream(model, source: Iterator[VideoClip], template, mode, pipelined, seed, gen_kw):
+    no_frames = "the video stream has no frames (the frame source was empty)"
+    encoder = _ChunkEncoder(model, mode, side_stream=pipelined)
+    if not pipelined:
+        k = -1
+        for k, clip in enumerate(source):
+            resolve_mode(model, mode, len(clip))
+            yield _decode_chunk(model, encoder.submit(k, clip), template, mode, seed, gen_kw)
+        if k < 0:
+            raise ValueError(no_frames)
+        return
+
+    reader = _Reader(source)
+    try:
+        first = reader.get()
+        if first is _END:
+            raise ValueError(no_frames)
+        resolve_mode(model, mode, len(first))
+        nxt: _Encoded | None = encoder.submit(0, first)
+        while nxt is not None:
+            cur = nxt
+            # chunk k+1: encoded yet? may the source still have it? did reading it fail?
+            state = {"next": None, "open": True, "error": None}
+
+            def launch_next(block=False, k=cur.index, state=state):
+                if state["next"] is not None or not state["open"]:
+                    return
+                try:
+                    clip = reader.get(block)
+                    if clip is not _END and clip is not _PENDING:
+                        resolve_mode(model, mode, len(clip))
+                        state["next"] = encoder.submit(k + 1, clip)
+                except Exception as e:  # raised after chunk k's text is out, not in its middle
+                    state["error"], clip = e, _END
+                if clip is _END:
+                    state["open"] = False
+
+            encoder.hand_over(cur)
+            launch_next()  # frames already here: queue their encoding before this chunk's decode
+            out = _decode_chunk(model, cur, template, mode, seed, gen_kw, on_step=launch_next)
+            del cur  # the decode's tensors are released before the consumer runs
+            yield out
+            launch_next(block=True)
+            if state["error"] is not None:
+                raise state["error"]
+            nxt = state["next"]
+    finally:
+        reader.close()
