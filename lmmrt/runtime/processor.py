@@ -8,6 +8,8 @@ and is batched over images of the same size.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,9 +68,14 @@ def normalize_uint8(frames: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     """frames: (N, H, W, 3) uint8 on any device -> (N, 3, S, S) float32 normalized."""
     x = frames.permute(0, 3, 1, 2).float()
     x = _resize(x, cfg).clamp_(0, 255) / 255.0
-    mean = torch.tensor(cfg.image_mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.image_std, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(tuple(cfg.image_mean), tuple(cfg.image_std), x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple, std: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached per device: no host-to-device copy per call (it would stall a pipelined encode stream)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str = "images") -> torch.Tensor:
