@@ -32,7 +32,8 @@ install-test: $(VENV)/.torch
 	$(PIP) install -q $(BUILD_DEPS) $(TEST_PINS)
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	# open_flamingo pins torch 2.0.1: install it without its dependencies, for parity tests only.
-	$(PIP) install -q --no-deps open-flamingo==2.0.1
+	# Its modules import einops and einops-exts (also in the test extra).
+	$(PIP) install -q --no-deps open-flamingo==2.0.1 einops einops-exts
 
 demo: install
 	$(VENV)/bin/lmmrt demo

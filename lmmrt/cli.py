@@ -87,6 +87,54 @@ def _add_idefics(p):
 CONVERTERS["idefics"] = ("convert a transformers IDEFICS checkpoint", _add_idefics, _cmd_convert_idefics)
 
 
+def _bool(v: str) -> bool:
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _add_openflamingo(p):
+    p.add_argument("out", help="output directory (lmmrt format)")
+    p.add_argument("--checkpoint", required=True, help="OpenFlamingo checkpoint.pt (read with weights_only=True)")
+    p.add_argument("--lm", required=True, help="the base language model: a transformers directory "
+                   "(MptForCausalLM, GPTNeoXForCausalLM or LlamaForCausalLM; tokenizer.json used when present)")
+    p.add_argument("--vision", required=True, help="CLIP weights: an open_clip state dict (.safetensors, .bin, .pt) "
+                   "or a transformers CLIPVisionModel/CLIPModel directory")
+    p.add_argument("--cross-attn-every-n-layers", type=int, default=None,
+                   help="OpenFlamingo's cross_attn_every_n_layers (3B: 1, 4B: 2, 9B: 4); default: inferred from "
+                        "the gated blocks in the checkpoint")
+    p.add_argument("--only-attend-immediate-media", type=_bool, default=True, metavar="true|false",
+                   help="mask mode: true (OpenFlamingo's default) = each token sees its latest image only; "
+                        "false = all preceding images")
+    p.add_argument("--dtype", default=None, help="store weights as float32|float16|bfloat16 (default: the LM's dtype)")
+    p.add_argument("--vision-act", default=None, choices=["quick_gelu", "gelu"],
+                   help="CLIP activation (default: quick_gelu for open_clip files, as OpenAI's ViT-L/14 uses; "
+                        "hidden_act for a transformers directory)")
+    p.add_argument("--image-token-id", type=int, default=None, help="<image> id (only needed without tokenizer.json)")
+    p.add_argument("--eoc-token-id", type=int, default=None,
+                   help="<|endofchunk|> id (only needed without tokenizer.json)")
+
+
+def _cmd_convert_openflamingo(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.openflamingo import convert_openflamingo
+
+    out = convert_openflamingo(args.checkpoint, args.lm, args.vision, args.out,
+                               cross_attn_every_n_layers=args.cross_attn_every_n_layers,
+                               only_attend_immediate_media=args.only_attend_immediate_media,
+                               dtype=parse_dtype(args.dtype), vision_act=args.vision_act,
+                               image_token_id=args.image_token_id, eoc_token_id=args.eoc_token_id,
+                               progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+CONVERTERS["openflamingo"] = ("convert an OpenFlamingo checkpoint.pt with its LM and CLIP weights",
+                              _add_openflamingo, _cmd_convert_openflamingo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for "
                                 "Flamingo-style multimodal models (IDEFICS, OpenFlamingo).")

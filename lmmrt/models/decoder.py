@@ -7,6 +7,7 @@ hidden states; the Flamingo model interleaves the gated cross-attention blocks b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,17 @@ class StepContext:
     """What every layer needs to know about the tokens of this forward call.
 
     positions: (B, T) logical positions (per sequence; left padding does not count);
-    slot: index in the KV cache where this call's tokens are written; kv_len: cache entries
+    slot: index in the KV cache where this call's tokens are written (an int, or a (1,) device
+    tensor in the fixed-shape decode step of CUDA graphs); kv_len: cache entries
     attended to (slot + T); mask: (B, 1, T, kv_len) bool, True where a query may see a key."""
 
     positions: torch.Tensor
-    slot: int
+    slot: int | torch.Tensor
     kv_len: int
     mask: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # ALiBi families: (B, H, T, kv_len) float32 additive bias, shared by every layer of the call.
+    alibi: torch.Tensor | None = None
 
 
 def rope_tables(cfg: DecoderConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +61,14 @@ def cached_attention(q, k, v, ctx: StepContext, k_cache, v_cache, *, bias=None):
 
     q: (B, T, H, hd); k, v: (B, T, KV, hd); caches: (B, KV, max_len, hd). Returns (B, T, H*hd)."""
     b, t, h, hd = q.shape
-    k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
-    v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
+    if isinstance(ctx.slot, torch.Tensor):
+        # fixed-shape step (CUDA graphs): the slot lives on the device, kv_len is the whole cache
+        idx = ctx.slot + torch.arange(t, device=ctx.slot.device)
+        k_cache.index_copy_(2, idx, k.transpose(1, 2).to(k_cache.dtype))
+        v_cache.index_copy_(2, idx, v.transpose(1, 2).to(v_cache.dtype))
+    else:
+        k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
+        v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
     keys, vals = k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len]
     mask = ctx.mask
     if bias is not None:  # ALiBi and friends: a float bias with -inf where masked
@@ -97,9 +107,93 @@ class LlamaLayer(nn.Module):
         return x + self.w2(self.act(g) * u)
 
 
+def alibi_slopes(heads: int, bias_max: float = 8.0) -> torch.Tensor:
+    """MPT's per-head ALiBi slopes, (heads,) float32: 2^-(bias_max * i / n) for i = 1..n with n the
+    next power of two; for other head counts the odd-indexed slopes come first, then the even ones,
+    truncated to `heads` (mosaicml attention.py `gen_slopes`, transformers build_mpt_alibi_tensor)."""
+    n = 2 ** math.ceil(math.log2(heads))
+    slopes = 1.0 / torch.pow(2.0, torch.arange(1, n + 1, dtype=torch.float32) * (bias_max / n))
+    if n != heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:heads]
+    return slopes
+
+
+def alibi_bias(cfg: DecoderConfig, batch: int, slot: int, t: int, kv_len: int, device) -> torch.Tensor:
+    """(B, H, T, kv_len) float32: slope_h * (key slot - query slot).
+
+    MPT adds slope * (key position) to every score row; softmax ignores a per-row constant, so
+    only the distance to the query matters and the cache slot stands in for the position: left
+    padding shifts keys and queries alike and changes nothing."""
+    # slot may be a device tensor (fixed-shape decode step)
+    q_slot = torch.arange(t, device=device, dtype=torch.float32) + (
+        slot.float() if isinstance(slot, torch.Tensor) else float(slot))
+    k_slot = torch.arange(kv_len, device=device, dtype=torch.float32)
+    slopes = alibi_slopes(cfg.heads, cfg.alibi_bias_max).to(device)
+    bias = slopes[:, None, None] * (k_slot[None, None, :] - q_slot[None, :, None])
+    return bias[None].expand(batch, -1, -1, -1)
+
+
+class MptLayer(nn.Module):
+    """MPT (OpenFlamingo-3B/9B): LayerNorm without bias, fused Wqkv (optional clip), ALiBi, GELU MLP,
+    no linear biases."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = make_norm("ln", cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
+        self.mlp_norm = make_norm("ln", cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.act = activation(cfg.act)
+
+    def forward(self, x, ctx: StepContext, k_cache, v_cache):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.wqkv(self.attn_norm(x))
+        if cfg.qkv_clip > 0:
+            qkv = qkv.clamp(-cfg.qkv_clip, cfg.qkv_clip)
+        q, k, v = qkv.view(b, t, 3, cfg.heads, cfg.head_dim).unbind(2)
+        bias = ctx.alibi.to(x.dtype) if ctx.alibi is not None else None
+        x = x + self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache, bias=bias))
+        return x + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
+
+
+class NeoxLayer(nn.Module):
+    """GPT-NeoX (OpenFlamingo-4B, RedPajama-INCITE): LayerNorm with bias, partial rotary, linear
+    biases, parallel residual (x + attn(ln1 x) + mlp(ln2 x)) or sequential."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = make_norm("ln", cfg.dim, cfg.norm_eps, True)
+        # q rows, then k rows, then v rows (the converter undoes NeoX's per-head interleaving)
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.head_dim, bias=True)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=True)
+        self.mlp_norm = make_norm("ln", cfg.dim, cfg.norm_eps, True)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=True)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=True)
+        self.act = activation(cfg.act)
+
+    def forward(self, x, ctx: StepContext, k_cache, v_cache):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).view(b, t, 3, cfg.heads, cfg.head_dim).unbind(2)
+        cos, sin = ctx.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache))
+        if cfg.parallel_residual:
+            return x + a + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
+        x = x + a
+        return x + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
+
+
 # family name -> (layer class, final-norm kind, whether the family uses RoPE)
 LAYERS: dict[str, tuple[type[nn.Module], str, bool]] = {
     "llama": (LlamaLayer, "rms", True),
+    "mpt": (MptLayer, "ln", False),
+    "neox": (NeoxLayer, "ln", True),
 }
 
 
@@ -122,4 +216,7 @@ class Decoder(nn.Module):
 
     def context(self, positions, slot, kv_len, mask) -> StepContext:
         rope = rope_tables(self.cfg, positions) if self.uses_rope else None
-        return StepContext(positions=positions, slot=slot, kv_len=kv_len, mask=mask, rope=rope)
+        alibi = None
+        if self.cfg.alibi:
+            alibi = alibi_bias(self.cfg, positions.shape[0], slot, positions.shape[1], kv_len, positions.device)
+        return StepContext(positions=positions, slot=slot, kv_len=kv_len, mask=mask, rope=rope, alibi=alibi)
