@@ -123,6 +123,13 @@ def tiny_lm(family: str, *, parallel_residual: bool = True):
                             use_parallel_residual=parallel_residual, max_position_embeddings=128,
                             tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
         return GPTNeoXForCausalLM(cfg), "gpt_neox.layers"
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                          intermediate_size=112, vocab_size=BASE_VOCAB, max_position_embeddings=128,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        return LlamaForCausalLM(cfg), "model.layers"
     raise ValueError(family)
 
 

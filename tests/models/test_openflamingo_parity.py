@@ -141,3 +141,17 @@ def test_vision_perceiver_and_gated_block(tmp_root):
     blk.cfg.mask_mode = "immediate"
     _report("mpt parts", errs)
     assert max(errs.values()) <= TOL, errs
+
+
+def test_llama_lm(tmp_root):
+    """A LLaMA base LM (OpenFlamingo's deprecated 9B): its untied head is frozen and never saved by
+    OpenFlamingo's training code, so the added tokens' head rows are unknown (lmmrt fills them with
+    the mean row): compare the base vocabulary's logits."""
+    tf = built(tmp_root, "llama", 2)
+    model = convert(tf, tmp_root / "out-llama", True)
+    got = lmmrt.logits(model, PROMPTS, PIXELS)
+    errs = {f"{len(px)}img": U.rel_err(g[:, :U.BASE_VOCAB],
+                                       U.reference_logits(tf.model, ids, px, immediate=True)[:, :U.BASE_VOCAB])
+            for ids, px, g in zip(PROMPTS, PIXELS, got)}
+    _report("llama logits (base vocabulary)", errs)
+    assert max(errs.values()) <= TOL, errs
