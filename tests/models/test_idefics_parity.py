@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from idefics_util import IMAGE_ID, hf_inputs, tiny_idefics
 
 import lmmrt
-from idefics_util import IMAGE_ID, hf_inputs, tiny_idefics
 
 CONFIGS = {
     "base": dict(),
