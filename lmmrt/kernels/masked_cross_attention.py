@@ -26,7 +26,6 @@ Accumulation is fp32; the output is q's dtype.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -92,32 +91,15 @@ def masked_cross_attention_reference(
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-try:  # the package imports (and the torch path works) without triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
-# Running max starts at a large finite negative value instead of -inf: a row whose keys so far are
-# all masked then keeps alpha = exp2(0) = 1 and p = exp2(-inf) = 0 instead of exp2(-inf + inf) = nan.
-_NEG_INIT = -1.0e30
-_LOG2E = 1.4426950408889634
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _interpreted(device) -> bool:
-    return _backend.triton_interpreted() or device.type != "cuda"
+from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa: E402
+from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
+from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
+from lmmrt.kernels.triton_common import NEG_INIT as _NEG_INIT  # noqa: E402
+from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E402
+from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
+from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
+from lmmrt.kernels.triton_common import sm_count as _sm_count  # noqa: E402
+from lmmrt.kernels.triton_common import tl, triton  # noqa: E402
 
 
 def _prefill_config(T: int, dh: int, dtype: torch.dtype, device) -> dict:
@@ -148,15 +130,10 @@ def _decode_config(BH: int, N: int, L: int, dh: int, cumulative: bool, device) -
     else:
         # enough (b, head, split) programs for two waves, each split streaming >= 256 keys
         block_n, min_keys = 64, 256
-        target = triton.cdiv(2 * _sm_count_cached(device.index if device.index is not None
-                                                  else torch.cuda.current_device()), max(BH, 1))
+        target = triton.cdiv(2 * _sm_count(device), max(BH, 1))
     n_splits = max(1, min(target, triton.cdiv(key_bound, min_keys), 128))
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=n_splits,
                 num_warps=4 if block_d <= 64 else 8, num_stages=1 if _interpreted(device) else 3)
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 @_jit

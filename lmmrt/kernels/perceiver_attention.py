@@ -17,7 +17,6 @@ applied to each tile as it is loaded, in fp32. Accumulation is fp32; the output 
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -67,23 +66,15 @@ def perceiver_attention_reference(
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-try:  # the package imports (and the torch path works) without triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
-# Running max starts at a large finite negative value instead of -inf so that exp2(m_old - m_new)
-# is never exp2(-inf - -inf) = nan; masked scores stay -inf and give p = 0.
-_NEG_INIT = -1.0e30
-_LOG2E = 1.4426950408889634
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa: E402
+from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
+from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
+from lmmrt.kernels.triton_common import NEG_INIT as _NEG_INIT  # noqa: E402
+from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E402
+from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
+from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
+from lmmrt.kernels.triton_common import sm_count as _sm_count  # noqa: E402
+from lmmrt.kernels.triton_common import tl, triton  # noqa: E402
 
 
 def _perceiver_config(n_lat: int, dh: int, dtype: torch.dtype, n_programs_mh: int, device) -> dict:
@@ -95,7 +86,7 @@ def _perceiver_config(n_lat: int, dh: int, dtype: torch.dtype, n_programs_mh: in
     query blocks: K/V is then read twice, but from L2, and twice the SMs stream it.
     """
     block_d = max(16, _next_pow2(dh))
-    if _backend.triton_interpreted() or device.type != "cuda":
+    if _interpreted(device):
         # ~1 ms per program instance and per loop iteration in the interpreter: big tiles.
         return dict(BLOCK_Q=min(128, max(16, _next_pow2(n_lat))), BLOCK_N=256, BLOCK_D=block_d,
                     num_warps=4, num_stages=1)
@@ -106,19 +97,6 @@ def _perceiver_config(n_lat: int, dh: int, dtype: torch.dtype, n_programs_mh: in
     block_n = 64 if (block_d <= 128 or dtype != torch.float32) else 32
     return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
                 num_stages=2 if dtype == torch.float32 else 3)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device) -> int:
-    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 @_jit

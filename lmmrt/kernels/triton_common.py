@@ -1,0 +1,47 @@
+"""What the Triton kernel files share: the guarded import (the package and its torch paths work
+without triton), online-softmax constants, and launch-heuristic helpers."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmmrt.kernels import backend as _backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# The running max starts at a large finite negative value instead of -inf: a row whose keys so far
+# are all masked keeps alpha = exp2(0) = 1 and p = exp2(-inf) = 0 instead of exp2(-inf + inf) = nan.
+NEG_INIT = -1.0e30
+LOG2E = 1.4426950408889634
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def interpreted(device) -> bool:
+    """True under TRITON_INTERPRET=1 or off CUDA: launch configs then favour big tiles (the
+    interpreter costs ~1 ms per program instance and loop iteration)."""
+    return _backend.triton_interpreted() or device.type != "cuda"
+
+
+def jit(fn):
+    return triton.jit(fn) if triton is not None else fn
