@@ -84,7 +84,7 @@ def _cases():
                                                    kv_l[:, :, 0], kv_l[:, :, 1], w[0], w[1], w[0], w[1],
                                                    torch.empty(2, 64, 8, dh, dtype=dt), 1e-5, dh**-0.5)
             for cumulative in (False, True):
-                B, N, L, H = 2, 5, 64, 4
+                N, L, H = 5, 64, 4
                 k, v = r(N, L, H, dh, dt=dt), r(N, L, H, dh, dt=dt)
                 st, cnt = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
                 for T in (97, 1):  # prefill, then decode (split-K + combine)
