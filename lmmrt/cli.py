@@ -44,15 +44,21 @@ def _cmd_generate(args) -> int:
 
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=True)
     images = [_load_image(p) for p in args.image]
+    prompt = args.prompt
+    if args.video:
+        if images:
+            raise ValueError("--video and --image cannot be combined; pass one or the other")
+        prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
+                                            max_frames=args.max_frames)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
               stop=args.stop or None, ignore_eos=args.ignore_eos)
     if args.stream:
-        for piece in lmmrt.generate(model, args.prompt, images, stream=True, **kw):
+        for piece in lmmrt.generate(model, prompt, images, stream=True, **kw):
             print(piece, end="", flush=True)
         print()
     else:
-        out = lmmrt.generate(model, args.prompt, images, **kw)
+        out = lmmrt.generate(model, prompt, images, **kw)
         print(out[0].text)
     s = model.last_stats
     if s is not None and not args.quiet:
@@ -157,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`)")
     s.add_argument("--prompt", "-p", required=True, help="prompt text; write <image> where each image goes")
     s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
+    s.add_argument("--video", default=None, help="a video file (PyAV); write {video} in the prompt where it goes "
+                   "(default: at the start)")
+    s.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    s.add_argument("--max-frames", type=int, default=8, help="at most this many video frames (default 8)")
+    s.add_argument("--video-mode", choices=["frames", "clip"], default=None,
+                   help="frames: one media item per frame; clip: one item of F frames (checkpoints with frame "
+                        "embeddings); default: clip when supported")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0)

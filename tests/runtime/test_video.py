@@ -291,3 +291,21 @@ def test_zero_frame_streams_give_clear_errors(tmp_path, demo):
         lmmrt.load_video(path)
     with pytest.raises(ValueError, match="at least one frame"):
         VideoClip([])
+
+
+def test_cli_generate_with_video(tmp_path):
+    import subprocess
+    import sys
+
+    from lmmrt.demo import save_demo
+
+    ckpt = save_demo(tmp_path / "demo")
+    path = tmp_path / "v.mp4"
+    write_video(path, synthetic_frames())
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "{video}What happens?",
+                        "--video", str(path), "--fps", "2", "--max-frames", "3", "--max-new-tokens", "4",
+                        "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "x", "--video",
+                        str(tmp_path / "missing.mp4"), "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.mp4" in r.stderr
