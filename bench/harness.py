@@ -244,8 +244,8 @@ def nvml_telemetry(device: torch.device | None = None) -> dict:
             try:
                 v = fn()
                 out[name] = v.decode() if isinstance(v, bytes) else v
-            except pynvml.NVMLError as e:
-                out[name] = f"n/a ({e})"
+            except (pynvml.NVMLError, AttributeError) as e:  # AttributeError: a call this pynvml lacks
+                out[name] = f"n/a ({type(e).__name__}: {e})"
 
         get("name", lambda: pynvml.nvmlDeviceGetName(handle))
         get("driver", pynvml.nvmlSystemGetDriverVersion)

@@ -102,18 +102,21 @@ def launch_decode(out, q, k, v, text_time, media_start, media_count, workspace, 
     B, _, H, D = q.shape
     N, L = k.shape[:2]
     tt = text_time[:, -1] if text_time.dim() == 2 else text_time
-    ext.masked_cross_attention_decode(
-        out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-        tt.data_ptr(), media_start.data_ptr(), media_count.data_ptr(),
-        workspace.data_ptr() if workspace is not None else 0,
-        batch=B, heads=H, head_dim=D, latents=L, num_media=N,
-        q_strides=(q.stride(0), q.stride(2)), out_strides=(out.stride(0), out.stride(2)),
-        kv_strides=(k.stride(1), k.stride(2)),
-        index_strides=(tt.stride(0), media_start.stride(0), media_count.stride(0)),
-        index_int64=(tt.dtype == torch.int64, media_start.dtype == torch.int64, media_count.dtype == torch.int64),
-        cumulative=cumulative, scale=float(scale), num_splits=int(num_splits), dtype=DTYPES[q.dtype],
-        stream=torch.cuda.current_stream(q.device).cuda_stream,
-    )
+    # The binding launches on the calling thread's current device: make it q's (a stream of
+    # cuda:1 used while cuda:0 is current is an invalid-resource-handle launch error).
+    with torch.cuda.device(q.device):
+        ext.masked_cross_attention_decode(
+            out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            tt.data_ptr(), media_start.data_ptr(), media_count.data_ptr(),
+            workspace.data_ptr() if workspace is not None else 0,
+            batch=B, heads=H, head_dim=D, latents=L, num_media=N,
+            q_strides=(q.stride(0), q.stride(2)), out_strides=(out.stride(0), out.stride(2)),
+            kv_strides=(k.stride(1), k.stride(2)),
+            index_strides=(tt.stride(0), media_start.stride(0), media_count.stride(0)),
+            index_int64=(tt.dtype == torch.int64, media_start.dtype == torch.int64, media_count.dtype == torch.int64),
+            cumulative=cumulative, scale=float(scale), num_splits=int(num_splits), dtype=DTYPES[q.dtype],
+            stream=torch.cuda.current_stream(q.device).cuda_stream,
+        )
 
 
 @torch.library.custom_op("lmmrt::masked_cross_attention_decode", mutates_args=())
@@ -180,7 +183,10 @@ def masked_cross_attention_cuda(q, k, v, text_time, media_start, media_count, *,
     """The "cuda" backend entry: decode (T == 1, fp16/bf16, dh 64/96/128) on the kernel; prefill and
     other dtypes / head dims on the Triton kernel when registered, else the torch reference."""
     if supports(q):
-        return masked_cross_attention_decode(q, k, v, text_time, media_start, media_count, mode=mode, scale=scale)
+        # The kernel needs contiguous q/k/v (the Triton path takes any strides): no-ops for the
+        # model's tensors, a copy for a strided caller's.
+        return masked_cross_attention_decode(q.contiguous(), k.contiguous(), v.contiguous(), text_time,
+                                             media_start, media_count, mode=mode, scale=scale)
     return _fallback()(q, k, v, text_time, media_start, media_count, mode=mode, scale=scale)
 
 

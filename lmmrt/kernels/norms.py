@@ -98,18 +98,23 @@ def _ptr(t: torch.Tensor | None) -> int:
 def launch_norm(out, h_out, x, residual, weight, bias, eps: float, layer_norm: bool) -> None:
     """Raw launch into caller-provided out (and h_out = x + residual when residual is given)."""
     D = x.shape[-1]
-    _ext().fused_norm(_ptr(out), _ptr(h_out), _ptr(x), _ptr(residual), _ptr(weight), _ptr(bias),
-                      rows=x.numel() // D, dim=D, eps=float(eps), layer_norm=layer_norm,
-                      dtype=_CUDA_DTYPES[x.dtype], weight_dtype=_CUDA_DTYPES[weight.dtype],
-                      stream=torch.cuda.current_stream(x.device).cuda_stream)
+    ext = _ext()
+    with torch.cuda.device(x.device):  # the binding launches on the current device: make it x's
+        ext.fused_norm(_ptr(out), _ptr(h_out), _ptr(x), _ptr(residual), _ptr(weight), _ptr(bias),
+                       rows=x.numel() // D, dim=D, eps=float(eps), layer_norm=layer_norm,
+                       dtype=_CUDA_DTYPES[x.dtype], weight_dtype=_CUDA_DTYPES[weight.dtype],
+                       stream=torch.cuda.current_stream(x.device).cuda_stream)
 
 
 def launch_gated_residual(out, x, branch, gate) -> None:
     """Raw launch of out = x + tanh(gate) * branch into caller-provided out."""
     D = x.shape[-1]
-    _ext().gated_residual(out.data_ptr(), x.data_ptr(), branch.data_ptr(), gate.data_ptr(),
-                          numel=x.numel(), dim=D, gate_numel=gate.numel(), dtype=_CUDA_DTYPES[x.dtype],
-                          gate_dtype=_CUDA_DTYPES[gate.dtype], stream=torch.cuda.current_stream(x.device).cuda_stream)
+    ext = _ext()
+    with torch.cuda.device(x.device):  # the binding launches on the current device: make it x's
+        ext.gated_residual(out.data_ptr(), x.data_ptr(), branch.data_ptr(), gate.data_ptr(),
+                           numel=x.numel(), dim=D, gate_numel=gate.numel(), dtype=_CUDA_DTYPES[x.dtype],
+                           gate_dtype=_CUDA_DTYPES[gate.dtype],
+                           stream=torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @torch.library.custom_op("lmmrt::norm", mutates_args=())

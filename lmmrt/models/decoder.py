@@ -107,12 +107,14 @@ class LlamaLayer(nn.Module):
         return x + self.w2(self.act(g) * u)
 
 
-def alibi_slopes(heads: int, bias_max: float = 8.0) -> torch.Tensor:
+def alibi_slopes(heads: int, bias_max: float = 8.0, device=None) -> torch.Tensor:
     """MPT's per-head ALiBi slopes, (heads,) float32: 2^-(bias_max * i / n) for i = 1..n with n the
     next power of two; for other head counts the odd-indexed slopes come first, then the even ones,
-    truncated to `heads` (mosaicml attention.py `gen_slopes`, transformers build_mpt_alibi_tensor)."""
+    truncated to `heads` (mosaicml attention.py `gen_slopes`, transformers build_mpt_alibi_tensor).
+    Built directly on `device`: a host tensor copied to the GPU would be a synchronizing pageable
+    copy, which breaks CUDA-graph capture of the decode step."""
     n = 2 ** math.ceil(math.log2(heads))
-    slopes = 1.0 / torch.pow(2.0, torch.arange(1, n + 1, dtype=torch.float32) * (bias_max / n))
+    slopes = 1.0 / torch.pow(2.0, torch.arange(1, n + 1, dtype=torch.float32, device=device) * (bias_max / n))
     if n != heads:
         slopes = torch.cat([slopes[1::2], slopes[::2]])[:heads]
     return slopes
@@ -128,7 +130,7 @@ def alibi_bias(cfg: DecoderConfig, batch: int, slot: int, t: int, kv_len: int, d
     q_slot = torch.arange(t, device=device, dtype=torch.float32) + (
         slot.float() if isinstance(slot, torch.Tensor) else float(slot))
     k_slot = torch.arange(kv_len, device=device, dtype=torch.float32)
-    slopes = alibi_slopes(cfg.heads, cfg.alibi_bias_max).to(device)
+    slopes = alibi_slopes(cfg.heads, cfg.alibi_bias_max, device=device)
     bias = slopes[:, None, None] * (k_slot[None, None, :] - q_slot[None, :, None])
     return bias[None].expand(batch, -1, -1, -1)
 

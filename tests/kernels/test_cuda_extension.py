@@ -316,3 +316,62 @@ def test_norm_backend_entries_fall_back_for_other_dtypes():
     torch.testing.assert_close(norms._add_layer_norm_backend(x, r, w, b, 1e-5),
                                norms.add_layer_norm_reference(x, r, w, b, 1e-5))
     torch.testing.assert_close(norms._gated_residual_backend(x, r, w), norms.gated_residual_reference(x, r, w))
+
+
+def test_launchers_run_the_binding_on_the_tensors_device(monkeypatch):
+    """The binding launches on the thread's current device; each launcher must make it the tensors'
+    device (a cuda:1 stream used while cuda:0 is current fails to launch). Mocked: no GPU here."""
+    current = []
+
+    class FakeDevice:
+        def __init__(self, d):
+            self.d = torch.device(d)
+
+        def __enter__(self):
+            current.append(self.d)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class FakeStream:
+        cuda_stream = 1234
+
+    calls = []
+
+    class FakeExt:
+        def __getattr__(self, name):
+            def launch(*args, **kw):
+                assert kw["stream"] == 1234
+                calls.append((name, current[-1] if current else None))
+            return launch
+
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: FakeExt())
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    dev = torch.device("cuda", 1)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    w = torch.ones(64, dtype=torch.bfloat16)
+    # CPU stand-ins claiming cuda:1: the launchers only read data_ptr, shapes, strides and .device.
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: dev))
+    norms.launch_norm(torch.empty_like(x), None, x, None, w, None, 1e-5, False)
+    norms.launch_gated_residual(torch.empty_like(x), x, x, w)
+    q = torch.zeros(2, 1, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(3, 8, 4, 64, dtype=torch.bfloat16)
+    idx = torch.zeros(2, dtype=torch.int32)
+    mxa.launch_decode(torch.empty_like(q), q, k, k, idx[:, None], idx, idx, None, cumulative=False,
+                      scale=0.125, num_splits=1)
+    assert calls == [("fused_norm", dev), ("gated_residual", dev), ("masked_cross_attention_decode", dev)]
+
+
+def test_cuda_router_hands_the_kernel_contiguous_tensors(monkeypatch):
+    """The "cuda" backend entry takes any strides (as the Triton one does): a strided decode query
+    is made contiguous before the kernel's strict checks, instead of raising."""
+    seen = []
+    monkeypatch.setattr(mxa, "masked_cross_attention_decode",
+                        lambda q, k, v, *a, **kw: seen.append([t.is_contiguous() for t in (q, k, v)]) or q)
+    q = torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)[:, :, ::2]  # (2, 1, 4, 64), every other head
+    assert not q.is_contiguous() and mxa.supports(q)
+    k = torch.zeros(3, 8, 4, 64, dtype=torch.bfloat16)
+    idx = torch.zeros(2, dtype=torch.int32)
+    mxa.masked_cross_attention_cuda(q, k, k, idx[:, None], idx, idx)
+    assert seen == [[True, True, True]]
