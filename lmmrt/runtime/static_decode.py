@@ -24,7 +24,10 @@ def graph_capturable(model) -> bool:
     dev = model.device
     if dev.type != "cuda":
         return False
-    return _backend.resolve_name("masked_cross_attention", model.backend, dev) != "torch"
+    # The cuda entry hands shapes it does not support (fp32, other head dims) to Triton when it is
+    # installed, else to the torch reference, which is not capturable.
+    return (_backend.resolve_name("masked_cross_attention", model.backend, dev) != "torch"
+            and _backend.triton_available())
 
 
 class StaticDecodeStep:
