@@ -102,8 +102,8 @@ class LlamaLayer(nn.Module):
         v = v.view(b, t, cfg.kv_heads, cfg.head_dim)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = x + self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache))
-        g, u = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
+        h, x = self.mlp_norm.add(self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache)), x)
+        g, u = self.w13(h).chunk(2, dim=-1)
         return x + self.w2(self.act(g) * u)
 
 
@@ -158,8 +158,8 @@ class MptLayer(nn.Module):
             qkv = qkv.clamp(-cfg.qkv_clip, cfg.qkv_clip)
         q, k, v = qkv.view(b, t, 3, cfg.heads, cfg.head_dim).unbind(2)
         bias = ctx.alibi.to(x.dtype) if ctx.alibi is not None else None
-        x = x + self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache, bias=bias))
-        return x + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
+        h, x = self.mlp_norm.add(self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache, bias=bias)), x)
+        return x + self.fc2(self.act(self.fc1(h)))
 
 
 class NeoxLayer(nn.Module):
@@ -187,8 +187,8 @@ class NeoxLayer(nn.Module):
         a = self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache))
         if cfg.parallel_residual:
             return x + a + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
-        x = x + a
-        return x + self.fc2(self.act(self.fc1(self.mlp_norm(x))))
+        h, x = self.mlp_norm.add(a, x)
+        return x + self.fc2(self.act(self.fc1(h)))
 
 
 # family name -> (layer class, final-norm kind, whether the family uses RoPE)

@@ -19,6 +19,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return norms.rms_norm(x, self.weight, self.eps, backend=self.backend)
 
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual) in one fused kernel where the backend has one."""
+        return norms.add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
+
 
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, bias: bool = True):
@@ -30,6 +34,10 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return norms.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual) in one fused kernel where the backend has one."""
+        return norms.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self.backend)
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:

@@ -98,14 +98,18 @@ class GatedCrossAttention(nn.Module):
             k, v = media.kv[j]
             a = masked_cross_attention(q, k, v, media.text_time, media.media_start, media.media_count,
                                        mode=xc.mask_mode, backend=self.backend)
-            x = x + self._gate(self.attn_gate, self.wo(a.reshape(b, t, -1)))
+            branch = self._gate(self.attn_gate, self.wo(a.reshape(b, t, -1)))
+            if not self.skip_ff:  # residual add fused into the feed-forward's norm
+                h, x = self.ff_norm.add(branch, x)
+                return x + self._gate(self.ff_gate, self.ff_w2(self._ff_hidden(h)))
+            x = x + branch
         # With no media anywhere in the batch every attention row is zero: the branch adds nothing.
         if not self.skip_ff:
-            h = self.ff_norm(x)
-            if xc.style == "idefics":
-                g, u = self.ff_w13(h).chunk(2, dim=-1)
-                h = self.act(g) * u
-            else:
-                h = self.act(self.ff_w1(h))
-            x = x + self._gate(self.ff_gate, self.ff_w2(h))
+            x = x + self._gate(self.ff_gate, self.ff_w2(self._ff_hidden(self.ff_norm(x))))
         return x
+
+    def _ff_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.style == "idefics":  # SwiGLU
+            g, u = self.ff_w13(h).chunk(2, dim=-1)
+            return self.act(g) * u
+        return self.act(self.ff_w1(h))
