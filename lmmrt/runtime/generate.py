@@ -184,47 +184,51 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
         for b in range(B):  # real prompt tokens only, not the left padding
             seen[b, batch.tokens[b, T - batch.lengths[b]:]] = True
 
+    # inference_mode wraps the compute only, never a `yield`: a suspended generator would leave it
+    # switched on in the caller's code between steps.
     with torch.inference_mode():
         logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents)
         # Fixed-shape decode step (a CUDA graph on the GPU when every op of it is capturable).
         static_step = StaticDecodeStep(model, batch, cache, media, use_graph=True) \
             if getattr(model, "cuda_graph", False) else None
-        finished = [False] * B
-        for step in range(max_new_tokens):
+    finished = [False] * B
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             toks = nxt.tolist()  # the one host sync per step
-            now = time.perf_counter()  # tolist() above synchronized with the device
-            if step == 0:
-                stats.prefill_s = now - t0
-                t_dec = now
+        now = time.perf_counter()  # tolist() above synchronized with the device
+        if step == 0:
+            stats.prefill_s = now - t0
+            t_dec = now
+        else:
+            stats.decode_s, stats.decode_steps = now - t_dec, step
+        out, reasons = [], []
+        for b in range(B):
+            if finished[b]:
+                out.append(-1)
+                reasons.append(None)
+                continue
+            out.append(toks[b])
+            if toks[b] in stopper.ids:
+                finished[b] = True
+                reasons.append("stop")
+            elif step == max_new_tokens - 1:
+                finished[b] = True
+                reasons.append("length")
             else:
-                stats.decode_s, stats.decode_steps = now - t_dec, step
-            out, reasons = [], []
-            for b in range(B):
-                if finished[b]:
-                    out.append(-1)
-                    reasons.append(None)
-                    continue
-                out.append(toks[b])
-                if toks[b] in stopper.ids:
-                    finished[b] = True
-                    reasons.append("stop")
-                elif step == max_new_tokens - 1:
-                    finished[b] = True
-                    reasons.append("length")
-                else:
-                    reasons.append(None)
-            stats.new_tokens += sum(1 for t in out if t >= 0)
-            yield out, reasons
-            if all(finished) or step == max_new_tokens - 1:
-                break
-            if on_step is not None:
-                on_step()
-            slot = T + step
+                reasons.append(None)
+        stats.new_tokens += sum(1 for t in out if t >= 0)
+        yield out, reasons
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        if on_step is not None:
+            on_step()
+        slot = T + step
+        with torch.inference_mode():
             if static_step is not None:
                 logits = static_step(nxt, slot)
             else:

@@ -138,3 +138,10 @@ def test_demo_runs(capsys):
     run_demo(device="cpu", max_new_tokens=4, backend="torch")
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "tokens/s" in out
+
+
+def test_streaming_does_not_leak_inference_mode(model):
+    for _ in lmmrt.generate(model, PROMPT, demo_images(), max_new_tokens=3, ignore_eos=True, stream=True):
+        assert not torch.is_inference_mode_enabled()
+        t = torch.ones(2, requires_grad=True)
+        assert (t * 2).requires_grad  # user code between pieces keeps autograd
