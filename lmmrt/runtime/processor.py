@@ -1,9 +1,10 @@
 """Image preprocessing: PIL images, uint8 HxWx3 arrays/tensors, or normalized float (3, H, W)
 tensors -> normalized (N, 3, S, S) pixels, per the checkpoint's VisionConfig.
 
-uint8 inputs are resized (bicubic, antialiased), optionally centre-cropped, scaled to [0, 1] and
-normalized with the checkpoint's mean/std; the work runs on `device` (the GPU when there is one)
-and is batched over images of the same size.
+uint8 inputs are resized (bicubic), centre-cropped for CLIP checkpoints, scaled to [0, 1] and
+normalized with the checkpoint's mean/std. On the CPU the resize is PIL's, exactly as the reference
+processors do it; on the GPU it is torch's antialiased bicubic on the device, batched over frames
+(within about 1% of the PIL result on natural images; PIL's uint8 rounding is not reproduced).
 """
 
 from __future__ import annotations
@@ -48,24 +49,53 @@ def _to_uint8_hwc(img, where: str) -> torch.Tensor | None:
                     "array or tensor, or a normalized float (3, H, W) tensor")
 
 
+def _resize_shape(h: int, w: int, cfg: VisionConfig) -> tuple[int, int]:
+    """Size before the crop: the square (IDEFICS), or the shortest side scaled to the image size
+    with the long side truncated, as torchvision's Resize(int) computes it (CLIP / open_clip)."""
+    s = cfg.image_size
+    if cfg.resize != "resize_crop":
+        return s, s
+    if h <= w:
+        return s, int(s * w / h)
+    return int(s * h / w), s
+
+
+def _crop_offsets(h: int, w: int, s: int) -> tuple[int, int]:
+    # torchvision's CenterCrop rounding
+    return int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+
+
 def _resize(x: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
-    """x: (N, 3, H, W) float -> (N, 3, S, S)."""
+    """x: (N, 3, H, W) float -> (N, 3, S, S): bicubic (antialiased), then the centre crop."""
     s = cfg.image_size
     h, w = x.shape[-2:]
-    if cfg.resize == "resize_crop":
-        scale = s / min(h, w)
-        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - s) // 2, (nw - s) // 2
-        return x[..., top:top + s, left:left + s]
-    if (h, w) != (s, s):
-        x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
-    return x
+    nh, nw = _resize_shape(h, w, cfg)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = _crop_offsets(nh, nw, s)
+    return x[..., top:top + s, left:left + s]
+
+
+def _resize_pil(u8: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """(H, W, 3) uint8 on the CPU -> (S, S, 3) uint8 with PIL's bicubic filter: on the CPU lmmrt
+    resizes exactly as the reference processors do (transformers' PIL backend for IDEFICS, torchvision
+    on PIL images for CLIP), rounding to uint8 included."""
+    from PIL import Image
+
+    s = cfg.image_size
+    h, w = u8.shape[:2]
+    nh, nw = _resize_shape(h, w, cfg)
+    img = Image.fromarray(u8.numpy())
+    if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), resample=Image.BICUBIC)
+    top, left = _crop_offsets(nh, nw, s)
+    return torch.from_numpy(np.array(img))[top:top + s, left:left + s]
 
 
 def normalize_uint8(frames: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     """frames: (N, H, W, 3) uint8 on any device -> (N, 3, S, S) float32 normalized."""
+    if frames.device.type == "cpu":  # bit-exact with the reference processors on the CPU
+        frames = torch.stack([_resize_pil(f, cfg) for f in frames])
     x = frames.permute(0, 3, 1, 2).float()
     x = _resize(x, cfg).clamp_(0, 255) / 255.0
     mean, std = _mean_std(tuple(cfg.image_mean), tuple(cfg.image_std), x.device)
