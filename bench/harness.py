@@ -466,7 +466,23 @@ class BenchRun:
                 row["speedup_vs_eager"] = eager / row["ms"]
         self.rows.extend(rows)
         self.save()
+        self._progress(label, rows)
         return rows
+
+    def _progress(self, label: str, rows: list[dict]) -> None:
+        """One line per case as it finishes, so a long run shows where it is and how fast."""
+        import sys
+
+        parts = []
+        for r in rows:
+            if r["status"] == "ok":
+                parts.append(f"{r['impl']} {r['ms']:.4g} ms" + (f" ({r['speedup_vs_eager']:.2f}x)"
+                                                              if "speedup_vs_eager" in r else ""))
+            else:
+                parts.append(f"{r['impl']} {r['status']}")
+        n = len({r["case"] for r in self.rows})
+        print(f"  [{self.name} #{n}, {self.elapsed:.0f}/{self.budget_s:.0f} s] {label}: " + ", ".join(parts),
+              file=sys.stderr, flush=True)
 
     def skip_case(self, group: str, label: str, shape: dict, impl_names: Sequence[str], why: str) -> None:
         for name in impl_names:
