@@ -68,7 +68,8 @@ def default_device() -> str:
 
 def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False,
          cuda_graph: bool = False) -> Model:
-    """Load an lmmrt checkpoint directory (made by `lmmrt convert`).
+    """Load an lmmrt checkpoint directory (made by `lmmrt convert`), or a transformers IDEFICS
+    directory, which is then converted in memory at every load (convert once to skip that).
 
     device: "cuda", "cpu", ... (default: cuda when available); dtype: torch dtype or name
     (default: the dtype stored in the file); backend: torch | triton | cuda | auto

@@ -128,8 +128,9 @@ def weight_map(cfg: ModelConfig, hf: dict) -> dict[str, list[str]]:
     return m
 
 
-def convert_idefics(src_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                    image_token_id: int | None = None, progress: bool = True) -> Path:
+def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, image_token_id: int | None = None,
+                  progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
+    """Read a transformers IDEFICS directory: (lmmrt config, lmmrt state dict, tokenizer.json or None)."""
     src = Path(src_dir)
     cfg_path = src / "config.json"
     if not cfg_path.exists():
@@ -163,5 +164,11 @@ def convert_idefics(src_dir: str | Path, out_dir: str | Path, *, dtype: torch.dt
     state = convert_state(weights, wmap, cfg, ignored_prefixes=IGNORED, dtype=dtype, progress=progress,
                           reshape={k: (cfg.decoder.dim,) if cfg.xattn.gate_type == "vector" else (1,)
                                    for k in wmap if k.endswith("_gate")})
+    return cfg, state, tok_json
+
+
+def convert_idefics(src_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+                    image_token_id: int | None = None, progress: bool = True) -> Path:
+    cfg, state, tok_json = idefics_state(src_dir, dtype=dtype, image_token_id=image_token_id, progress=progress)
     return save_checkpoint(out_dir, cfg, state, tokenizer_json=tok_json,
-                           metadata={"source": "idefics", "source_dir": src.name})
+                           metadata={"source": "idefics", "source_dir": Path(src_dir).name})

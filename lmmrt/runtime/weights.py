@@ -90,9 +90,11 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     cfg_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
     if cfg_json is None:
         raise FileNotFoundError(f"no {CONFIG} in {path}")
+    if cfg_json.get("model_type") == "idefics" and "decoder" not in cfg_json:
+        return load_transformers_idefics(path, device=device, dtype=dtype, progress=progress)
     if "model_type" in cfg_json and "decoder" not in cfg_json:
         raise CheckpointError(f"{path} holds a transformers checkpoint (model_type={cfg_json['model_type']!r}), "
-                              f"not an lmmrt one: convert it first, e.g. `lmmrt convert idefics {path} OUT_DIR`")
+                              f"not an lmmrt one: convert it first (`lmmrt convert --help`)")
     cfg = ModelConfig.from_dict(cfg_json)
     wpath = path / WEIGHTS
     f = open_safetensors(wpath)
@@ -115,4 +117,19 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     with torch.no_grad():
         for k in it:
             params[k].data = read_tensor(f, k, wpath).to(device=device, dtype=dtype)
+    return cfg, model
+
+
+def load_transformers_idefics(path: Path, *, device="cpu", dtype: torch.dtype | None = None,
+                              progress: bool = False) -> tuple[ModelConfig, FlamingoModel]:
+    """A transformers IDEFICS directory, converted in memory (the same weight map as `lmmrt convert
+    idefics`; convert once to skip this work at every load)."""
+    from lmmrt.convert.idefics import idefics_state
+
+    cfg, state, _ = idefics_state(path, dtype=dtype, progress=progress)
+    with torch.device("meta"):
+        model = FlamingoModel(cfg)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return cfg, model

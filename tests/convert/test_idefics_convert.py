@@ -85,3 +85,13 @@ def test_not_an_idefics_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmmrt", "convert", "idefics", str(tmp_path), str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "model_type is 'llama', expected 'idefics'" in r.stderr
+
+
+def test_load_transformers_dir_directly(hf, tmp_path):
+    """lmmrt.load on a transformers IDEFICS directory converts in memory: same logits as converting first."""
+    _convert(hf / "sharded", tmp_path / "c", "--quiet")
+    a = lmmrt.load(tmp_path / "c", device="cpu", backend="torch")
+    b = lmmrt.load(hf / "sharded", device="cpu", backend="torch")
+    ids = [1, 5, 97, 6, 7]
+    px = [torch.randn(3, 28, 28, generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(lmmrt.logits(a, [ids], [px])[0], lmmrt.logits(b, [ids], [px])[0])

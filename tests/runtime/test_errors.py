@@ -118,8 +118,14 @@ def test_missing_key_is_named(ckpt, tmp_path):
 
 
 def test_transformers_dir_is_not_an_lmmrt_checkpoint(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mpt"}))
     with pytest.raises(CheckpointError, match="convert it first"):
+        lmmrt.load(tmp_path, device="cpu")
+
+
+def test_transformers_idefics_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics"}))
+    with pytest.raises(FileNotFoundError, match="no weights in"):
         lmmrt.load(tmp_path, device="cpu")
 
 
