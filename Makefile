@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch first, pinned, so a bare `torch` requirement never pulls a multi-GB CUDA build on a CPU box.
 TORCH_PIN  := torch==2.13.0
-# The Triton interpreter of 3.6.0 needs numpy < 2.4 (see environment.md).
+# The Triton interpreter of 3.6.0 fails with numpy >= 2.4 ("only 0-dimensional arrays can be
+# converted to Python scalars" in every kernel with a runtime-bounded loop).
 TEST_PINS  := triton==3.6.0 "numpy<2.4"
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 

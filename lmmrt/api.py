@@ -66,6 +66,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(device) -> torch.device:
+    """cpu or cuda[:N], checked against this machine, with an error that says what is wrong."""
+    if device is None:
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: lmmrt runs on 'cpu' or 'cuda'")
+    return dev
+
+
 def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False,
          cuda_graph: bool = False) -> Model:
     """Load an lmmrt checkpoint directory (made by `lmmrt convert`), or a transformers IDEFICS
@@ -75,7 +94,7 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     (default: the dtype stored in the file); backend: torch | triton | cuda | auto
     (default: $LMMRT_BACKEND, else auto); cuda_graph: decode with a fixed-shape step captured
     as a CUDA graph (used on CUDA when the cross-attention op runs a kernel, eager elsewhere)."""
-    device = torch.device(device or default_device())
+    device = parse_device(device)
     backend = requested_backend(backend)
     cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
     tok_path = Path(path) / TOKENIZER

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args) -> int:
@@ -41,13 +42,22 @@ def _load_image(path: str):
 
 def _cmd_generate(args) -> int:
     import lmmrt
+    from lmmrt.api import parse_device, parse_dtype
 
-    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, progress=True)
+    # Everything that can be checked without the model is checked first: a typo must not cost a
+    # full load of a 9B checkpoint.
     images = [_load_image(p) for p in args.image]
-    prompt = args.prompt
     if args.video:
         if images:
             raise ValueError("--video and --image cannot be combined; pass one or the other")
+        if not Path(args.video).is_file():
+            raise FileNotFoundError(f"video file not found: {args.video}")
+    parse_dtype(args.dtype)
+    parse_device(args.device)
+    prompt = args.prompt.replace("\\n", "\n")  # a shell gives "\\n" for \n inside double quotes
+    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                       progress=not args.quiet)
+    if args.video:
         prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
                                             max_frames=args.max_frames)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -62,8 +72,7 @@ def _cmd_generate(args) -> int:
         print(out[0].text)
     s = model.last_stats
     if s is not None and not args.quiet:
-        print(f"[prefill {1e3 * s.prefill_s:.1f} ms, decode {s.ms_per_step:.2f} ms/token, "
-              f"{s.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{s.summary()}]", file=sys.stderr)
     return 0
 
 
@@ -160,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
 
     s = sub.add_parser("generate", help="generate text from a prompt with interleaved images")
-    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`)")
-    s.add_argument("--prompt", "-p", required=True, help="prompt text; write <image> where each image goes")
+    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`), or a transformers IDEFICS "
+                   "directory (converted in memory)")
+    s.add_argument("--prompt", "-p", required=True,
+                   help="prompt text; write <image> where each image goes; \\n is a newline")
     s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
     s.add_argument("--video", default=None, help="a video file (PyAV); write {video} in the prompt where it goes "
                    "(default: at the start)")
@@ -182,13 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cuda|cpu (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: as stored)")
     s.add_argument("--backend", default=None, help="torch|triton|cuda|auto")
-    s.add_argument("--quiet", action="store_true", help="no timings on stderr")
+    s.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)")
-    s.add_argument("--device", default=None)
-    s.add_argument("--backend", default=None)
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--device", default=None, help="cuda|cpu (default: cuda when available)")
+    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     s.add_argument("--save", metavar="DIR", default=None,
                    help="write the demo model as an lmmrt checkpoint to DIR instead of running it")
     s.set_defaults(fn=_cmd_demo)
@@ -199,7 +210,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, TypeError, ImportError, OSError) as e:  # OSError: missing/existing files
         print(f"lmmrt: error: {e}", file=sys.stderr)
         return 2
 

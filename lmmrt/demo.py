@@ -83,11 +83,10 @@ def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) 
                          seed=0, ignore_eos=True)
     s = model.last_stats
     print(f"generated ({out[0].finish_reason}, {len(out[0].token_ids)} tokens): {out[0].text!r}")
-    print(f"\ntimings: prompt of {s.prompt_tokens} tokens with {len(images)} images; "
-          f"prefill (incl. media encoding) {1e3 * s.prefill_s:.1f} ms, "
-          f"decode {s.ms_per_step:.2f} ms/token, {s.decode_tokens_per_s:.1f} tokens/s")
+    print(f"\ntimings: prompt of {s.prompt_tokens} tokens with {len(images)} images; {s.summary()}")
     print("\nstreaming the same request:")
-    pieces = list(lmmrt.generate(model, prompt, images, max_new_tokens=12, temperature=0.8, top_k=50, seed=0,
+    pieces = list(lmmrt.generate(model, prompt, images, max_new_tokens=min(12, max_new_tokens), temperature=0.8,
+                                 top_k=50, seed=0,
                                  ignore_eos=True, stream=True))
     print(f"  {len(pieces)} pieces: {pieces}")
 

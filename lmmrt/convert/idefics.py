@@ -136,6 +136,8 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
     if not cfg_path.exists():
         raise FileNotFoundError(f"no config.json in {src} (expected a transformers IdeficsForVisionText2Text directory)")
     hf = json.loads(cfg_path.read_text())
+    if "decoder" in hf and "model_type" not in hf:
+        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
     if hf.get("model_type") != "idefics":
         raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'idefics'")
     tok_json = find_tokenizer_json(src)

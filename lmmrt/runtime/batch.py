@@ -99,8 +99,8 @@ def media_item_pixels(item, vision_cfg, device, where: str) -> torch.Tensor:
     if frames is not None:
         if len(frames) == 0:
             raise ValueError(f"{where}: the video clip has no frames")
-        return preprocess_images(list(frames), vision_cfg, device, where=where)
-    return preprocess_images([item], vision_cfg, device, where=where)
+        return preprocess_images(list(frames), vision_cfg, device, where=f"{where} frames")
+    return preprocess_images([item], vision_cfg, device, where=where, index=False)
 
 
 def expand_image_markers(text: str, cfg) -> str:
@@ -125,8 +125,9 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if model.tokenizer is None:
-                raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): "
-                                 "pass prompts as lists of token ids")
+                raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): put the "
+                                 "checkpoint's tokenizer.json there, or pass prompts as lists of token ids "
+                                 "(Python API)")
             ids = model.tokenizer.encode(expand_image_markers(p, cfg))
         else:
             ids = p

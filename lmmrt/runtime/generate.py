@@ -49,6 +49,14 @@ class GenerationStats:
     def ms_per_step(self) -> float:
         return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
 
+    def summary(self) -> str:
+        parts = [f"media {1e3 * self.media_s:.1f} ms", f"prefill (incl. media) {1e3 * self.prefill_s:.1f} ms"]
+        if self.decode_steps:
+            parts.append(f"decode {self.ms_per_step:.2f} ms/token, {self.decode_tokens_per_s:.1f} tokens/s")
+        else:
+            parts.append("no decode steps")
+        return ", ".join(parts)
+
 
 def encode_batch_media(model, batch: Batch) -> tuple[torch.Tensor | None, list]:
     """Vision + perceiver for every media item of the batch, grouped by frame count so each group
@@ -104,14 +112,21 @@ def precomputed_media(model, batch: Batch, media_latents) -> tuple[torch.Tensor 
     return latents, (model.module.project_media(latents) if kv is None else list(kv))
 
 
-def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", media_latents=None):
+def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", media_latents=None,
+                stats: GenerationStats | None = None):
     """Media encoding + the prompt forward. Returns (logits, MediaContext for decode).
-    media_latents: already-encoded media (see precomputed_media); default: encode here."""
+    media_latents: already-encoded media (see precomputed_media); default: encode here.
+    stats: when given, its media_s gets the media encoding time (one device sync)."""
     module = model.module
+    t0 = time.perf_counter()
     if media_latents is None:
         latents, kv = encode_batch_media(model, batch)
     else:
         latents, kv = precomputed_media(model, batch, media_latents)
+    if stats is not None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        stats.media_s = time.perf_counter() - t0
     media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
                          media_count=batch.media_count, any_media=bool(batch.media))
     ctx = prefill_context(module, batch, cache.max_len)
@@ -135,6 +150,8 @@ def prompt_logits(model, prompts, images=None) -> list[torch.Tensor]:
 class _StopChecker:
     def __init__(self, model, stop, stop_token_ids, ignore_eos):
         cfg = model.config
+        if isinstance(stop_token_ids, int):
+            stop_token_ids = [stop_token_ids]
         ids = set(stop_token_ids or [])
         if not ignore_eos:
             if cfg.eos_token_id is not None:
@@ -160,9 +177,12 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     pipeline launches the next chunk's encoding there, on its own CUDA stream)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise ValueError(f"bad sampling options: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
-                         f"top_p={top_p} (in (0, 1]), repetition_penalty={repetition_penalty} (> 0)")
+    bad = [f"{name}={value} (must be {rule})" for name, value, ok, rule in (
+        ("temperature", temperature, temperature >= 0, ">= 0"), ("top_k", top_k, top_k >= 0, ">= 0"),
+        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+        ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0")) if not ok]
+    if bad:
+        raise ValueError("bad sampling option(s): " + ", ".join(bad))
     stopper = _StopChecker(model, stop, stop_token_ids, ignore_eos)
     stats = stats if stats is not None else GenerationStats()
     dev = model.device
@@ -187,7 +207,8 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     # inference_mode wraps the compute only, never a `yield`: a suspended generator would leave it
     # switched on in the caller's code between steps.
     with torch.inference_mode():
-        logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents)
+        logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents,
+                                    stats=stats)
         # Fixed-shape decode step (a CUDA graph on the GPU when every op of it is capturable).
         static_step = StaticDecodeStep(model, batch, cache, media, use_graph=True) \
             if getattr(model, "cuda_graph", False) else None

@@ -108,11 +108,14 @@ def _mean_std(mean: tuple, std: tuple, device) -> tuple[torch.Tensor, torch.Tens
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str = "images") -> torch.Tensor:
-    """A list of images -> (N, 3, S, S) float32 on `device`."""
+def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str = "images",
+                      index: bool = True) -> torch.Tensor:
+    """A list of images -> (N, 3, S, S) float32 on `device`. Errors name `where[i]` (or `where`
+    alone when index is False)."""
     out = []
     for i, img in enumerate(images):
-        u8 = _to_uint8_hwc(img, f"{where}[{i}]")
+        name = f"{where}[{i}]" if index else where
+        u8 = _to_uint8_hwc(img, name)
         if u8 is None:
             x = img.to(device=device, dtype=torch.float32)[None]
             if x.shape[-2:] != (cfg.image_size, cfg.image_size):
@@ -120,7 +123,7 @@ def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str =
             out.append(x)
         else:
             if min(u8.shape[0], u8.shape[1]) < 1:
-                raise ValueError(f"{where}[{i}]: empty image of shape {tuple(u8.shape)}")
+                raise ValueError(f"{name}: empty image of shape {tuple(u8.shape)}")
             out.append(normalize_uint8(u8.to(device)[None], cfg))
     if not out:
         return torch.empty(0, 3, cfg.image_size, cfg.image_size, device=device)

@@ -57,6 +57,7 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata=meta)
+    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a checkpoint is shared like its other files
     if tokenizer_json is not None:
         (out / TOKENIZER).write_bytes(Path(tokenizer_json).read_bytes())
     return out
@@ -84,12 +85,17 @@ def read_tensor(f, key: str, path: Path) -> torch.Tensor:
 def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
                     progress: bool = False) -> tuple[ModelConfig, FlamingoModel]:
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected an lmmrt checkpoint directory made by `lmmrt convert`)")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected an lmmrt checkpoint made by `lmmrt convert`)")
     cfg_path = path / CONFIG
-    cfg_json = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-    if cfg_json is None:
+    if not cfg_path.exists():
         raise FileNotFoundError(f"no {CONFIG} in {path}")
+    try:
+        cfg_json = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     if cfg_json.get("model_type") == "idefics" and "decoder" not in cfg_json:
         return load_transformers_idefics(path, device=device, dtype=dtype, progress=progress)
     if "model_type" in cfg_json and "decoder" not in cfg_json:

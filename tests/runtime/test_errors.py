@@ -130,8 +130,11 @@ def test_transformers_idefics_dir_without_weights(tmp_path):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
         lmmrt.load(tmp_path / "nope", device="cpu")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="file is not a directory"):
+        lmmrt.load(tmp_path / "file", device="cpu")
 
 
 def test_converter_names_missing_source_key(tmp_path):
@@ -157,3 +160,60 @@ def test_cli_generate_reports_missing_image_file(ckpt):
                         "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode != 0
     assert "image file not found: /no/such.png" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device, msg", [("cuda", "CUDA is not available on this machine"),
+                                         ("cuda:1", "CUDA is not available on this machine"),
+                                         ("gpu", "unknown device 'gpu'"),
+                                         ("mps", "device 'mps' is not supported")])
+def test_bad_device(ckpt, device, msg):
+    with pytest.raises(ValueError, match=msg):
+        lmmrt.load(ckpt, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_bad_device_fails_before_loading(ckpt):
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "hi", "--device", "cuda"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_existing_output_file(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "demo", "--save", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2 and "File exists" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_invalid_config_json_is_named(ckpt, tmp_path):
+    bad = tmp_path / "badjson"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"badjson/config.json is not valid JSON"):
+        lmmrt.load(bad, device="cpu")
+
+
+def test_converting_an_lmmrt_checkpoint(ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "convert", "idefics", str(ckpt), str(tmp_path / "o"), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already an lmmrt checkpoint" in r.stderr
+
+
+def test_sampling_error_names_only_the_bad_option(model):
+    with pytest.raises(ValueError) as e:
+        lmmrt.generate(model, "hi", max_new_tokens=2, top_p=0.0)
+    assert "top_p=0.0" in str(e.value) and "temperature" not in str(e.value)
+
+
+def test_single_image_error_path_names_it_once(model):
+    with pytest.raises(ValueError, match=r"^images\[0\]\[0\]: a numpy image"):
+        lmmrt.generate(model, "<image>hi", [np.zeros((4, 4), dtype=np.uint8)], max_new_tokens=2)
+
+
+def test_cli_prompt_backslash_n_is_a_newline(ckpt):
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "User: hi\\nAssistant:",
+                        "--max-new-tokens", "6", "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = lmmrt.load(ckpt, device="cpu")
+    assert r.stdout.rstrip("\n") == lmmrt.generate(m, "User: hi\nAssistant:", max_new_tokens=6)[0].text

@@ -122,6 +122,14 @@ def test_results_report_prompt_tokens_and_stats(model):
     s = model.last_stats
     assert s.batch == 2 and s.new_tokens == 8 and s.decode_steps == 3
     assert s.prefill_s > 0 and s.decode_s > 0 and np.isfinite(s.decode_tokens_per_s)
+    assert 0 < s.media_s < s.prefill_s
+    assert "tokens/s" in s.summary()
+
+
+def test_stop_token_ids_accepts_one_int(model):
+    ref = _gen(model, max_new_tokens=8)
+    out = _gen(model, max_new_tokens=8, stop_token_ids=ref.token_ids[2])
+    assert out.token_ids == ref.token_ids[: ref.token_ids.index(ref.token_ids[2]) + 1]
 
 
 def test_info_reports_build_and_ops():
