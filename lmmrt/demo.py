@@ -46,13 +46,13 @@ def demo_config(vocab_size: int) -> ModelConfig:
 
 
 def demo_model(device=None, dtype=torch.float32, backend: str | None = None):
-    from lmmrt.api import Model, default_device
+    from lmmrt.api import Model, parse_device
     from lmmrt.models.random_init import random_model
     from lmmrt.runtime.tokenizer import Tokenizer
 
     tok = char_tokenizer()
     cfg = demo_config(tok.get_vocab_size())
-    module = random_model(cfg, seed=1234, device=device or default_device(), dtype=dtype)
+    module = random_model(cfg, seed=1234, device=parse_device(device), dtype=dtype)
     return Model(module, cfg, Tokenizer(tok), backend=backend or "auto", path="<embedded demo>")
 
 
