@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from lmmrt.convert.common import SourceWeights, torch_load_weights_only
+from lmmrt.convert.common import SourceWeights, clip_vision_map, torch_load_weights_only
 from lmmrt.models.config import VisionConfig
 from lmmrt.runtime.weights import CheckpointError
 
@@ -136,20 +136,8 @@ def vision_weight_map(src: VisionSource, cfg: VisionConfig) -> tuple[dict[str, l
                 m[o + f"fc2.{s}"] = [need(p + f"mlp.c_proj.{s}")]
         unused = [v for n, v in k.items() if n.startswith(("ln_post.", "proj"))]
     else:
-        m["vision.patch_embed.weight"] = [need("embeddings.patch_embedding.weight")]
-        m["vision.class_embed"] = [need("embeddings.class_embedding")]
-        m["vision.pos_embed"] = [need("embeddings.position_embedding.weight")]
-        for s in ("weight", "bias"):
-            m[f"vision.ln_pre.{s}"] = [need(f"pre_layrnorm.{s}")]
-        for i in range(cfg.layers):
-            p, o = f"encoder.layers.{i}.", f"vision.blocks.{i}."
-            for s in ("weight", "bias"):
-                m[o + f"wqkv.{s}"] = [need(p + f"self_attn.{x}_proj.{s}") for x in "qkv"]
-                m[o + f"wo.{s}"] = [need(p + f"self_attn.out_proj.{s}")]
-                m[o + f"ln1.{s}"] = [need(p + f"layer_norm1.{s}")]
-                m[o + f"ln2.{s}"] = [need(p + f"layer_norm2.{s}")]
-                m[o + f"fc1.{s}"] = [need(p + f"mlp.fc1.{s}")]
-                m[o + f"fc2.{s}"] = [need(p + f"mlp.fc2.{s}")]
+        for dst, srcs in clip_vision_map("", cfg.layers).items():
+            m[dst] = [need(name) for name in srcs]
         unused = [v for n, v in k.items() if n.startswith(("post_layernorm.", "embeddings.position_ids"))]
     used = {s for srcs in m.values() for s in srcs}
     # every file key that is neither vision (mapped or ignored) is another tower's: not ours to check

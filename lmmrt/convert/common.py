@@ -145,3 +145,39 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
     check_state({k: tuple(v.shape) for k, v in out.items()}, model, "the converted state")
     return out
+
+
+# --- weight maps shared by several source formats --------------------------------------------------
+def clip_vision_map(prefix: str, layers: int) -> dict[str, list[str]]:
+    """transformers' CLIP vision tower (CLIPVisionModel, IDEFICS's vision_model) -> lmmrt's vision.*;
+    `prefix` is what stands before `embeddings.` in the source names."""
+    m = {"vision.class_embed": [prefix + "embeddings.class_embedding"],
+         "vision.patch_embed.weight": [prefix + "embeddings.patch_embedding.weight"],
+         "vision.pos_embed": [prefix + "embeddings.position_embedding.weight"]}
+    for s in ("weight", "bias"):
+        m[f"vision.ln_pre.{s}"] = [prefix + f"pre_layrnorm.{s}"]
+    for i in range(layers):
+        src, dst = prefix + f"encoder.layers.{i}.", f"vision.blocks.{i}."
+        for s in ("weight", "bias"):
+            m[dst + f"wqkv.{s}"] = [src + f"self_attn.{p}_proj.{s}" for p in "qkv"]
+            m[dst + f"wo.{s}"] = [src + f"self_attn.out_proj.{s}"]
+            m[dst + f"ln1.{s}"] = [src + f"layer_norm1.{s}"]
+            m[dst + f"ln2.{s}"] = [src + f"layer_norm2.{s}"]
+            m[dst + f"fc1.{s}"] = [src + f"mlp.fc1.{s}"]
+            m[dst + f"fc2.{s}"] = [src + f"mlp.fc2.{s}"]
+    return m
+
+
+def llama_layers_map(prefix: str, layers: int) -> dict[str, list[str]]:
+    """transformers' LLaMA decoder layers (`prefix` = "model.layers.") -> lmmrt's decoder.layers.*:
+    q/k/v and gate/up fused."""
+    m: dict[str, list[str]] = {}
+    for i in range(layers):
+        src, dst = prefix + f"{i}.", f"decoder.layers.{i}."
+        m[dst + "wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        m[dst + "wo.weight"] = [src + "self_attn.o_proj.weight"]
+        m[dst + "w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
+        m[dst + "w2.weight"] = [src + "mlp.down_proj.weight"]
+        m[dst + "attn_norm.weight"] = [src + "input_layernorm.weight"]
+        m[dst + "mlp_norm.weight"] = [src + "post_attention_layernorm.weight"]
+    return m

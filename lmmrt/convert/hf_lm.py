@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lmmrt.convert.common import llama_layers_map
 from lmmrt.models.config import DecoderConfig
 
 
@@ -153,14 +154,7 @@ def _llama(hf: dict) -> LMSpec:
         max_seq_len=hf.get("max_position_embeddings", 2048), tie_embeddings=tied)
     m: dict[str, list[str]] = {"decoder.embed.weight": ["model.embed_tokens.weight"],
                                "decoder.norm.weight": ["model.norm.weight"]}
-    for i in range(cfg.layers):
-        s, o = f"model.layers.{i}.", f"decoder.layers.{i}."
-        m[o + "wqkv.weight"] = [s + f"self_attn.{p}_proj.weight" for p in "qkv"]
-        m[o + "wo.weight"] = [s + "self_attn.o_proj.weight"]
-        m[o + "w13.weight"] = [s + "mlp.gate_proj.weight", s + "mlp.up_proj.weight"]
-        m[o + "w2.weight"] = [s + "mlp.down_proj.weight"]
-        m[o + "attn_norm.weight"] = [s + "input_layernorm.weight"]
-        m[o + "mlp_norm.weight"] = [s + "post_attention_layernorm.weight"]
+    m.update(llama_layers_map("model.layers.", cfg.layers))
     return LMSpec(cfg=cfg, wmap=m, layers_attr="model.layers", embed_key="model.embed_tokens.weight",
                   head_key=None if tied else "lm_head.weight", head_aliases=("lm_head.weight",))
 

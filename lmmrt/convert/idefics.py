@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from lmmrt.convert.common import SourceWeights, convert_state, find_tokenizer_json
+from lmmrt.convert.common import (
+    SourceWeights,
+    clip_vision_map,
+    convert_state,
+    find_tokenizer_json,
+    llama_layers_map,
+)
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.runtime.weights import save_checkpoint
 
@@ -63,22 +69,7 @@ def config_from_hf(hf: dict, image_token_id: int) -> ModelConfig:
 
 def weight_map(cfg: ModelConfig, hf: dict) -> dict[str, list[str]]:
     """lmmrt name -> the source tensors concatenated (along dim 0) to make it."""
-    m: dict[str, list[str]] = {}
-    V = "model.vision_model."
-    m["vision.class_embed"] = [V + "embeddings.class_embedding"]
-    m["vision.patch_embed.weight"] = [V + "embeddings.patch_embedding.weight"]
-    m["vision.pos_embed"] = [V + "embeddings.position_embedding.weight"]
-    for s in ("weight", "bias"):
-        m[f"vision.ln_pre.{s}"] = [V + f"pre_layrnorm.{s}"]
-    for i in range(cfg.vision.layers):
-        src, dst = V + f"encoder.layers.{i}.", f"vision.blocks.{i}."
-        for s in ("weight", "bias"):
-            m[dst + f"wqkv.{s}"] = [src + f"self_attn.{p}_proj.{s}" for p in "qkv"]
-            m[dst + f"wo.{s}"] = [src + f"self_attn.out_proj.{s}"]
-            m[dst + f"ln1.{s}"] = [src + f"layer_norm1.{s}"]
-            m[dst + f"ln2.{s}"] = [src + f"layer_norm2.{s}"]
-            m[dst + f"fc1.{s}"] = [src + f"mlp.fc1.{s}"]
-            m[dst + f"fc2.{s}"] = [src + f"mlp.fc2.{s}"]
+    m = clip_vision_map("model.vision_model.", cfg.vision.layers)
     if cfg.perceiver is not None:
         P = "model.perceiver_resampler."
         m["perceiver.latents"] = [P + "latents"]
@@ -103,14 +94,7 @@ def weight_map(cfg: ModelConfig, hf: dict) -> dict[str, list[str]]:
         ["model.embed_tokens.additional_embedding.weight"] if extra else [])
     m["decoder.lm_head.weight"] = ["lm_head.weight"] + (["lm_head.additional_fc.weight"] if extra else [])
     m["decoder.norm.weight"] = ["model.norm.weight"]
-    for i in range(cfg.decoder.layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        m[dst + "wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
-        m[dst + "wo.weight"] = [src + "self_attn.o_proj.weight"]
-        m[dst + "w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
-        m[dst + "w2.weight"] = [src + "mlp.down_proj.weight"]
-        m[dst + "attn_norm.weight"] = [src + "input_layernorm.weight"]
-        m[dst + "mlp_norm.weight"] = [src + "post_attention_layernorm.weight"]
+    m.update(llama_layers_map("model.layers.", cfg.decoder.layers))
     for j in range(len(cfg.xattn.layers)):
         src, dst = f"model.gated_cross_attn_layers.{j}.", f"xattn.{j}."
         m[dst + "attn_gate"] = [src + "alpha_cross_attn"]
