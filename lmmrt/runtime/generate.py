@@ -78,7 +78,7 @@ def encode_batch_media(model, batch: Batch) -> tuple[torch.Tensor | None, list]:
     return latents, module.project_media(latents)
 
 
-def prefill_context(module, batch: Batch, max_len: int) -> StepContext:
+def prefill_context(module, batch: Batch) -> StepContext:
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     slots = torch.arange(T, device=dev)
@@ -129,7 +129,7 @@ def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", m
         stats.media_s = time.perf_counter() - t0
     media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
                          media_count=batch.media_count, any_media=bool(batch.media))
-    ctx = prefill_context(module, batch, cache.max_len)
+    ctx = prefill_context(module, batch)
     logits = module(batch.tokens, ctx, cache, media, logits_for=logits_for)
     # Decode tokens keep the media of the last prompt token (as the reference implementations do).
     decode_media = MediaContext(kv=kv, text_time=batch.text_time[:, -1:].contiguous(),
@@ -289,8 +289,8 @@ def generate(model, prompts, images=None, *, stream=False, **kw):
     """See lmmrt.generate. token_ids include a final stop token; text never does."""
     from lmmrt.runtime.batch import normalize_prompts
 
-    stop = kw.get("stop")
-    stop_strings = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+    stopper = _StopChecker(model, kw.get("stop"), kw.get("stop_token_ids"), kw.get("ignore_eos", False))
+    stop_strings = stopper.strings
     if stream:
         return _generate_stream(model, prompts, images, stop_strings, **kw)
     n = len(normalize_prompts(prompts))
@@ -321,8 +321,7 @@ def generate(model, prompts, images=None, *, stream=False, **kw):
         text = ""
         if model.tokenizer is not None:
             ids = toks[b]
-            if ids and reasons[b] == "stop" and ids[-1] in _StopChecker(model, None, kw.get("stop_token_ids"),
-                                                                         kw.get("ignore_eos", False)).ids:
+            if ids and reasons[b] == "stop" and ids[-1] in stopper.ids:
                 ids = ids[:-1]
             text = model.tokenizer.decode(ids)
             cut = min((text.index(s) for s in stop_strings if s in text), default=None)
