@@ -159,7 +159,7 @@ def _xattn_prefill_kernel(
     sq_b, sq_t, sq_h, sq_d,
     sk_n, sk_l, sk_h, sk_d,
     sv_n, sv_l, sv_h, sv_d,
-    stt_b, stt_t,
+    stt_b, stt_t, sms_b, smc_b,
     so_b, so_t, so_h, so_d,
     T, H, L, qk_scale,
     CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -180,8 +180,8 @@ def _xattn_prefill_kernel(
     d_mask = offs_d < HEAD_DIM
 
     tt = tl.load(TT + b * stt_b + offs_m * stt_t, mask=row_ok, other=0).to(tl.int32)
-    start = tl.load(MS + b).to(tl.int64)
-    cnt = tl.load(MC + b).to(tl.int32)
+    start = tl.load(MS + b * sms_b).to(tl.int64)
+    cnt = tl.load(MC + b * smc_b).to(tl.int32)
     lo, hi, uniform = _xattn_row_ranges(tt, row_ok, cnt, CUMULATIVE)
     g_start = (tl.min(lo, 0) - 1) * L
     g_end = tl.max(hi, 0) * L  # <= g_start when no row of the block sees any media
@@ -228,7 +228,7 @@ def _xattn_decode_kernel(
     sq_b, sq_h, sq_d,
     sk_n, sk_l, sk_h, sk_d,
     sv_n, sv_l, sv_h, sv_d,
-    stt_b,
+    stt_b, sms_b, smc_b,
     so_b, so_h, so_d,
     H, L, qk_scale,
     CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -248,8 +248,8 @@ def _xattn_decode_kernel(
     one = tl.arange(0, 1)
 
     tt = tl.load(TT + b * stt_b + one).to(tl.int32)  # (1,) keeps every per-row value a tensor
-    start = tl.load(MS + b).to(tl.int64)
-    cnt = tl.load(MC + b).to(tl.int32)
+    start = tl.load(MS + b * sms_b).to(tl.int64)
+    cnt = tl.load(MC + b * smc_b).to(tl.int32)
     lo, hi, uniform = _xattn_row_ranges(tt, one == 0, cnt, CUMULATIVE)
     lo = tl.max(lo, 0)
     hi = tl.max(hi, 0)
@@ -339,7 +339,8 @@ def _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count,
             grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
             _xattn_prefill_kernel[grid](
                 q, k, v, text_time, media_start, media_count, out,
-                *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), *out.stride(),
+                *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), media_start.stride(0),
+                media_count.stride(0), *out.stride(),
                 T, H, L, qk_scale,
                 CUMULATIVE=cumulative, HEAD_DIM=dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 BLOCK_D=cfg["BLOCK_D"], NEG_INIT=_NEG_INIT,
@@ -360,7 +361,7 @@ def _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count,
         _xattn_decode_kernel[(B * H, splits)](
             q, k, v, text_time, media_start, media_count, out, ws_acc, ws_m, ws_l,
             q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(), text_time.stride(0),
-            out.stride(0), out.stride(2), out.stride(3),
+            media_start.stride(0), media_count.stride(0), out.stride(0), out.stride(2), out.stride(3),
             H, L, qk_scale,
             CUMULATIVE=cumulative, HEAD_DIM=dh, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             NUM_SPLITS=splits, NEG_INIT=_NEG_INIT,

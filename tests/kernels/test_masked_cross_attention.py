@@ -187,6 +187,21 @@ def test_rows_without_media(mode):
 
 
 @needs_triton
+@pytest.mark.parametrize("mode", ["immediate", "cumulative"])
+@pytest.mark.parametrize("T", [19, 1], ids=["prefill", "decode"])
+def test_strided_media_index(mode, T):
+    # media_start / media_count as strided views (columns of one (B, 2) index table): the kernels
+    # must read them through their strides, not as contiguous arrays.
+    q, k, v, idx = _inputs(3, T, 2, 32, 16, [2, 0, 3], torch.float32, tt_kind="reset", layout="contiguous")
+    idx["text_time"][:, -1] = torch.tensor([2, 0, 3])  # the decode row sees media in both modes
+    table = torch.stack([idx["media_start"], idx["media_count"]], dim=1)  # (B, 2)
+    strided = dict(idx, media_start=table[:, 0], media_count=table[:, 1])
+    assert strided["media_start"].stride() == (2,)
+    out = masked_cross_attention(q, k, v, **strided, mode=mode, backend="triton")
+    assert_close(out, _ref64(q, k, v, idx, mode), torch.float32, f"{mode} T={T}")
+
+
+@needs_triton
 def test_custom_scale():
     q, k, v, idx = _inputs(2, 19, 2, 32, 16, [2, 3], torch.float32, tt_kind="reset", layout="fused")
     for mode in ("immediate", "cumulative"):
