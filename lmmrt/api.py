@@ -17,13 +17,19 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def _spell(option: str, value: str) -> str:
+    """How the caller writes `value` for `option`: device='cpu' in Python, --device cpu on the command line."""
+    return f"{option} {value}" if option.startswith("--") else f"{option}={value!r}"
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name (the error lists the names, valid in Python and on the CLI)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 class Model:
@@ -66,22 +72,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_device(device) -> torch.device:
-    """cpu or cuda[:N], checked against this machine, with an error that says what is wrong."""
+def parse_device(device, *, option: str = "device") -> torch.device:
+    """cpu or cuda[:N], checked against this machine, with an error that says what is wrong;
+    `option` names the argument in errors (e.g. "--device")."""
     if device is None:
         return torch.device(default_device())
+    choices = f"{_spell(option, 'cpu')}, {_spell(option, 'cuda')} or {_spell(option, 'cuda:N')}"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ValueError(f"unknown device {device!r}: use {choices}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine "
-                             f"(torch {torch.__version__}); use device='cpu'")
+                             f"(torch {torch.__version__}); use {_spell(option, 'cpu')}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported: lmmrt runs on 'cpu' or 'cuda'")
+        raise ValueError(f"device {device!r} is not supported: use {choices}")
     return dev
 
 

@@ -1,10 +1,80 @@
-"""The `lmmrt` command: info, convert, generate, demo."""
+"""The `lmmrt` command: info, convert, generate, demo.
+
+Only the standard library is imported here at module level: torch and the rest of lmmrt are imported
+inside the command functions, so `lmmrt --help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
+import stat
 import sys
-from pathlib import Path
+
+# Errors that lmmrt raises on purpose (CheckpointError is a ValueError, an existing output a
+# FileExistsError, a missing optional package an ImportError): their message is the whole story.
+USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
+EXIT_ERROR = 2  # an lmmrt error: bad input, a bad file, a missing package
+EXIT_UNEXPECTED = 1  # anything else, probably a bug
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+TRACEBACK_ENV = "LMMRT_TRACEBACK"
+
+
+def _number(kind, rule: str, ok):
+    """An argparse type: an int or a finite float for which ok(value) holds, `rule` saying what is allowed."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {rule}, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, ">= 0", lambda v: v >= 0)
+POSITIVE_INT = _number(int, ">= 1", lambda v: v >= 1)
+TOKEN_ID = _number(int, "a token id >= 0", lambda v: v >= 0)
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def input_file(path: str, what: str) -> str:
+    """`path` if it is a readable regular file, else an error saying what it is instead (checked before
+    any model is loaded: a typo must not cost the load of a 9B checkpoint)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{what} {path} is a broken symlink (to {os.readlink(path)}, "
+                                    "which does not exist)") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(f"{what} {path} is a symlink loop: following it never reaches a file") from None
+        raise OSError(f"cannot access {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+        raise OSError(f"{what} {path} is not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot read {what} {path}: {e.strerror}") from None
+    return path
 
 
 def _cmd_info(args) -> int:
@@ -24,7 +94,7 @@ def _cmd_convert_idefics(args) -> int:
     from lmmrt.convert.idefics import convert_idefics
 
     out = convert_idefics(args.src, args.out, dtype=parse_dtype(args.dtype), image_token_id=args.image_token_id,
-                          progress=not args.quiet)
+                          progress=not args.quiet, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -32,31 +102,31 @@ def _cmd_convert_idefics(args) -> int:
 def _load_image(path: str):
     from PIL import Image
 
+    input_file(path, "image file")
     try:
-        return Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise SystemExit(f"lmmrt: image file not found: {path}") from None
-    except Exception as e:
-        raise SystemExit(f"lmmrt: cannot read image {path}: {e}") from None
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, DecompressionBombError, ...)
+        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def _cmd_generate(args) -> int:
+    # Everything that can be checked without the model is checked first.
+    if args.video and args.image:
+        raise ValueError("--video and --image cannot be combined; pass one or the other")
+    if args.video:
+        input_file(args.video, "video file")
+    images = [_load_image(p) for p in args.image]
+
     import lmmrt
     from lmmrt.api import parse_device, parse_dtype
 
-    # Everything that can be checked without the model is checked first: a typo must not cost a
-    # full load of a 9B checkpoint.
-    images = [_load_image(p) for p in args.image]
-    if args.video:
-        if images:
-            raise ValueError("--video and --image cannot be combined; pass one or the other")
-        if not Path(args.video).is_file():
-            raise FileNotFoundError(f"video file not found: {args.video}")
     parse_dtype(args.dtype)
-    parse_device(args.device)
+    parse_device(args.device, option="--device")
     prompt = args.prompt.replace("\\n", "\n")  # a shell gives "\\n" for \n inside double quotes
+    cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                       progress=not args.quiet)
+                       progress=not args.quiet, cuda_graph=cuda_graph)
     if args.video:
         prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
                                             max_frames=args.max_frames)
@@ -77,11 +147,14 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from lmmrt.api import parse_device
     from lmmrt.demo import run_demo, save_demo
 
     if args.save:
-        print(f"wrote {save_demo(args.save)}")
+        print(f"building the demo model and writing it to {args.save} ...", flush=True)
+        print(f"wrote {save_demo(args.save, force=args.force)}")
         return 0
+    parse_device(args.device, option="--device")
     run_demo(device=args.device, max_new_tokens=args.max_new_tokens, backend=args.backend)
     return 0
 
@@ -91,33 +164,29 @@ CONVERTERS: dict = {}
 
 
 def _add_idefics(p):
-    p.add_argument("src", help="transformers IdeficsForVisionText2Text directory (config.json + safetensors)")
-    p.add_argument("out", help="output directory (lmmrt format)")
-    p.add_argument("--dtype", default=None, help="store weights as float32|float16|bfloat16 (default: as in source)")
-    p.add_argument("--image-token-id", type=int, default=None,
-                   help="id of the <image> marker when the directory has no tokenizer.json "
+    p.add_argument("src", help="a transformers IdeficsForVisionText2Text directory: config.json, the safetensors "
+                   "weights (one file or sharded) and tokenizer.json. The tokenizer.json is copied into the output; "
+                   "without one the converted model takes prompts as token ids only (the Python API), not text")
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--dtype", default=None,
+                   help="store weights as float32|float16|bfloat16 (default: as in the source)")
+    p.add_argument("--image-token-id", type=TOKEN_ID, default=None,
+                   help="id of the <image> marker, needed only without tokenizer.json "
                         "(default: IDEFICS's convention, the last additional token)")
 
 
 CONVERTERS["idefics"] = ("convert a transformers IDEFICS checkpoint", _add_idefics, _cmd_convert_idefics)
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
 def _add_openflamingo(p):
-    p.add_argument("out", help="output directory (lmmrt format)")
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
     p.add_argument("--checkpoint", required=True, help="OpenFlamingo checkpoint.pt (read with weights_only=True)")
     p.add_argument("--lm", required=True, help="the base language model: a transformers directory "
-                   "(MptForCausalLM, GPTNeoXForCausalLM or LlamaForCausalLM; tokenizer.json used when present)")
+                   "(MptForCausalLM, GPTNeoXForCausalLM or LlamaForCausalLM). Its tokenizer.json is copied into "
+                   "the output; without one the converted model takes prompts as token ids only (the Python API)")
     p.add_argument("--vision", required=True, help="CLIP weights: an open_clip state dict (.safetensors, .bin, .pt) "
                    "or a transformers CLIPVisionModel/CLIPModel directory")
-    p.add_argument("--cross-attn-every-n-layers", type=int, default=None,
+    p.add_argument("--cross-attn-every-n-layers", type=POSITIVE_INT, default=None,
                    help="OpenFlamingo's cross_attn_every_n_layers (3B: 1, 4B: 2, 9B: 4); default: inferred from "
                         "the gated blocks in the checkpoint")
     p.add_argument("--only-attend-immediate-media", type=_bool, default=True, metavar="true|false",
@@ -127,9 +196,10 @@ def _add_openflamingo(p):
     p.add_argument("--vision-act", default=None, choices=["quick_gelu", "gelu"],
                    help="CLIP activation (default: quick_gelu for open_clip files, as OpenAI's ViT-L/14 uses; "
                         "hidden_act for a transformers directory)")
-    p.add_argument("--image-token-id", type=int, default=None, help="<image> id (only needed without tokenizer.json)")
-    p.add_argument("--eoc-token-id", type=int, default=None,
-                   help="<|endofchunk|> id (only needed without tokenizer.json)")
+    p.add_argument("--image-token-id", type=TOKEN_ID, default=None,
+                   help="<image> id (needed only without tokenizer.json)")
+    p.add_argument("--eoc-token-id", type=TOKEN_ID, default=None,
+                   help="<|endofchunk|> id (needed only without tokenizer.json)")
 
 
 def _cmd_convert_openflamingo(args) -> int:
@@ -141,7 +211,7 @@ def _cmd_convert_openflamingo(args) -> int:
                                only_attend_immediate_media=args.only_attend_immediate_media,
                                dtype=parse_dtype(args.dtype), vision_act=args.vision_act,
                                image_token_id=args.image_token_id, eoc_token_id=args.eoc_token_id,
-                               progress=not args.quiet)
+                               progress=not args.quiet, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -150,25 +220,18 @@ CONVERTERS["openflamingo"] = ("convert an OpenFlamingo checkpoint.pt with its LM
                               _add_openflamingo, _cmd_convert_openflamingo)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for "
-                                "Flamingo-style multimodal models (IDEFICS, OpenFlamingo).")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is no default worth printing (None,
+    False, an empty list: the help says in words what happens) or the help already gives it."""
 
-    s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses")
-    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(fn=_cmd_info)
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
-    s = sub.add_parser("convert", help="convert a public checkpoint into lmmrt's format")
-    csub = s.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    for name, (help_, add_args, fn) in CONVERTERS.items():
-        c = csub.add_parser(name, help=help_)
-        add_args(c)
-        c.add_argument("--quiet", action="store_true", help="no progress bar")
-        c.set_defaults(fn=fn)
 
-    s = sub.add_parser("generate", help="generate text from a prompt with interleaved images")
+def _add_generate(s):
     s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`), or a transformers IDEFICS "
                    "directory (converted in memory)")
     s.add_argument("--prompt", "-p", required=True,
@@ -176,43 +239,115 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
     s.add_argument("--video", default=None, help="a video file (PyAV); write {video} in the prompt where it goes "
                    "(default: at the start)")
-    s.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
-    s.add_argument("--max-frames", type=int, default=8, help="at most this many video frames (default 8)")
+    s.add_argument("--fps", type=_number(float, "> 0", lambda v: v > 0), default=1.0,
+                   help="video frames sampled per second")
+    s.add_argument("--max-frames", type=POSITIVE_INT, default=8, help="at most this many video frames")
     s.add_argument("--video-mode", choices=["frames", "clip"], default=None,
                    help="frames: one media item per frame; clip: one item of F frames (checkpoints with frame "
                         "embeddings); default: clip when supported")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--ignore-eos", action="store_true")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--stream", action="store_true", help="print text as it is generated")
-    s.add_argument("--device", default=None, help="cuda|cpu (default: cuda when available)")
-    s.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: as stored)")
-    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto")
-    s.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
+    g = s.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=COUNT, default=64,
+                   help="generate at most this many tokens (fewer when an end-of-sequence token or a --stop "
+                        "string ends the text)")
+    g.add_argument("--temperature", type=_number(float, ">= 0", lambda v: v >= 0), default=0.0,
+                   help="divide the scores by this before sampling; 0 = greedy (always the most likely token)")
+    g.add_argument("--top-k", type=COUNT, default=0,
+                   help="sample only among the k most likely tokens; 0 = no limit (sampling only: --temperature > 0)")
+    g.add_argument("--top-p", type=_number(float, "in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
+                   help="nucleus sampling: sample only among the most likely tokens whose probabilities add up to "
+                        "p; 1 = no limit (sampling only: --temperature > 0)")
+    g.add_argument("--repetition-penalty", type=_number(float, "> 0", lambda v: v > 0), default=1.0,
+                   help="make tokens already in the prompt or the output less likely (> 1) or more likely (< 1), "
+                        "as in CTRL and transformers; 1 = off")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT, which is cut off (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-sequence token (nor the checkpoint's stop tokens)")
+    g.add_argument("--seed", type=_number(int, "in [0, 2**63)", lambda v: 0 <= v < 2**63), default=None,
+                   help="seed for sampling, for a reproducible output (default: a different draw every run)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    r = s.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
+    r.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: as stored)")
+    r.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
+                        "step's ops allow it, else eager)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for "
+                                "Flamingo-style multimodal models (IDEFICS, OpenFlamingo).",
+                                epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
+                                "unexpected one.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("convert", help="convert a public checkpoint into lmmrt's format")
+    csub = s.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, (help_, add_args, fn) in CONVERTERS.items():
+        c = csub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
+        add_args(c)
+        c.add_argument("--force", action="store_true",
+                       help="replace an existing output (an lmmrt checkpoint or a file); it stays intact until "
+                            "the new one is complete. A source directory is never written")
+        c.add_argument("--quiet", action="store_true", help="no progress bar")
+        c.set_defaults(fn=fn)
+
+    s = sub.add_parser("generate", help="generate text from a prompt with interleaved images",
+                       description="generate text from a prompt with interleaved images or a video",
+                       formatter_class=HelpFormatter)
+    _add_generate(s)
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)")
-    s.add_argument("--device", default=None, help="cuda|cpu (default: cuda when available)")
+    s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
     s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    s.add_argument("--max-new-tokens", type=COUNT, default=32, help="tokens to generate")
     s.add_argument("--save", metavar="DIR", default=None,
                    help="write the demo model as an lmmrt checkpoint to DIR instead of running it")
+    s.add_argument("--force", action="store_true", help="with --save: replace an existing DIR")
     s.set_defaults(fn=_cmd_demo)
     return p
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for an exception that is not one of lmmrt's own: its type, and what the library said."""
+    if type(e).__name__ == "SafetensorError":  # safetensors' one class for unreadable and unwritable files
+        return f"safetensors: {e}"
+    return f"{type(e).__name__}: {e} (unexpected; set {TRACEBACK_ENV}=1 to see where)"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; every error is one `lmmrt: error:` line on stderr and an exit status, never a traceback
+    (unless $LMMRT_TRACEBACK is set)."""
+    show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
-    except (ValueError, TypeError, ImportError, OSError) as e:  # OSError: missing/existing files
-        print(f"lmmrt: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\nlmmrt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lmmrt generate ... | head`: the reader left; nothing more to say
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
+        return EXIT_ERROR
+    except USER_ERRORS as e:
+        if show_traceback:
+            raise
+        print(f"lmmrt: error: {str(e) or type(e).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if show_traceback:
+            raise
+        print(f"lmmrt: error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":
