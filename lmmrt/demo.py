@@ -91,19 +91,15 @@ def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) 
     print(f"  {len(pieces)} pieces: {pieces}")
 
 
-def save_demo(out_dir, dtype=torch.float32):
-    """Write the embedded demo model as an lmmrt checkpoint directory (config, weights, tokenizer)."""
-    import tempfile
-    from pathlib import Path
-
+def save_demo(out_dir, dtype=torch.float32, *, force: bool = False):
+    """Write the embedded demo model as an lmmrt checkpoint directory (config, weights, tokenizer);
+    an existing `out_dir` is refused unless force."""
     from lmmrt.models.random_init import random_model
-    from lmmrt.runtime.weights import save_checkpoint
+    from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
 
+    check_output_path(out_dir, force=force)
     tok = char_tokenizer()
     cfg = demo_config(tok.get_vocab_size())
     module = random_model(cfg, seed=1234, device="cpu", dtype=dtype)  # gates not folded: stored as trained
-    with tempfile.TemporaryDirectory() as d:
-        tj = Path(d) / "tokenizer.json"
-        tok.save(str(tj))
-        return save_checkpoint(out_dir, cfg, module.state_dict(), tokenizer_json=tj,
-                               metadata={"source": "lmmrt-demo-random"})
+    return save_checkpoint(out_dir, cfg, module.state_dict(), tokenizer=tok, force=force,
+                           metadata={"source": "lmmrt-demo-random"})

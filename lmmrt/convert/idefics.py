@@ -19,7 +19,7 @@ from lmmrt.convert.common import (
     llama_layers_map,
 )
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
-from lmmrt.runtime.weights import save_checkpoint
+from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
 
 IDEFICS_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IDEFICS_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -154,7 +154,10 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
 
 
 def convert_idefics(src_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                    image_token_id: int | None = None, progress: bool = True) -> Path:
+                    image_token_id: int | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Convert a transformers IDEFICS directory into an lmmrt checkpoint at `out_dir` (refused if it
+    exists, unless force; never inside the source)."""
+    check_output_path(out_dir, sources=[src_dir], force=force)
     cfg, state, tok_json = idefics_state(src_dir, dtype=dtype, image_token_id=image_token_id, progress=progress)
-    return save_checkpoint(out_dir, cfg, state, tokenizer_json=tok_json,
+    return save_checkpoint(out_dir, cfg, state, tokenizer=tok_json, sources=[src_dir], force=force,
                            metadata={"source": "idefics", "source_dir": Path(src_dir).name})

@@ -27,7 +27,8 @@ from lmmrt.convert.clip import open_vision, vision_config, vision_weight_map
 from lmmrt.convert.common import SourceWeights, convert_state
 from lmmrt.convert.hf_lm import LMSpec, lm_spec, read_hf_config
 from lmmrt.models.config import ModelConfig, PerceiverConfig, XAttnConfig
-from lmmrt.runtime.weights import TOKENIZER, CheckpointError, save_checkpoint
+from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
+from lmmrt.runtime.weights import CheckpointError
 
 EOC_TOKEN, IMAGE_TOKEN, PAD_TOKEN = "<|endofchunk|>", "<image>", "<PAD>"
 # open_flamingo's Flamingo builds PerceiverResampler(dim=vis_dim) and GatedCrossAttentionBlock(dim, dim_visual)
@@ -214,7 +215,11 @@ def convert_openflamingo(checkpoint: str | Path, lm_dir: str | Path, vision: str
                          cross_attn_every_n_layers: int | None = None, only_attend_immediate_media: bool = True,
                          dtype: torch.dtype | None = None, vision_act: str | None = None,
                          image_token_id: int | None = None, eoc_token_id: int | None = None,
-                         progress: bool = True) -> Path:
+                         progress: bool = True, force: bool = False) -> Path:
+    """Convert an OpenFlamingo checkpoint (with its base LM and CLIP weights) into an lmmrt
+    checkpoint at `out_dir` (refused if it exists, unless force; never over or inside a source)."""
+    sources = [checkpoint, lm_dir, vision]
+    check_output_path(out_dir, sources=sources, force=force)
     ckpt_path, lm_dir = Path(checkpoint), Path(lm_dir)
     hf = read_hf_config(lm_dir)
     spec = lm_spec(hf, str(lm_dir / "config.json"))
@@ -357,9 +362,6 @@ def convert_openflamingo(checkpoint: str | Path, lm_dir: str | Path, vision: str
         dtype = lm.get(spec.embed_key).dtype
     state = convert_state(src, wmap, cfg, ignored_prefixes=tuple(ignored), dtype=dtype, progress=progress,
                           transforms=transforms)
-    out = save_checkpoint(out_dir, cfg, state, metadata={
+    return save_checkpoint(out_dir, cfg, state, tokenizer=tok, sources=sources, force=force, metadata={
         "source": "openflamingo", "checkpoint": ckpt_path.name, "lm": lm_dir.name, "vision": Path(vision).name,
         "cross_attn_every_n_layers": n})
-    if tok is not None:
-        tok.save(str(Path(out) / TOKENIZER))
-    return out

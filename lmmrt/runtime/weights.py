@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
+from lmmrt.errors import CheckpointError
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
+from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_missing
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what the model expects; the message names the keys."""
+CHECKPOINT_DIR_HINT = "expected an lmmrt checkpoint directory made by `lmmrt convert`"
 
 
 def describe_key_problems(missing, unexpected, misshapen, where: str) -> str:
@@ -47,28 +47,11 @@ def check_state(state_shapes: dict[str, tuple], model: FlamingoModel, where: str
         raise CheckpointError(describe_key_problems(missing, unexpected, misshapen, where))
 
 
-def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
-                    tokenizer_json: str | Path | None = None, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG)
-    meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS), metadata=meta)
-    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a checkpoint is shared like its other files
-    if tokenizer_json is not None:
-        (out / TOKENIZER).write_bytes(Path(tokenizer_json).read_bytes())
-    return out
-
-
 def open_safetensors(path: Path):
     """safe_open with errors that say which file is broken and how."""
     from safetensors import safe_open
 
-    if not path.exists():
-        raise FileNotFoundError(f"no weights file at {path}")
+    check_readable(path)
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header
@@ -82,47 +65,70 @@ def read_tensor(f, key: str, path: Path) -> torch.Tensor:
         raise CheckpointError(f"{path}: tensor {key!r} cannot be read (file truncated or corrupted?): {e}") from None
 
 
-def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
-                    progress: bool = False) -> tuple[ModelConfig, FlamingoModel]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected an lmmrt checkpoint directory made by `lmmrt convert`)")
+def _read_config_json(path: Path) -> dict:
+    reason = why_missing(path)
+    if reason is not None:
+        raise FileNotFoundError(f"{reason} ({CHECKPOINT_DIR_HINT})")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected an lmmrt checkpoint made by `lmmrt convert`)")
+        raise FileNotFoundError(f"{path} is not a directory ({CHECKPOINT_DIR_HINT})")
     cfg_path = path / CONFIG
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no {CONFIG} in {path}")
+    reason = why_missing(cfg_path)
+    if reason is not None:
+        raise FileNotFoundError(f"no {CONFIG} in {path}" if reason.endswith("does not exist") else reason)
     try:
         cfg_json = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {cfg_path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(cfg_json, dict):
+        raise CheckpointError(f"{cfg_path}: must hold a JSON object of config fields, not {type(cfg_json).__name__}")
+    return cfg_json
+
+
+def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
+                    progress: bool = False) -> tuple[ModelConfig, FlamingoModel]:
+    """config.json checked field by field and against the tensor shapes in model.safetensors, the
+    model built on the meta device, then each tensor read and assigned in its final dtype and
+    device: the load's peak is the model plus one tensor, never a float32 copy of it."""
+    path = Path(path)
+    cfg_json = _read_config_json(path)
     if cfg_json.get("model_type") == "idefics" and "decoder" not in cfg_json:
         return load_transformers_idefics(path, device=device, dtype=dtype, progress=progress)
     if "model_type" in cfg_json and "decoder" not in cfg_json:
         raise CheckpointError(f"{path} holds a transformers checkpoint (model_type={cfg_json['model_type']!r}), "
                               f"not an lmmrt one: convert it first (`lmmrt convert --help`)")
-    cfg = ModelConfig.from_dict(cfg_json)
+    cfg = ModelConfig.from_dict(cfg_json, where=str(path / CONFIG))
     wpath = path / WEIGHTS
-    f = open_safetensors(wpath)
-    keys = list(f.keys())
+    weights = SafetensorsFile(wpath)
+    shapes = weights.shapes()
+    check_config_matches_weights(cfg, shapes, config_path=str(path / CONFIG), weights_path=str(wpath))
+    weights.check_float()
+    if dtype is None:
+        dtype = weights.load_dtype()
     with torch.device("meta"):
         model = FlamingoModel(cfg)
-    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     check_state(shapes, model, str(wpath))
-    file_dtypes = {f.get_slice(k).get_dtype() for k in keys}
-    if dtype is None:
-        dtype = torch.bfloat16 if "BF16" in file_dtypes else torch.float16 if "F16" in file_dtypes else torch.float32
-    model = model.to_empty(device=device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    it = keys
+    keys = weights.keys()
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
-    with torch.no_grad():
-        for k in it:
-            params[k].data = read_tensor(f, k, wpath).to(device=device, dtype=dtype)
+        keys = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
+    try:
+        fh = open(wpath, "rb", buffering=0)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {wpath}: {e.strerror or e}") from None
+    with fh:
+        for k in keys:
+            owner, _, name = k.rpartition(".")
+            tensor = weights.read(fh, k, device=device, dtype=dtype)
+            module = model.get_submodule(owner)
+            if name in module._parameters:
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            setattr(module, name, tensor)
+    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:  # a tensor the checkpoint format does not hold would otherwise stay without storage
+        raise RuntimeError(f"lmmrt cannot initialise {unfilled} from {wpath}: they are not in the checkpoint format")
     return cfg, model
 
 
@@ -137,5 +143,6 @@ def load_transformers_idefics(path: Path, *, device="cpu", dtype: torch.dtype | 
         model = FlamingoModel(cfg)
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    # popped one by one, so that each source tensor is freed once its device copy exists
+    model.load_state_dict({k: state.pop(k).to(device=device, dtype=dtype) for k in list(state)}, assign=True)
     return cfg, model

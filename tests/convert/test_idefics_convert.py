@@ -81,8 +81,9 @@ def test_image_token_id_option(hf, tmp_path):
 
 
 def test_not_an_idefics_dir(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    r = subprocess.run([sys.executable, "-m", "lmmrt", "convert", "idefics", str(tmp_path), str(tmp_path / "o")],
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "convert", "idefics", str(tmp_path / "src"), str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "model_type is 'llama', expected 'idefics'" in r.stderr
 

@@ -1,0 +1,205 @@
+"""Writing an lmmrt checkpoint so that nothing is ever lost.
+
+Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes through
+`save_checkpoint`, which
+- refuses an existing output unless `force` (call `check_output_path` before any expensive work,
+  so a refusal costs nothing), and even with `force` never touches a source: the output may not be
+  a source, lie inside a source directory, or contain a source;
+- writes into a temporary directory beside the target, fsyncs each file and the directory, then
+  renames it into place: an existing checkpoint stays intact until the new one is complete;
+- on failure (a full disk, ...) removes the partial output and raises an OSError that says what
+  happened while writing which file.
+
+model.safetensors is written here, tensor by tensor straight from the tensors' memory (the format
+is an 8-byte header length, a JSON header, then the raw bytes): no second copy of the model is
+built on the way, and an I/O error arrives as an OSError with its errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmmrt.models.config import ModelConfig
+from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS
+
+CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER})
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and replacing it was not asked for (or is never allowed)."""
+
+
+class OutputIsSourceError(ValueError):
+    """The output would overwrite, or be written into, one of the inputs."""
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Path:
+    """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
+    checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
+    directories the output is made from; compared by resolved path, so links and `..` do not fool
+    it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError."""
+    out = Path(out)
+    target = out.resolve()
+    for src in sources:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if _inside(target, s) if s.is_dir() else target == s:
+            raise OutputIsSourceError(f"refusing to write {out}: it is {'inside ' if target != s else ''}the source "
+                                      f"{src}, which would be overwritten; choose another output path")
+        if _inside(s, target):
+            raise OutputIsSourceError(f"refusing to write {out}: it contains the source {src}, which replacing it "
+                                      f"would delete; choose another output path")
+    if out.is_symlink() or out.exists():
+        if not force:
+            raise OutputExistsError(f"{out} already exists; choose a new path, or pass force=True (--force) "
+                                    f"to replace it")
+        if out.is_dir() and not out.is_symlink():
+            foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+            if foreign:
+                raise OutputExistsError(
+                    f"refusing to replace {out}, even with force: it is not an lmmrt checkpoint (it holds "
+                    f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's raw little-endian bytes as a buffer, without a copy when it is already a
+    contiguous CPU tensor."""
+    t = t.detach().contiguous().cpu()
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _safetensors_header(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in state.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which an lmmrt checkpoint cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `state` as a safetensors file (readable by safetensors.safe_open), then fsync it."""
+    with open(path, "wb") as f:
+        f.write(_safetensors_header(state, metadata))
+        for t in state.values():
+            if t.numel():
+                f.write(_tensor_bytes(t))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tokenizer_bytes(tokenizer) -> bytes:
+    """A tokenizer.json path (copied as it is) or a tokenizer object with to_str()/save()."""
+    if isinstance(tokenizer, (str, Path)):
+        return Path(tokenizer).read_bytes()
+    if hasattr(tokenizer, "to_str"):  # tokenizers.Tokenizer
+        return tokenizer.to_str().encode()
+    with tempfile.TemporaryDirectory() as d:  # lmmrt's Tokenizer and others that only save to a file
+        tokenizer.save(Path(d) / TOKENIZER)
+        return (Path(d) / TOKENIZER).read_bytes()
+
+
+def _describe_failure(e: OSError, what: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif e.errno == errno.EDQUOT:
+        reason = "disk quota exceeded"
+    else:
+        reason = e.strerror or str(e)
+    return f"{reason} while writing {what}"
+
+
+def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *,
+                    tokenizer=None, metadata: dict | None = None, sources=(), force: bool = False) -> Path:
+    """Write an lmmrt checkpoint directory atomically: config.json, model.safetensors and, when
+    given, tokenizer.json (`tokenizer`: a tokenizer.json path, a `tokenizers.Tokenizer` or an
+    lmmrt Tokenizer). `sources`: the paths it is made from, never overwritten (see
+    check_output_path); `force`: replace an existing output. Returns the output path."""
+    out = check_output_path(out_dir, sources=sources, force=force)
+    meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    current = tmp
+    try:
+        current = tmp / CONFIG
+        write_bytes(current, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        current = tmp / WEIGHTS
+        write_safetensors(current, state, meta)
+        if tok_bytes is not None:
+            current = tmp / TOKENIZER
+            write_bytes(current, tok_bytes)
+        current = tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint is shared like any other directory
+        _fsync_dir(tmp)
+        current = out
+        _replace(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = out / current.name if current.parent == tmp else out
+        raise OSError(e.errno, _describe_failure(e, where)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`. An existing `out` is first renamed aside and only deleted once `new`
+    is in place; if that fails it is put back."""
+    if not (out.is_symlink() or out.exists()):
+        os.rename(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    aside = old / "previous"
+    os.rename(out, aside)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(aside, out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old)  # removes a symlink `aside` itself, never what it points to
