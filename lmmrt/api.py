@@ -104,9 +104,11 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     as a CUDA graph (used on CUDA when the cross-attention op runs a kernel, eager elsewhere)."""
     device = parse_device(device)
     backend = requested_backend(backend)
-    cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
     tok_path = Path(path) / TOKENIZER
-    tok = Tokenizer.from_file(tok_path) if tok_path.exists() else None
+    # first, so that a broken tokenizer.json is reported before gigabytes of weights are read;
+    # a dangling link is broken, not absent
+    tok = Tokenizer.from_file(tok_path) if tok_path.exists() or tok_path.is_symlink() else None
+    cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
     return Model(module, cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph)
 
 

@@ -11,7 +11,29 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmmrt.errors import ConfigError
+from lmmrt.models.config_fields import (
+    MAX_DIM,
+    MAX_IMAGE_SIZE,
+    MAX_LAYERS,
+    MAX_MEDIA_TOKENS,
+    MAX_SEQ_LEN,
+    MAX_VOCAB,
+    boolean,
+    choice,
+    integer,
+    integer_list,
+    optional_integer,
+    real,
+    real_triple,
+    text,
+)
+
 FORMAT_VERSION = 1
+# The names lmmrt.models.layers.activation knows.
+ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
+DECODER_FAMILIES = ("llama", "mpt", "neox")
+ROPE_FAMILIES = ("llama", "neox")
 
 
 @dataclass
@@ -32,6 +54,32 @@ class VisionConfig:
     resize: str = "resize"
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field's type and range, and that the patches tile the image and heads split the width."""
+        self.image_size = integer(self.image_size, "vision.image_size", lo=1, hi=MAX_IMAGE_SIZE)
+        self.patch_size = integer(self.patch_size, "vision.patch_size", lo=1, hi=self.image_size)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size = {self.image_size} is not a multiple of "
+                              f"vision.patch_size = {self.patch_size}")
+        self.width = integer(self.width, "vision.width", lo=1, hi=MAX_DIM)
+        self.layers = integer(self.layers, "vision.layers", lo=1, hi=MAX_LAYERS)
+        self.heads = integer(self.heads, "vision.heads", lo=1, hi=self.width)
+        if self.width % self.heads:
+            raise ConfigError(f"vision.heads = {self.heads} does not divide vision.width = {self.width}")
+        self.mlp_dim = integer(self.mlp_dim, "vision.mlp_dim", lo=1, hi=16 * MAX_DIM)
+        choice(self.act, "vision.act", ACTIVATIONS)
+        self.ln_eps = real(self.ln_eps, "vision.ln_eps", lo=0.0, lo_open=True, hi=1.0)
+        choice(self.output, "vision.output", ("all_tokens", "patch_tokens"))
+        choice(self.resize, "vision.resize", ("resize", "resize_crop"))
+        self.image_mean = real_triple(self.image_mean, "vision.image_mean", positive=False)
+        self.image_std = real_triple(self.image_std, "vision.image_std", positive=True)
+        if self.n_tokens > MAX_MEDIA_TOKENS:
+            raise ConfigError(f"vision: {self.n_tokens} tokens per image (image_size {self.image_size}, "
+                              f"patch_size {self.patch_size}); at most {MAX_MEDIA_TOKENS} are supported")
 
     @property
     def grid(self) -> int:
@@ -60,13 +108,29 @@ class PerceiverConfig:
     max_frames: int = 0  # > 0 when the checkpoint has frame_embs
     max_media_time: int = 0  # > 0 when the checkpoint has media_time_embs
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        self.dim = integer(self.dim, "perceiver.dim", lo=1, hi=MAX_DIM)
+        self.depth = integer(self.depth, "perceiver.depth", lo=1, hi=MAX_LAYERS)
+        self.heads = integer(self.heads, "perceiver.heads", lo=1, hi=MAX_DIM)
+        self.head_dim = integer(self.head_dim, "perceiver.head_dim", lo=1, hi=MAX_DIM)
+        self.n_latents = integer(self.n_latents, "perceiver.n_latents", lo=1, hi=MAX_MEDIA_TOKENS)
+        self.mlp_dim = integer(self.mlp_dim, "perceiver.mlp_dim", lo=1, hi=16 * MAX_DIM)
+        choice(self.mlp_act, "perceiver.mlp_act", ACTIVATIONS)
+        boolean(self.qk_norm, "perceiver.qk_norm")
+        self.ln_eps = real(self.ln_eps, "perceiver.ln_eps", lo=0.0, lo_open=True, hi=1.0)
+        self.max_frames = integer(self.max_frames, "perceiver.max_frames", lo=0, hi=MAX_MEDIA_TOKENS)
+        self.max_media_time = integer(self.max_media_time, "perceiver.max_media_time", lo=0, hi=MAX_MEDIA_TOKENS)
+
 
 @dataclass
 class DecoderConfig:
     """The language model. `family`: llama (IDEFICS), mpt, neox (OpenFlamingo)."""
 
     family: str = "llama"
-    vocab_size: int = 32000  # total rows of the embedding, extra tokens included
+    vocab_size: int = 32002  # total rows of the embedding, extra tokens included (IDEFICS: 32000 + 2)
     dim: int = 4096
     layers: int = 32
     heads: int = 32
@@ -86,12 +150,40 @@ class DecoderConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
-        if self.kv_heads == 0:
-            self.kv_heads = self.heads
-        if self.head_dim == 0:
-            self.head_dim = self.dim // self.heads
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field's type and range; fills kv_heads and head_dim when they are 0 (derived)."""
+        choice(self.family, "decoder.family", DECODER_FAMILIES)
+        self.vocab_size = integer(self.vocab_size, "decoder.vocab_size", lo=1, hi=MAX_VOCAB)
+        self.dim = integer(self.dim, "decoder.dim", lo=1, hi=MAX_DIM)
+        self.layers = integer(self.layers, "decoder.layers", lo=1, hi=MAX_LAYERS)
+        self.heads = integer(self.heads, "decoder.heads", lo=1, hi=MAX_DIM)
+        self.kv_heads = integer(self.kv_heads, "decoder.kv_heads", lo=0, hi=MAX_DIM) or self.heads
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            raise ConfigError(f"decoder.heads = {self.heads} must be a multiple of decoder.kv_heads = {self.kv_heads}")
+        self.head_dim = integer(self.head_dim, "decoder.head_dim", lo=0, hi=MAX_DIM)
+        if self.head_dim == 0:
+            if self.dim % self.heads:
+                raise ConfigError(f"decoder.heads = {self.heads} does not divide decoder.dim = {self.dim} "
+                                  f"(head_dim is derived from them when it is 0)")
+            self.head_dim = self.dim // self.heads
+        self.ffn_dim = integer(self.ffn_dim, "decoder.ffn_dim", lo=1, hi=16 * MAX_DIM)
+        choice(self.act, "decoder.act", ACTIVATIONS)
+        self.norm_eps = real(self.norm_eps, "decoder.norm_eps", lo=0.0, lo_open=True, hi=1.0)
+        boolean(self.norm_bias, "decoder.norm_bias")
+        self.rope_theta = real(self.rope_theta, "decoder.rope_theta", lo=0.0, lo_open=True)
+        self.rotary_pct = real(self.rotary_pct, "decoder.rotary_pct", lo=0.0, lo_open=True, hi=1.0)
+        rot = int(self.head_dim * self.rotary_pct)
+        if self.family in ROPE_FAMILIES and (rot < 2 or rot % 2):
+            raise ConfigError(f"decoder.rotary_pct = {self.rotary_pct} of head_dim {self.head_dim} rotates {rot} "
+                              f"dims; RoPE needs an even number, at least 2")
+        boolean(self.parallel_residual, "decoder.parallel_residual")
+        boolean(self.alibi, "decoder.alibi")
+        self.alibi_bias_max = real(self.alibi_bias_max, "decoder.alibi_bias_max", lo=0.0, lo_open=True)
+        self.qkv_clip = real(self.qkv_clip, "decoder.qkv_clip", lo=0.0)
+        self.max_seq_len = integer(self.max_seq_len, "decoder.max_seq_len", lo=1, hi=MAX_SEQ_LEN)
+        boolean(self.tie_embeddings, "decoder.tie_embeddings")
 
 
 @dataclass
@@ -112,6 +204,25 @@ class XAttnConfig:
     norm_eps: float = 1e-6
     gate_type: str = "float"  # float: (1,) | vector: (dim,)
     mask_mode: str = "immediate"  # immediate | cumulative
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field's type and range; the layer list strictly increasing (its range against the
+        decoder is checked by ModelConfig)."""
+        choice(self.style, "xattn.style", ("idefics", "openflamingo"))
+        self.layers = integer_list(self.layers, "xattn.layers", lo=0, hi=MAX_LAYERS - 1, max_len=MAX_LAYERS)
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ConfigError(f"xattn.layers = {self.layers}: must be strictly increasing decoder layer indices")
+        self.heads = integer(self.heads, "xattn.heads", lo=1, hi=MAX_DIM)
+        self.head_dim = integer(self.head_dim, "xattn.head_dim", lo=1, hi=MAX_DIM)
+        self.media_dim = integer(self.media_dim, "xattn.media_dim", lo=1, hi=MAX_DIM)
+        self.ffn_dim = integer(self.ffn_dim, "xattn.ffn_dim", lo=1, hi=16 * MAX_DIM)
+        boolean(self.qk_norm, "xattn.qk_norm")
+        self.norm_eps = real(self.norm_eps, "xattn.norm_eps", lo=0.0, lo_open=True, hi=1.0)
+        choice(self.gate_type, "xattn.gate_type", ("float", "vector"))
+        choice(self.mask_mode, "xattn.mask_mode", ("immediate", "cumulative"))
 
 
 @dataclass
@@ -136,6 +247,44 @@ class ModelConfig:
     image_token: str = "<image>"
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field, the sub-configs again (a converter may have changed them after building
+        them) and the fields that must agree with each other."""
+        parts = {"vision": VisionConfig, "perceiver": PerceiverConfig, "decoder": DecoderConfig, "xattn": XAttnConfig}
+        for name, klass in parts.items():
+            part = getattr(self, name)
+            if part is None and name == "perceiver":
+                continue
+            if not isinstance(part, klass):
+                raise ConfigError(f"{name}: must be a {klass.__name__} (got {type(part).__name__})")
+            part.validate()
+        self.format_version = integer(self.format_version, "format_version", lo=1, hi=FORMAT_VERSION)
+        choice(self.family, "family", ("idefics", "openflamingo"))
+        vocab = self.decoder.vocab_size
+        self.image_token_id = integer(self.image_token_id, "image_token_id", lo=0, hi=vocab - 1)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "end_of_chunk_token_id"):
+            setattr(self, name, optional_integer(getattr(self, name), name, lo=0, hi=vocab - 1))
+        self.stop_token_ids = integer_list(self.stop_token_ids, "stop_token_ids", lo=0, hi=vocab - 1, max_len=vocab)
+        boolean(self.reset_media_after_eos, "reset_media_after_eos")
+        text(self.image_prompt_template, "image_prompt_template")
+        if self.image_prompt_template.count("{image}") != 1:
+            raise ConfigError(f"image_prompt_template = {self.image_prompt_template!r}: must contain \"{{image}}\" "
+                              f"exactly once (where the image marker goes)")
+        text(self.image_token, "image_token")
+        bad = [i for i in self.xattn.layers if i >= self.decoder.layers]
+        if bad:
+            raise ConfigError(f"xattn.layers = {self.xattn.layers}: layers {bad} are past the last decoder layer "
+                              f"(decoder.layers = {self.decoder.layers})")
+        media_dim, media_from = ((self.perceiver.dim, "perceiver.dim") if self.perceiver is not None
+                                 else (self.vision.width, "vision.width"))
+        if self.perceiver is not None and self.perceiver.dim != self.vision.width:
+            raise ConfigError(f"perceiver.dim = {self.perceiver.dim} differs from vision.width = {self.vision.width}")
+        if self.xattn.media_dim != media_dim:
+            raise ConfigError(f"xattn.media_dim = {self.xattn.media_dim} differs from {media_from} = {media_dim}")
+
     @property
     def media_tokens(self) -> int:
         """Keys per media item seen by cross-attention (perceiver latents, or raw vision tokens)."""
@@ -146,11 +295,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
+    def from_dict(cls, d, *, where: str = "config.json") -> ModelConfig:
+        """A config from parsed config.json; every problem is a ConfigError that starts with `where`."""
+        try:
+            return cls._from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, d) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"must hold a JSON object of config fields, not {type(d).__name__}")
         d = dict(d)
         version = d.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
-            raise ValueError(f"config.json has format_version {version}; this lmmrt reads up to {FORMAT_VERSION}")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ConfigError(f"format_version {version}; this lmmrt reads up to {FORMAT_VERSION}")
         parts = {
             "vision": VisionConfig,
             "perceiver": PerceiverConfig,
@@ -163,18 +322,17 @@ class ModelConfig:
             if sub is None:
                 kw[name] = None if name == "perceiver" else klass()
                 continue
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{name}: must be a JSON object, not {type(sub).__name__}")
             known = {f.name for f in dataclasses.fields(klass)}
             unknown = set(sub) - known
             if unknown:
-                raise ValueError(f"config.json: unknown {name} fields {sorted(unknown)}")
-            if "image_mean" in sub:
-                sub["image_mean"] = tuple(sub["image_mean"])
-                sub["image_std"] = tuple(sub["image_std"])
+                raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
             kw[name] = klass(**sub)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"config.json: unknown fields {sorted(unknown)}")
+            raise ConfigError(f"unknown fields {sorted(unknown)}")
         return cls(**kw, **d)
 
     def save(self, path: str | Path) -> None:
@@ -188,5 +346,5 @@ class ModelConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no lmmrt config.json at {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, where=str(path))

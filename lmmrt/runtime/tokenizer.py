@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmmrt.errors import CheckpointError
+from lmmrt.runtime.safetensors_file import why_missing
+
 
 class Tokenizer:
     def __init__(self, tok, *, add_bos: bool = True):
@@ -12,9 +15,27 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
+        """A tokenizer.json; a missing, empty, unreadable or malformed file is one CheckpointError
+        naming it (the tokenizers library's own message names no file)."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        path = Path(path)
+        reason = why_missing(path)
+        if reason is not None:
+            raise CheckpointError(f"cannot read the tokenizer: {reason}")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a directory, not a tokenizer.json file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        if not data.strip():
+            raise CheckpointError(f"{path} is empty (expected a Hugging Face tokenizers JSON file)")
+        try:
+            return cls(HFTokenizer.from_str(data.decode("utf-8")))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or a bad model
+            raise CheckpointError(f"{path} is not a valid tokenizer.json (Hugging Face tokenizers format): "
+                                  f"{e}") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=self.add_bos).ids
