@@ -2,13 +2,16 @@
 
 An IDEFICS-9B-shaped model (LLaMA-7B decoder 32 x 4096, ViT-H/14 32 x 1280 at 224 px, perceiver
 6 x 16 x 96 with 64 latents, a gated cross-attention block every 4 layers) is built with random
-weights on the device, in bf16, by transformers itself (no download); its state dict is converted
-in memory to lmmrt (config_from_hf / weight_map / convert_state, the converter's own path), so both
-engines run exactly the same weights. Workload per row: 1 image + a 64-token prompt (BOS, the
-image marker, 62 random text tokens), greedy decoding of `new_tokens` tokens, EOS ignored, at
-batch 1, 8 and 32 (each row its own image and text).
+weights on the device, in bf16, by transformers itself (no download) and converted in memory to
+lmmrt (bench/idefics_engines.py), so both engines run exactly the same weights. Workload per row:
+1 image + a 64-token prompt (BOS, the image marker, 62 random text tokens), greedy decoding of
+`new_tokens` tokens, EOS ignored, at batch 1 and 16 (each row its own image and text). lmmrt runs
+its default path (on CUDA: decode replayed as a CUDA graph; warnings of a failed capture are
+recorded in the row), then transformers, batch by batch; lmmrt's torch backend follows if time is
+left.
 
-Measured per engine and batch, after a short warm-up generate of the same shapes:
+Measured per engine and batch, after a warm-up generate (lmmrt: of the same shapes, so the graph
+of that batch size and cache-length bucket is captured before the timed call):
 - TTFT: call start -> first token (media encoding + prompt forward + first sampling);
 - decode tokens/s = batch * steps / decode time, ms/step (steps after the first token);
   transformers: a logits processor that synchronizes and timestamps every step;
@@ -25,6 +28,8 @@ Measured per engine and batch, after a short warm-up generate of the same shapes
 - agreement: lmmrt's greedy tokens against transformers' for the first steps of every row
   (reported, never asserted: bf16 rounding differs between the two and random weights give
   near-ties).
+- per decode step at batch 1 (bench/profile_ops.py, GPU only): aten ops, kernel launches and
+  CUDA-graph launches of both engines (lmmrt's default path should show one graph launch).
 An OpenFlamingo-9B-shaped lmmrt model (MPT-7B decoder) is timed too when lmmrt has the MPT family;
 there is no transformers baseline for it.
 """
@@ -37,30 +42,26 @@ from pathlib import Path
 
 import torch
 
+from bench import profile_ops
 from bench.harness import BenchRun, short_error
+from bench.idefics_engines import (
+    IDEFICS_9B,
+    IDEFICS_TINY,
+    PROMPT_LEN,
+    account_decode_bytes,
+    agreement,
+    build_hf_idefics,
+    hf_inputs,
+    lmmrt_from_hf,
+    make_workload,
+    run_hf,
+    run_lmmrt,
+    weights_gib,
+)
 
-IDEFICS_9B = dict(
-    vocab_size=32000, additional_vocab_size=2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, max_position_embeddings=2048, cross_layer_interval=4, qk_layer_norms=False,
-    alpha_type="float", alpha_initializer="zeros", use_resampler=True, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    vision_config=dict(embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32, num_attention_heads=16,
-                       intermediate_size=5120, hidden_act="gelu"),
-    perceiver_config=dict(use_resampler=True, resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
-                          resampler_head_dim=96, qk_layer_norms_perceiver=False),
-)
-IDEFICS_TINY = dict(
-    IDEFICS_9B, vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
-    max_position_embeddings=256, cross_layer_interval=2,
-    vision_config=dict(embed_dim=48, image_size=28, patch_size=7, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=96, hidden_act="gelu"),
-    perceiver_config=dict(use_resampler=True, resampler_n_latents=8, resampler_depth=2, resampler_n_heads=2,
-                          resampler_head_dim=16, qk_layer_norms_perceiver=False),
-)
-BATCHES, SMOKE_BATCHES = (1, 8, 32), (1, 2)
-PROMPT_LEN, NEW_TOKENS, SMOKE_NEW_TOKENS = 64, 32, 6
+BATCHES, SMOKE_BATCHES = (1, 16), (1, 2)
+NEW_TOKENS, SMOKE_NEW_TOKENS = 32, 6
 AGREE_STEPS = 8
-FIRST_TEXT_ID = 3  # random text avoids pad/bos/eos
 
 FORMULAS = {
     "bytes_per_step": "decoder weights (B embedding rows) + xattn weights except wkv + 2*layers*B*kv_heads*kv_len*head_dim*e "
@@ -73,54 +74,6 @@ FORMULAS = {
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-
-
-def build_hf_idefics(spec: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """IdeficsForVisionText2Text with transformers' random init, built directly on `device` in
-    `dtype`; gates (zeros at construction: alpha_initializer="normal" crashes) set non-zero."""
-    from transformers import IdeficsConfig, IdeficsForVisionText2Text
-
-    torch.manual_seed(seed)
-    cfg = IdeficsConfig(**spec)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = IdeficsForVisionText2Text(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                v = (torch.rand(p.shape, generator=g) * 0.6 + 0.3) * torch.sign(torch.randn(p.shape, generator=g))
-                p.copy_(v.to(p.dtype))
-    return model.to(dtype).eval()
-
-
-def lmmrt_from_hf(hf_model, backend: str = "auto"):
-    """Convert the transformers model's state dict in memory with lmmrt's IDEFICS converter."""
-    from lmmrt.api import Model
-    from lmmrt.convert.common import SourceWeights, convert_state
-    from lmmrt.convert.idefics import IGNORED, config_from_hf, weight_map
-    from lmmrt.models.flamingo import FlamingoModel
-
-    hf = hf_model.config.to_dict()
-    image_id = hf["vocab_size"] + hf.get("additional_vocab_size", 0) - 1  # IDEFICS: the last extra token
-    cfg = config_from_hf(hf, image_id)
-    sd = hf_model.state_dict()
-    wmap = weight_map(cfg, hf)
-    state = convert_state(SourceWeights.from_state_dict(sd), wmap, cfg, ignored_prefixes=IGNORED, progress=False,
-                          reshape={k: (cfg.decoder.dim,) if cfg.xattn.gate_type == "vector" else (1,)
-                                   for k in wmap if k.endswith("_gate")})
-    # Tensors taken over unchanged still share storage with transformers' model, and lmmrt folds
-    # its gates into wo / ff_w2 in place: give lmmrt its own copy of those.
-    src_ptrs = {t.untyped_storage().data_ptr() for t in sd.values()}
-    state = {k: v.clone() if v.untyped_storage().data_ptr() in src_ptrs else v for k, v in state.items()}
-    with torch.device("meta"):
-        module = FlamingoModel(cfg)
-    module.load_state_dict(state, assign=True)
-    return Model(module, cfg, None, backend=backend, path="<converted in memory>")
 
 
 def openflamingo_config(smoke: bool):
@@ -149,130 +102,6 @@ def openflamingo_config(smoke: bool):
 # ---------------------------------------------------------------------------------------------
 # workload and accounting
 # ---------------------------------------------------------------------------------------------
-
-
-def make_workload(B: int, vocab: int, image_id: int, bos_id: int | None, image_size: int, seed: int):
-    """B prompts of PROMPT_LEN ids (BOS, image marker, random text) and one random image each
-    (normalized float pixels (3, S, S))."""
-    g = torch.Generator().manual_seed(seed)
-    prompts, images = [], []
-    for _ in range(B):
-        head = ([bos_id] if bos_id is not None else []) + [image_id]
-        text = torch.randint(FIRST_TEXT_ID, min(vocab - 3, 32000), (PROMPT_LEN - len(head),), generator=g).tolist()
-        prompts.append(head + text)
-        images.append(torch.randn(3, image_size, image_size, generator=g))
-    return prompts, images
-
-
-def decode_step_bytes(model, B: int, kv_len: float) -> float:
-    cfg, module = model.config, model.module
-    e = module.dtype.itemsize if hasattr(module.dtype, "itemsize") else torch.tensor([], dtype=module.dtype).element_size()
-    w = 0
-    for name, p in module.named_parameters():
-        if name.startswith("decoder.embed."):
-            w += p.numel() if cfg.decoder.tie_embeddings else B * p.shape[1]
-        elif name.startswith("decoder."):
-            w += p.numel()
-        elif name.startswith("xattn.") and ".wkv." not in name and ".k_norm." not in name:
-            w += p.numel()
-    dc, xc = cfg.decoder, cfg.xattn
-    kv = 2 * dc.layers * B * dc.kv_heads * kv_len * dc.head_dim
-    media = 2 * len(xc.layers) * B * cfg.media_tokens * xc.heads * xc.head_dim
-    return float(e) * (w + kv + media)
-
-
-def weights_gib(module) -> float:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
-
-
-class _Mem:
-    """Peak allocator memory of a call above what was allocated before it (CUDA only)."""
-
-    def __init__(self, device):
-        self.device, self.peak_extra_gib = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_extra_gib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**30
-
-
-def run_lmmrt(model, prompts, images, new_tokens: int) -> dict:
-    import lmmrt
-
-    lmmrt.generate(model, prompts, images, max_new_tokens=min(4, new_tokens), ignore_eos=True)  # warm-up
-    with _Mem(model.device) as mem:
-        out = lmmrt.generate(model, prompts, images, max_new_tokens=new_tokens, ignore_eos=True)
-    s = model.last_stats
-    return dict(ttft_ms=1e3 * s.prefill_s, decode_tok_s=s.decode_tokens_per_s, ms_per_step=s.ms_per_step,
-                decode_steps=s.decode_steps, peak_extra_gib=mem.peak_extra_gib,
-                tokens=[r.token_ids for r in out])
-
-
-def hf_inputs(prompts, images, image_id: int, device, dtype) -> dict:
-    ids = torch.tensor(prompts, dtype=torch.long)
-    B, T = ids.shape
-    seen = torch.cumsum((ids == image_id).long(), dim=1)  # text_time: 0 before the marker, 1 after
-    return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                pixel_values=torch.stack(images)[:, None].to(device=device, dtype=dtype),
-                image_attention_mask=(seen > 0).long()[:, :, None].to(device))
-
-
-def run_hf(hf_model, inputs: dict, new_tokens: int, device) -> dict:
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class StepClock(LogitsProcessor):
-        """Called once per step right after the forward: synchronize and timestamp."""
-
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.times.append(time.perf_counter())
-            return scores
-
-    def gen(n, clock=None):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        if clock is not None:
-            kw["logits_processor"] = LogitsProcessorList([clock])
-        with torch.inference_mode():
-            return hf_model.generate(**inputs, **kw)
-
-    gen(min(4, new_tokens))  # warm-up
-    clock = StepClock()
-    with _Mem(device) as mem:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = gen(new_tokens, clock)
-    B, T = inputs["input_ids"].shape
-    steps = len(clock.times) - 1
-    decode_s = clock.times[-1] - clock.times[0] if steps > 0 else float("nan")
-    return dict(ttft_ms=1e3 * (clock.times[0] - t0), decode_tok_s=B * steps / decode_s if steps > 0 else float("nan"),
-                ms_per_step=1e3 * decode_s / steps if steps > 0 else float("nan"), decode_steps=steps,
-                peak_extra_gib=mem.peak_extra_gib, tokens=out[:, T:].tolist())
-
-
-def agreement(a: list[list[int]], b: list[list[int]], k: int) -> dict:
-    lead = []
-    for x, y in zip(a, b):
-        n = 0
-        for s, t in zip(x[:k], y[:k]):
-            if s != t:
-                break
-            n += 1
-        lead.append(n)
-    return {"steps_compared": k, "rows": len(lead), "rows_agreeing": sum(n == k for n in lead),
-            "mean_leading_match": sum(lead) / max(len(lead), 1), "leading_match": lead}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,74 +141,112 @@ def _row(b: BenchRun, model_name: str, engine: str, B: int, **kw) -> dict:
     return row
 
 
-def _account(b: BenchRun, row: dict, model, B: int, new_tokens: int) -> None:
-    kv_len = PROMPT_LEN + (1 + new_tokens) / 2  # mean cache length over the timed decode steps
-    nbytes = decode_step_bytes(model, B, kv_len)
-    row["bytes_per_step"] = nbytes
-    if row.get("ms_per_step"):
-        row["gbps"] = nbytes / (row["ms_per_step"] * 1e-3) / 1e9
-        row["roofline_frac"] = row["gbps"] / b.ceilings["copy_gbps"]
-
-
 def _idefics(b: BenchRun, device, dtype, smoke, batches, new_tokens, engines) -> None:
     name = "idefics-tiny" if smoke else "idefics-9b"
     t = time.perf_counter()
     hf_model = build_hf_idefics(IDEFICS_TINY if smoke else IDEFICS_9B, device, dtype)
     model = lmmrt_from_hf(hf_model)
     b.notes.append(f"{name}: built transformers model + converted to lmmrt in {time.perf_counter() - t:.1f}s; "
-                   f"attention implementation of transformers: {getattr(hf_model.config, '_attn_implementation', '?')}")
+                   f"attention implementation of transformers: {getattr(hf_model.config, '_attn_implementation', '?')}; "
+                   f"lmmrt cuda_graph={getattr(model, 'cuda_graph', None)!r} (its default)")
     cfg = model.config
     hf_w, lm_w = weights_gib(hf_model), weights_gib(model.module)
-    results: dict[tuple[str, int], dict] = {}
-    # transformers first, then free it: lmmrt's runs (batch 32 included) then have the memory.
+    default, others = engines[0], engines[1:]
+    # Per batch: lmmrt's default path, then transformers, back to back (what the comparison needs
+    # most is measured first; a run cut short by its budget still has whole pairs).
     for B in batches:
         prompts, images = make_workload(B, cfg.decoder.vocab_size, cfg.image_token_id, cfg.bos_token_id,
                                         cfg.vision.image_size, seed=B)
+        lm, lm_tokens = _lmmrt_case(b, name, model, default, B, prompts, images, new_tokens, lm_w)
         if b.elapsed > b.budget_s:
             _row(b, name, "hf-eager", B, status="skipped", note="time budget spent")
             continue
         try:
-            r = run_hf(hf_model, hf_inputs(prompts, images, cfg.image_token_id, device, dtype), new_tokens, device)
-            results[("hf-eager", B)] = r
-            row = _row(b, name, "hf-eager", B, weights_gib=hf_w, **{k: v for k, v in r.items() if k != "tokens"},
-                       first_tokens=r["tokens"][0][:AGREE_STEPS])
-            _account(b, row, model, B, new_tokens)
+            hf = run_hf(hf_model, hf_inputs(prompts, images, cfg.image_token_id, device, dtype), new_tokens, device)
+            row = _row(b, name, "hf-eager", B, weights_gib=hf_w, **{k: v for k, v in hf.items() if k != "tokens"},
+                       first_tokens=hf["tokens"][0][:AGREE_STEPS])
+            account_decode_bytes(b, row, model, B, new_tokens)
         except Exception as e:
             _row(b, name, "hf-eager", B, status="error", error=short_error(e))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            continue
+        if lm is not None:
+            _compare(lm, lm_tokens, hf, min(AGREE_STEPS, new_tokens))
+            b.save()
+    if device.type == "cuda" and b.elapsed < b.budget_s:
+        _count_launches(b, name, model, hf_model, default)
     del hf_model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    for engine in engines:
-        model.module.set_backend(engine)
-        model.backend = engine
+    for engine in others:
         for B in batches:
-            label = f"lmmrt[{engine}]"
-            if b.elapsed > b.budget_s:
-                _row(b, name, label, B, status="skipped", note="time budget spent")
-                continue
             prompts, images = make_workload(B, cfg.decoder.vocab_size, cfg.image_token_id, cfg.bos_token_id,
                                             cfg.vision.image_size, seed=B)
-            try:
-                r = run_lmmrt(model, prompts, images, new_tokens)
-                row = _row(b, name, label, B, weights_gib=lm_w, **{k: v for k, v in r.items() if k != "tokens"},
-                           first_tokens=r["tokens"][0][:AGREE_STEPS])
-                _account(b, row, model, B, new_tokens)
-                hf = results.get(("hf-eager", B))
-                if hf is not None:
-                    row["agreement"] = agreement(r["tokens"], hf["tokens"], min(AGREE_STEPS, new_tokens))
-                    if hf.get("decode_tok_s") and row.get("decode_tok_s"):
-                        row["speedup_vs_hf"] = row["decode_tok_s"] / hf["decode_tok_s"]
-                    if hf.get("ttft_ms") and row.get("ttft_ms"):
-                        row["ttft_speedup_vs_hf"] = hf["ttft_ms"] / row["ttft_ms"]
-            except Exception as e:
-                _row(b, name, label, B, status="error", error=short_error(e))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            _lmmrt_case(b, name, model, engine, B, prompts, images, new_tokens, lm_w)
     del model
     gc.collect()
+
+
+def _lmmrt_case(b: BenchRun, name, model, engine, B, prompts, images, new_tokens, weights):
+    """One lmmrt row (engine = backend): (row, tokens), or (None, None) on an error or a skip."""
+    label = f"lmmrt[{engine}]"
+    if b.elapsed > b.budget_s:
+        _row(b, name, label, B, status="skipped", note="time budget spent")
+        return None, None
+    model.module.set_backend(engine)
+    model.backend = engine
+    try:
+        r = run_lmmrt(model, prompts, images, new_tokens)
+    except Exception as e:
+        _row(b, name, label, B, status="error", error=short_error(e))
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, None
+    row = _row(b, name, label, B, weights_gib=weights, **{k: v for k, v in r.items() if k != "tokens"},
+               first_tokens=r["tokens"][0][:AGREE_STEPS])
+    account_decode_bytes(b, row, model, B, new_tokens)
+    return row, r["tokens"]
+
+
+def _compare(row: dict, tokens: list[list[int]], hf: dict, steps: int) -> None:
+    row["agreement"] = agreement(tokens, hf["tokens"], steps)
+    if hf.get("decode_tok_s") and row.get("decode_tok_s"):
+        row["speedup_vs_hf"] = row["decode_tok_s"] / hf["decode_tok_s"]
+    if hf.get("ttft_ms") and row.get("ttft_ms"):
+        row["ttft_speedup_vs_hf"] = hf["ttft_ms"] / row["ttft_ms"]
+
+
+def _count_launches(b: BenchRun, name, model, hf_model, engine) -> None:
+    """Per decode step at batch 1 (bench/profile_ops.py): aten ops, kernel launches and CUDA-graph
+    launches of lmmrt's default path (one graph replay per step expected) and of transformers."""
+    import lmmrt
+
+    cfg, device = model.config, model.device
+    prompts, images = make_workload(1, cfg.decoder.vocab_size, cfg.image_token_id, cfg.bos_token_id,
+                                    cfg.vision.image_size, seed=1)
+    inputs = hf_inputs(prompts, images, cfg.image_token_id, device, model.dtype)
+    model.module.set_backend(engine)
+    model.backend = engine
+
+    def hf_n(n):
+        with torch.inference_mode():
+            return hf_model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    launches: dict[str, dict] = {}
+    for label, fn in ((f"lmmrt[{engine}]", lambda n: lmmrt.generate(model, prompts, images, max_new_tokens=n,
+                                                                     ignore_eos=True)), ("hf-eager", hf_n)):
+        try:
+            counts = profile_ops.per_decode_step(fn, cuda=True)
+            launches[label] = counts
+        except Exception as e:
+            launches[label] = {"error": short_error(e)}
+    b.extra["per_decode_step_batch1"] = launches
+    b.notes.append(f"{name}, batch 1, per decode step: " + "; ".join(
+        f"{k}: " + ", ".join(f"{n} {v:g}" for n, v in c.items()) if "error" not in c else f"{k}: {c['error']}"
+        for k, c in launches.items()))
+    b.save()
 
 
 def _openflamingo(b: BenchRun, device, dtype, smoke, batches, new_tokens) -> None:
@@ -408,7 +275,7 @@ def _openflamingo(b: BenchRun, device, dtype, smoke, batches, new_tokens) -> Non
             r = run_lmmrt(model, prompts, images, new_tokens)
             row = _row(b, name, "lmmrt[auto]", B, weights_gib=weights_gib(model.module),
                        **{k: v for k, v in r.items() if k != "tokens"}, first_tokens=r["tokens"][0][:AGREE_STEPS])
-            _account(b, row, model, B, new_tokens)
+            account_decode_bytes(b, row, model, B, new_tokens)
         except Exception as e:
             _row(b, name, "lmmrt[auto]", B, status="error", error=short_error(e))
     del model

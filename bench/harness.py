@@ -386,8 +386,9 @@ class BenchRun:
 
     def __init__(self, name: str, *, device: torch.device, dtype: torch.dtype, smoke: bool, out_dir: Path,
                  budget_s: float, ceilings: dict | None = None, formulas: dict | None = None,
-                 description: str = "", compile_budget_frac: float = 0.5):
+                 description: str = "", compile_budget_frac: float = 0.5, file_stem: str | None = None):
         self.name, self.device, self.dtype, self.smoke = name, device, dtype, smoke
+        self.file_stem = file_stem or f"bench-{name}"  # the JSON is <out_dir>/<file_stem>.json
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.budget_s, self.compile_budget_frac = budget_s, compile_budget_frac
@@ -400,6 +401,7 @@ class BenchRun:
         self.description = description
         self.rows: list[dict] = []
         self.notes: list[str] = []
+        self.extra: dict = {}  # benchmark-specific results beside the rows
         self.status = "running"
         self.save()
 
@@ -409,7 +411,7 @@ class BenchRun:
 
     @property
     def path(self) -> Path:
-        return self.out_dir / f"bench-{self.name}.json"
+        return self.out_dir / f"{self.file_stem}.json"
 
     def timing_opts(self) -> dict:
         if self.smoke:
@@ -499,7 +501,8 @@ class BenchRun:
     def to_dict(self) -> dict:
         return {"bench": self.name, "description": self.description, "status": self.status, "key": self.key,
                 "ceilings": self.ceilings, "telemetry": self.telemetry, "formulas": self.formulas,
-                "wall_s": self.elapsed, "budget_s": self.budget_s, "notes": self.notes, "rows": self.rows}
+                "wall_s": self.elapsed, "budget_s": self.budget_s, "notes": self.notes, "extra": self.extra,
+                "rows": self.rows}
 
     def save(self) -> None:
         import json

@@ -94,6 +94,31 @@ def generate_table(rows: list[dict]) -> list[str]:
     return _md(header, body)
 
 
+def cpu_proxy_tables(rows: list[dict]) -> list[str]:
+    """bench_cpu_proxy: lmmrt beside transformers per batch, then aten ops per decode step."""
+    by = {(r.get("group"), r.get("engine"), r.get("batch")): r for r in rows}
+    timing = [r for r in rows if r.get("group") == "idefics-proxy" and r.get("engine") == "lmmrt"]
+    header = ["batch", "lmmrt decode tok/s", "transformers decode tok/s", "x transformers (pairs: min-max)",
+              "lmmrt TTFT ms", "transformers TTFT ms", "TTFT x transformers (theirs / ours)", "greedy tokens equal",
+              "note"]
+    body = []
+    for r in timing:
+        hf = by.get(("idefics-proxy", "transformers", r.get("batch"))) or {}
+        runs = r.get("speedup_runs") or []
+        spread = f" ({min(runs):.2f}-{max(runs):.2f})" if runs else ""
+        body.append([str(r.get("batch", "")), _f(r.get("decode_tok_s"), ".1f"), _f(hf.get("decode_tok_s"), ".1f"),
+                     _f(r.get("speedup_vs_hf"), ".2f") + (spread if r.get("speedup_vs_hf") else ""),
+                     _f(r.get("ttft_ms"), ".1f"), _f(hf.get("ttft_ms"), ".1f"), _f(r.get("ttft_speedup_vs_hf"), ".2f"),
+                     {True: "yes", False: "NO"}.get(r.get("tokens_equal"), "-"), _note(r)])
+    ops = [r for r in rows if r.get("group") == "aten ops per decode step"]
+    lines = _md(header, body)
+    if ops:
+        lines += ["", *_md(["engine (batch 1)", "aten ops per decode step", "of which called from Python", "note"],
+                           [[r.get("engine", ""), _f(r.get("aten_per_step"), ".1f"),
+                             _f(r.get("aten_top_per_step"), ".1f"), _note(r)] for r in ops])]
+    return lines
+
+
 def _groups(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
@@ -145,6 +170,8 @@ def markdown(merged: dict, plots: list[str]) -> str:
         rows = data.get("rows") or []
         if name == "generate":
             lines += generate_table(rows) + [""]
+        elif name == "cpu_proxy":
+            lines += cpu_proxy_tables(rows) + [""]
         else:
             for group, grows in _groups(rows).items():
                 lines += [f"### {name} / {group}", ""] + kernel_table(grows) + [""]
@@ -210,8 +237,8 @@ def plot_kernel(name: str, group: str, rows: list[dict], key: dict, path: Path) 
     return True
 
 
-def plot_generate(rows: list[dict], key: dict, path: Path) -> bool:
-    ok = [r for r in rows if r.get("status") == "ok"]
+def plot_generate(rows: list[dict], key: dict, path: Path, *, title: str = "end-to-end generation") -> bool:
+    ok = [r for r in rows if r.get("status") == "ok" and "decode_tok_s" in r]
     if not ok:
         return False
     plt = _plt()
@@ -238,7 +265,7 @@ def plot_generate(rows: list[dict], key: dict, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(fontsize=8)
     smoke = " — CPU SMOKE RUN, not performance data" if key.get("smoke") else ""
-    fig.suptitle(f"end-to-end generation on {key.get('gpu', '?')}{smoke}", fontsize=10)
+    fig.suptitle(f"{title} on {key.get('gpu', '?')}{smoke}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,6 +285,10 @@ def merge(out_dir: Path, *, echo: bool = True) -> dict:
             if name == "generate":
                 if plot_generate(rows, data.get("key") or key, out_dir / "generate.png"):
                     plots.append("generate.png")
+            elif name == "cpu_proxy":
+                if plot_generate(rows, data.get("key") or key, out_dir / "cpu_proxy.png",
+                                 title="CPU proxy, one thread"):
+                    plots.append("cpu_proxy.png")
             else:
                 for group, grows in _groups(rows).items():
                     fname = f"{name}_{group}.png"

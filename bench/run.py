@@ -1,12 +1,14 @@
 """Run the benchmarks and write JSON + a markdown table + plots.
 
-    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,generate] [--no-compile]
+    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,generate,cpu_proxy] [--no-compile]
                         [--budget-s SECONDS] [--merge-only]
 
 --smoke: tiny shapes on the CPU (torch backend and baselines only), for CI and `make bench`.
 Without --smoke: real model shapes on the GPU (bf16). --out defaults to $OUT when set, else
 bench/results/<gpu-or-cpu>-<date>/. Each benchmark is isolated: one that fails is recorded as
 such and the others still run; the report merges whatever bench-*.json files the directory holds.
+cpu_proxy (lmmrt vs transformers on a small IDEFICS, one CPU thread) always runs on the CPU: it is in
+the default set of --smoke runs (its quick mode) and runs in full runs only when named in --only.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_generate, bench_perceiver, bench_xattn, report
+from bench import bench_cpu_proxy, bench_generate, bench_perceiver, bench_xattn, report
 from bench.harness import default_out_dir, jsonable, measure_ceilings, run_key
 
-BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "generate": bench_generate}
+BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "generate": bench_generate,
+           "cpu_proxy": bench_cpu_proxy}
 # Seconds per benchmark (each also stops starting new cases when its budget is spent).
-BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "generate": 150.0}
+BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "generate": 150.0, "cpu_proxy": 1800.0}
 SMOKE_BUDGET_S = 60.0
 
 
@@ -46,14 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI, make bench)")
     ap.add_argument("--out", help="output directory (default: $OUT, else bench/results/<gpu-or-cpu>-<date>/)")
-    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+    ap.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES) + " (default: all with --smoke, "
+                    "all but cpu_proxy otherwise)")
     ap.add_argument("--device", help="cuda | cpu (default: cpu with --smoke, else cuda)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--budget-s", type=float, help="seconds per benchmark (default: per-benchmark values)")
     ap.add_argument("--merge-only", action="store_true", help="only rebuild results.json/.md and plots in --out")
     args = ap.parse_args(argv)
 
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    only = args.only or ",".join(n for n in BENCHES if args.smoke or n != "cpu_proxy")
+    names = [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")

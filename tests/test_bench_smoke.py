@@ -37,7 +37,8 @@ def smoke_out(tmp_path_factory):
     mp.setattr(bench_generate, "SMOKE_BATCHES", (2,))
     out = tmp_path_factory.mktemp("bench")
     try:
-        rc = run.main(["--smoke", "--no-compile", "--out", str(out), "--budget-s", "300"])
+        rc = run.main(["--smoke", "--no-compile", "--out", str(out), "--budget-s", "300",
+                       "--only", "perceiver,xattn,generate"])  # cpu_proxy: its own test below
     finally:
         mp.undo()
     assert rc == 0
@@ -89,3 +90,70 @@ def test_generate_numbers_finite_and_positive(smoke_out):
             assert _finite_positive(r[field]), (r["case"], r["engine"], field, r.get(field))
     lm = next(r for r in rows if r["engine"] == "lmmrt[auto]" and r["group"] == "idefics-tiny")
     assert lm["agreement"]["rows"] == 2 and lm["agreement"]["steps_compared"] > 0  # reported, not asserted
+
+
+@pytest.fixture(scope="module")
+def cpu_proxy_out(tmp_path_factory):
+    from bench import bench_cpu_proxy
+
+    out = tmp_path_factory.mktemp("cpu_proxy")
+    rc = bench_cpu_proxy.main(["--quick", "--out", str(out), "--name", "proxy", "--batches", "1,3", "--pairs", "2"])
+    return rc, out
+
+
+def test_cpu_proxy_quick_writes_side_by_side_results(cpu_proxy_out):
+    rc, out = cpu_proxy_out
+    data = json.loads((out / "proxy.json").read_text())
+    assert rc == 0 and data["status"] == "ok", data["rows"]
+    key = data["key"]
+    assert key["threads"] == 1 and key["transformers"] and key["git_commit"] and key["smoke"] is True
+    timing = [r for r in data["rows"] if r["group"] == "idefics-proxy"]
+    assert sorted((r["batch"], r["engine"]) for r in timing) == [(1, "lmmrt"), (1, "transformers"),
+                                                                  (3, "lmmrt"), (3, "transformers")]
+    for r in timing:
+        assert r["status"] == "ok" and r["pairs"] == 2 and len(r["decode_tok_s_runs"]) == 2
+        for field in ("ttft_ms", "decode_tok_s", "ms_per_step", "gbps"):
+            assert _finite_positive(r[field]), (r["batch"], r["engine"], field, r.get(field))
+    for r in (r for r in timing if r["engine"] == "lmmrt"):
+        assert r["tokens_equal"] is True  # the bench asserts equality; a mismatch makes the row an error
+        assert _finite_positive(r["speedup_vs_hf"]) and _finite_positive(r["ttft_speedup_vs_hf"])
+        assert min(r["speedup_runs"]) <= r["speedup_vs_hf"] <= max(r["speedup_runs"])
+    ops = {r["engine"]: r for r in data["rows"] if r["group"] == "aten ops per decode step"}
+    assert set(ops) == {"lmmrt eager step", "lmmrt fixed-shape step", "transformers"}
+    for r in ops.values():
+        assert r["status"] == "ok", r
+        assert 0 < r["aten_top_per_step"] <= r["aten_per_step"]
+    md = (out / "proxy.md").read_text()
+    assert "| batch | lmmrt decode tok/s | transformers decode tok/s" in md and "aten ops per decode step" in md
+    assert (out / "proxy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_proxy_token_mismatch_is_named():
+    from bench.bench_cpu_proxy import first_mismatch
+
+    assert first_mismatch([[5, 6, 7], [1, 2]], [[5, 6, 7], [1, 2]]) is None
+    msg = first_mismatch([[5, 6, 7], [1, 2, 3, 4]], [[5, 6, 7], [1, 9, 3, 4]])
+    assert "row 1" in msg and "step 1" in msg and "[2, 3, 4]" in msg
+    assert "rows" in first_mismatch([[1]], [[1], [1]])
+
+
+def test_ops_per_step_counts_only_the_decode_loop():
+    """A fake generate doing a fixed setup plus k ops per step: the difference isolates k."""
+    import torch
+
+    from bench.profile_ops import per_decode_step
+
+    x, w = torch.ones(1, 3), torch.ones(2, 3)
+
+    def fake_generate(n):
+        for _ in range(5):  # setup, same for every n
+            x.mul(2.0)
+        for _ in range(n):  # 2 top-level ops per step, one of which calls others inside
+            x.add(1.0)
+            torch.nn.functional.linear(x, w)
+
+    counts = per_decode_step(fake_generate, n1=2, n2=5)
+    assert counts["aten_top"] == 2
+    assert counts["aten"] > 2  # linear dispatches nested aten ops
+    with pytest.raises(ValueError, match="n1"):
+        per_decode_step(fake_generate, n1=3, n2=3)
