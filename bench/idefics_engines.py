@@ -77,10 +77,6 @@ def lmmrt_from_hf(hf_model, backend: str = "auto"):
     state = convert_state(SourceWeights.from_state_dict(sd), wmap, cfg, ignored_prefixes=IGNORED, progress=False,
                           reshape={k: (cfg.decoder.dim,) if cfg.xattn.gate_type == "vector" else (1,)
                                    for k in wmap if k.endswith("_gate")})
-    # Tensors taken over unchanged still share storage with transformers' model, and lmmrt folds
-    # its gates into wo / ff_w2 in place: give lmmrt its own copy of those.
-    src_ptrs = {t.untyped_storage().data_ptr() for t in sd.values()}
-    state = {k: v.clone() if v.untyped_storage().data_ptr() in src_ptrs else v for k, v in state.items()}
     with torch.device("meta"):
         module = FlamingoModel(cfg)
     module.load_state_dict(state, assign=True)

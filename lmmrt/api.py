@@ -62,6 +62,17 @@ class Model:
     def logits(self, prompts, images=None):
         return logits(self, prompts, images)
 
+    def save(self, path, *, force: bool = False) -> Path:
+        """Write this model as an lmmrt checkpoint directory (config, weights in the model's dtype,
+        tokenizer), atomically. An existing `path` is refused unless force; the directory the model
+        was loaded from is never written. Reloading it gives the same logits (gates already folded
+        into the weights are stored so that they are not applied twice; see the README)."""
+        from lmmrt.runtime.checkpoint_writer import save_checkpoint, state_for_saving
+
+        return save_checkpoint(path, self.config, state_for_saving(self.module), tokenizer=self.tokenizer,
+                               sources=[self.path] if self.path else [], force=force,
+                               metadata={"source": "lmmrt Model.save", "loaded_from": Path(str(self.path)).name})
+
     def __repr__(self):
         c = self.config
         return (f"lmmrt.Model({c.family}, decoder={c.decoder.family} {c.decoder.layers}x{c.decoder.dim}, "

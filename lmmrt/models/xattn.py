@@ -70,7 +70,9 @@ class GatedCrossAttention(nn.Module):
             return
         for gate, w in ((self.attn_gate, self.wo.weight), (self.ff_gate, self.ff_w2.weight)):
             g = torch.tanh(gate.float())
-            w.copy_((w.float() * g[:, None]).to(w.dtype))  # (1,) broadcasts; (D,) scales output rows
+            # (1,) broadcasts; (D,) scales output rows. A new tensor, not copy_: the weight may share
+            # memory with the caller's state dict (load_state_dict(assign=True)), which must not change.
+            w.data = (w.float() * g[:, None]).to(w.dtype)
         self.skip_attn = bool((self.attn_gate == 0).all())
         self.skip_ff = bool((self.ff_gate == 0).all())
         self.gates_folded = True

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lmmrt.models.config import ModelConfig
+from lmmrt.models.xattn import GatedCrossAttention
 from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS
 
 CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER})
@@ -37,6 +38,12 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+
+# A gate already folded into its output matrix is saved as this value: tanh(32.0) is exactly 1.0
+# in float32 (what folding computes in, for every storage dtype), so a loader that folds tanh(gate)
+# again, or applies it unfolded, leaves the branch as it was. Zero gates stay zero (branch off).
+TANH_NEUTRAL_GATE = 32.0
 
 
 class OutputExistsError(FileExistsError):
@@ -79,6 +86,19 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
                     f"refusing to replace {out}, even with force: it is not an lmmrt checkpoint (it holds "
                     f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
     return out
+
+
+def state_for_saving(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as a checkpoint must hold it: the gates of blocks whose gates were
+    folded into wo / ff_w2 (lmmrt.Model folds them at load) are replaced by TANH_NEUTRAL_GATE, so
+    they are not applied a second time when the checkpoint is loaded."""
+    state = module.state_dict()
+    for prefix, blk in module.named_modules():
+        if isinstance(blk, GatedCrossAttention) and blk.gates_folded:
+            for name in ("attn_gate", "ff_gate"):
+                g = getattr(blk, name).detach()
+                state[f"{prefix}.{name}"] = torch.where(g == 0, g, torch.full_like(g, TANH_NEUTRAL_GATE))
+    return state
 
 
 def _fsync_dir(path: Path) -> None:
