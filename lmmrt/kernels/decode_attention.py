@@ -250,7 +250,7 @@ def _decode_attention_launch(q, k_cache, v_cache, key_start, key_end, alibi_slop
             _decode_attention_combine_kernel[(B * H,)](
                 ws_acc, ws_m, ws_l, out, *out.stride(), H,
                 HEAD_DIM=dh, BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits, SPLITS_P2=_next_pow2(splits),
-                NEG_INIT=_NEG_INIT, num_warps=4 if cfg["BLOCK_D"] <= 64 else 8,
+                NEG_INIT=_NEG_INIT, num_warps=4,
             )
 
 

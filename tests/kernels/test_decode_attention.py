@@ -208,6 +208,16 @@ def test_dispatch(monkeypatch):
     assert_close(out, ref, torch.float32, "torch into out")
 
 
+@needs_triton
+def test_torch_compile_fullgraph():
+    # The custom op (it mutates `out`) traces through dynamo and AOT autograd as one node: no graph
+    # break, the fake impl gives the shapes, functionalization keeps the write.
+    q, k, v, ks, ke, slopes = _inputs(3, 8, 2, 19, 32, torch.float32)
+    fn = lambda q, k, v, ks, ke, slopes: decode_attention(q, k, v, ks, ke, alibi_slopes=slopes, backend="triton") * 2
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, ks, ke, slopes)
+    assert_close(out, 2 * _ref64(q, k, v, ks, ke, slopes), torch.float32, "compiled")
+
+
 def test_bad_inputs_are_reported():
     q, k, v = torch.randn(2, 8, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
     ks, ke = torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
