@@ -10,6 +10,7 @@ from lmmrt.kernels.backend import requested_backend
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
 from lmmrt.runtime import generate as _gen
+from lmmrt.runtime import text_output
 from lmmrt.runtime.tokenizer import Tokenizer
 from lmmrt.runtime.weights import TOKENIZER, load_checkpoint
 
@@ -140,7 +141,7 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     ("stop" | "length"); with stream=True an iterator of text pieces (str for one prompt,
     (prompt index, str) for several). Timings of the last call are in model.last_stats.
     """
-    return _gen.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
+    return text_output.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
                          ignore_eos=ignore_eos, seed=seed)

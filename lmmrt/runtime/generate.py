@@ -17,6 +17,7 @@ import torch
 from lmmrt.models.decoder import StepContext
 from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.batch import Batch, build_batch
+from lmmrt.runtime.generation_args import check_generation_args
 from lmmrt.runtime.kv_cache import KVCache
 from lmmrt.runtime.sampling import apply_repetition_penalty, sample
 from lmmrt.runtime.static_decode import StaticDecodeStep
@@ -147,24 +148,6 @@ def prompt_logits(model, prompts, images=None) -> list[torch.Tensor]:
     return [logits[b, T - n:].cpu() for b, n in enumerate(batch.lengths)]
 
 
-class _StopChecker:
-    def __init__(self, model, stop, stop_token_ids, ignore_eos):
-        cfg = model.config
-        if isinstance(stop_token_ids, int):
-            stop_token_ids = [stop_token_ids]
-        ids = set(stop_token_ids or [])
-        if not ignore_eos:
-            if cfg.eos_token_id is not None:
-                ids.add(cfg.eos_token_id)
-            ids.update(cfg.stop_token_ids)
-        self.ids = ids
-        if isinstance(stop, str):
-            stop = [stop]
-        self.strings = [s for s in (stop or []) if s]
-        if self.strings and model.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-
-
 def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
                    repetition_penalty=1.0, stop=None, stop_token_ids=None, ignore_eos=False, seed=None,
                    stats: GenerationStats | None = None, media_latents=None,
@@ -175,15 +158,11 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     media_latents: media already encoded for `images` (see precomputed_media), so prefill skips
     the vision encoder and perceiver. on_step: called on the host between decode steps (the video
     pipeline launches the next chunk's encoding there, on its own CUDA stream)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    bad = [f"{name}={value} (must be {rule})" for name, value, ok, rule in (
-        ("temperature", temperature, temperature >= 0, ">= 0"), ("top_k", top_k, top_k >= 0, ">= 0"),
-        ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
-        ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0")) if not ok]
-    if bad:
-        raise ValueError("bad sampling option(s): " + ", ".join(bad))
-    stopper = _StopChecker(model, stop, stop_token_ids, ignore_eos)
+    args = check_generation_args(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=repetition_penalty, stop=stop,
+                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, seed=seed)
+    max_new_tokens, temperature, top_k, top_p = args.max_new_tokens, args.temperature, args.top_k, args.top_p
+    repetition_penalty, seed = args.repetition_penalty, args.seed
     stats = stats if stats is not None else GenerationStats()
     dev = model.device
     t0 = time.perf_counter()
@@ -234,7 +213,7 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
                 reasons.append(None)
                 continue
             out.append(toks[b])
-            if toks[b] in stopper.ids:
+            if toks[b] in args.stop_ids:
                 finished[b] = True
                 reasons.append("stop")
             elif step == max_new_tokens - 1:
@@ -255,122 +234,3 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
             else:
                 ctx = decode_context(model.module, batch, slot)
                 logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
-
-
-class _Detok:
-    """Incremental detokenization. A piece ending in an incomplete UTF-8 sequence is held back for
-    up to 4 tokens (the longest UTF-8 character), then emitted as it decodes."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.pending = 0
-
-    def push(self, tid: int) -> str:
-        self.ids.append(tid)
-        text = self.tok.decode(self.ids)
-        self.pending += 1
-        if text.endswith("\ufffd") and self.pending < 4:
-            return ""
-        return self._take(text)
-
-    def flush(self) -> str:
-        return self._take(self.tok.decode(self.ids)) if self.ids else ""
-
-    def _take(self, text: str) -> str:
-        piece = text[self.emitted:]
-        self.emitted = max(self.emitted, len(text))
-        self.pending = 0
-        return piece
-
-
-def generate(model, prompts, images=None, *, stream=False, **kw):
-    """See lmmrt.generate. token_ids include a final stop token; text never does."""
-    from lmmrt.runtime.batch import normalize_prompts
-
-    stopper = _StopChecker(model, kw.get("stop"), kw.get("stop_token_ids"), kw.get("ignore_eos", False))
-    stop_strings = stopper.strings
-    if stream:
-        return _generate_stream(model, prompts, images, stop_strings, **kw)
-    n = len(normalize_prompts(prompts))
-    toks: list[list[int]] = [[] for _ in range(n)]
-    reasons: list[str | None] = [None] * n
-    detoks = [_Detok(model.tokenizer) for _ in range(n)] if stop_strings else None
-    texts = [""] * n
-    stats = GenerationStats()
-    steps = generate_steps(model, prompts, images, stats=stats, **kw)
-    try:
-        for out, rs in steps:
-            for b, t in enumerate(out):
-                if t < 0 or reasons[b] is not None:
-                    continue
-                toks[b].append(t)
-                reasons[b] = rs[b]
-                if detoks is not None and rs[b] is None:
-                    texts[b] += detoks[b].push(t)
-                    if any(s in texts[b] for s in stop_strings):
-                        reasons[b] = "stop"
-            if all(r is not None for r in reasons):
-                break
-    finally:
-        steps.close()
-    model.last_stats = stats
-    results = []
-    for b in range(n):
-        text = ""
-        if model.tokenizer is not None:
-            ids = toks[b]
-            if ids and reasons[b] == "stop" and ids[-1] in stopper.ids:
-                ids = ids[:-1]
-            text = model.tokenizer.decode(ids)
-            cut = min((text.index(s) for s in stop_strings if s in text), default=None)
-            if cut is not None:
-                text = text[:cut]
-        results.append(GenerationResult(text=text, token_ids=toks[b], finish_reason=reasons[b] or "length",
-                                        prompt_tokens=stats.extra.get("prompt_lengths", [0] * n)[b]))
-    return results
-
-
-def _generate_stream(model, prompts, images, stop_strings, **kw):
-    """Text pieces as they are produced: str for one prompt, (prompt index, str) for several."""
-    from lmmrt.runtime.batch import normalize_prompts
-
-    if model.tokenizer is None:
-        raise ValueError("stream=True needs a tokenizer; this model has none")
-    n = len(normalize_prompts(prompts))
-    detoks = [_Detok(model.tokenizer) for _ in range(n)]
-    held = [""] * n  # text withheld while it could still be the start of a stop string
-    done = [False] * n
-    stats = GenerationStats()
-    steps = generate_steps(model, prompts, images, stats=stats, **kw)
-    try:
-        for out, _ in steps:
-            for b, t in enumerate(out):
-                if t < 0 or done[b]:
-                    continue
-                held[b] += detoks[b].push(t)
-                hit = next((s for s in stop_strings if s in held[b]), None)
-                if hit is not None:
-                    piece, done[b] = held[b][:held[b].index(hit)], True
-                    held[b] = ""
-                else:
-                    keep = max((len(s) - 1 for s in stop_strings), default=0)
-                    # emit all but a tail that might begin a stop string
-                    cut = len(held[b])
-                    for k in range(min(keep, len(held[b])), 0, -1):
-                        if any(s.startswith(held[b][-k:]) for s in stop_strings):
-                            cut = len(held[b]) - k
-                            break
-                    piece, held[b] = held[b][:cut], held[b][cut:]
-                if piece:
-                    yield piece if n == 1 else (b, piece)
-            if all(done):
-                break
-        for b in range(n):
-            rest = "" if done[b] else held[b] + detoks[b].flush()
-            if rest:
-                yield rest if n == 1 else (b, rest)
-    finally:
-        steps.close()
-        model.last_stats = stats

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmmrt.runtime import generate as _gen
+from lmmrt.runtime import text_output
 from lmmrt.runtime.processor import normalize_uint8
 
 MODES = ("frames", "clip")
@@ -515,8 +515,9 @@ def generate_video_stream(model, chunks, prompt_template: str = VIDEO, *, chunk_
 
 def _decode_chunk(model, enc: _Encoded, template: str, mode: str, seed, gen_kw, on_step=None) -> VideoChunkText:
     prompt = _fill(template, model, mode, len(enc.clip))
-    result = _gen.generate(model, prompt, _media_items(enc.pixels, mode), media_latents=(enc.latents, enc.kv),
-                           on_step=on_step, seed=None if seed is None else seed + enc.index, **gen_kw)[0]
+    result = text_output.generate(model, prompt, _media_items(enc.pixels, mode),
+                                  media_latents=(enc.latents, enc.kv), on_step=on_step,
+                                  seed=None if seed is None else seed + enc.index, **gen_kw)[0]
     return VideoChunkText(enc.index, result, enc.clip, model.last_stats)
 
 
