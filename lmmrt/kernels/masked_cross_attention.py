@@ -95,6 +95,7 @@ from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa:
 from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
 from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
 from lmmrt.kernels.triton_common import NEG_INIT as _NEG_INIT  # noqa: E402
+from lmmrt.kernels.triton_common import attention_tiles as _attention_tiles  # noqa: E402
 from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E402
 from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
 from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
@@ -109,11 +110,12 @@ def _prefill_config(T: int, dh: int, dtype: torch.dtype, device) -> dict:
         # ~1 ms per program instance and per loop iteration in the interpreter: big tiles.
         return dict(BLOCK_M=min(128, max(16, _next_pow2(T))), BLOCK_N=128, BLOCK_D=block_d,
                     num_warps=4, num_stages=1)
-    # 64 query rows: a 64-key media block of one image is one tile; a text block rarely spans
-    # more than two media, so the union-range loop wastes little.
-    block_n = 64 if (block_d <= 128 or dtype != torch.float32) else 32
-    return dict(BLOCK_M=64 if T > 32 else max(16, _next_pow2(T)), BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 64 else 8, num_stages=2 if dtype == torch.float32 else 3)
+    # 64 query rows (up to 128-wide heads): a 64-key media block of one image is one tile; a text
+    # block rarely spans more than two media, so the union-range loop wastes little.
+    tiles = _attention_tiles(block_d, dtype)
+    rows = tiles["BLOCK_ROWS"]
+    return dict(BLOCK_M=rows if T > rows // 2 else max(16, _next_pow2(T)), BLOCK_N=tiles["BLOCK_N"],
+                BLOCK_D=block_d, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
 
 
 def _decode_config(BH: int, N: int, L: int, dh: int, cumulative: bool, device) -> dict:

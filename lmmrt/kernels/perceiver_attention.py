@@ -70,6 +70,7 @@ from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa:
 from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
 from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
 from lmmrt.kernels.triton_common import NEG_INIT as _NEG_INIT  # noqa: E402
+from lmmrt.kernels.triton_common import attention_tiles as _attention_tiles  # noqa: E402
 from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E402
 from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
 from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
@@ -90,13 +91,13 @@ def _perceiver_config(n_lat: int, dh: int, dtype: torch.dtype, n_programs_mh: in
         # ~1 ms per program instance and per loop iteration in the interpreter: big tiles.
         return dict(BLOCK_Q=min(128, max(16, _next_pow2(n_lat))), BLOCK_N=256, BLOCK_D=block_d,
                     num_warps=4, num_stages=1)
-    block_q = min(64, max(16, _next_pow2(n_lat)))
+    tiles = _attention_tiles(block_d, dtype)
+    block_q = min(tiles["BLOCK_ROWS"], max(16, _next_pow2(n_lat)))
     sms = _sm_count(device)
     if block_q == 64 and n_programs_mh * triton.cdiv(n_lat, 64) < sms:
         block_q = 32
-    block_n = 64 if (block_d <= 128 or dtype != torch.float32) else 32
-    return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8,
-                num_stages=2 if dtype == torch.float32 else 3)
+    return dict(BLOCK_Q=block_q, BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d, num_warps=tiles["num_warps"],
+                num_stages=tiles["num_stages"])
 
 
 @_jit

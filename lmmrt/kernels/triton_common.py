@@ -24,6 +24,22 @@ NEG_INIT = -1.0e30
 LOG2E = 1.4426950408889634
 
 
+def attention_tiles(block_d: int, dtype: torch.dtype) -> dict:
+    """GPU tile sizes of the flash-attention style kernels (perceiver, cross-attention prefill), by
+    head-dim tile and dtype: BLOCK_ROWS query rows, BLOCK_N keys per step, warps, pipeline stages.
+
+    Each pipeline stage holds a K and a V tile in shared memory (BLOCK_N x BLOCK_D each). Up to
+    128-wide heads, 64-key tiles with 3 stages (2 in fp32) fit sm_80's 163 KiB with room to spare
+    and compile without register spills in bf16. Wider heads (160/192/256, padded to 256) would
+    need ~172-180 KiB with those: they take 32-key tiles and 2 stages, and fp32 (twice the bytes,
+    twice the registers for q and the accumulator) also halves the query rows.
+    tests/kernels/triton_gpu_compile.py checks every choice against sm_80/sm_90 limits."""
+    if block_d <= 128:
+        return dict(BLOCK_ROWS=64, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8,
+                    num_stages=2 if dtype == torch.float32 else 3)
+    return dict(BLOCK_ROWS=32 if dtype == torch.float32 else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
