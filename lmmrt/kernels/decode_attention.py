@@ -55,16 +55,14 @@ def decode_attention_reference(
     if alibi_slopes is not None:
         distance = (slots[None, :] - (end - 1)).to(cdt)  # (B, S): key slot - query slot
         scores = scores + alibi_slopes.to(cdt).reshape(1, KV, H // KV, 1) * distance[:, None, None, :]
-    # where(), not masked_fill of a -inf bias: a NaN slot outside the range must not reach the sum,
+    # masked_fill, not an added -inf bias: a NaN slot outside the range must not reach the sum,
     # neither through its score nor through its value (0 * NaN is NaN).
-    allowed = in_range[:, None, None, :]
-    scores = torch.where(allowed, scores, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # empty rows: exp(-inf) = 0
-    p = torch.exp(scores - row_max)
-    denom = p.sum(dim=-1, keepdim=True)
-    values = torch.where(in_range[:, None, :, None], v_cache.to(cdt), 0.0)
-    out = torch.matmul(p, values) / torch.where(denom > 0, denom, 1.0)
+    outside = ~in_range
+    scores = scores.masked_fill(outside[:, None, None, :], float("-inf"))
+    values = v_cache.to(cdt).masked_fill(outside[:, None, :, None], 0.0)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values)
+    # an empty range softmaxes to NaN: zeros instead
+    out = out.masked_fill(outside.all(dim=-1)[:, None, None, None], 0.0)
     return out.reshape(B, H, D).to(q.dtype)
 
 

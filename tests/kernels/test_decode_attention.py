@@ -67,7 +67,9 @@ def _inputs(B, H, KV, S, dh, dtype, *, ranges="mixed", layout="layers", index_dt
 
 
 def _ref64(q, k, v, ks, ke, slopes=None, scale=None):
-    return decode_attention_reference(q.double(), k.double(), v.double(), ks, ke, alibi_slopes=slopes, scale=scale)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), ks, ke, alibi_slopes=slopes, scale=scale)
+    assert not torch.isnan(ref).any(), "NaN in the reference"  # assert_close would not see it
+    return ref
 
 
 # ---- the reference -------------------------------------------------------------------------------
@@ -173,9 +175,10 @@ def test_kernel_empty_range_gives_zeros_with_splits():
 def test_kernel_clamps_out_of_cache_ranges():
     # Index values are trusted, but a range reaching past the cache must not read past it.
     q, k, v, _, _, slopes = _inputs(3, 4, 2, 19, 32, torch.float32, ranges="full")
-    ks, ke = torch.tensor([-4, 3, 0]), torch.tensor([7, 40, 0])
+    ks, ke = torch.tensor([-4, 3, 25]), torch.tensor([7, 40, 30])  # row 2: wholly past the cache
     out = decode_attention_triton(q, k, v, ks, ke, alibi_slopes=slopes)
     assert_close(out, _ref64(q, k, v, ks, ke, slopes), torch.float32, "clamped")
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
     clamped = _ref64(q, k, v, ks.clamp(0, 19), ke.clamp(0, 19))
     assert_close(decode_attention_triton(q, k, v, ks, ke), clamped, torch.float32, "clamped, no alibi")
 
