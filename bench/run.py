@@ -1,6 +1,6 @@
 """Run the benchmarks and write JSON + a markdown table + plots.
 
-    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,generate,cpu_proxy] [--no-compile]
+    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,cpu_proxy] [--no-compile]
                         [--budget-s SECONDS] [--merge-only]
 
 --smoke: tiny shapes on the CPU (torch backend and baselines only), for CI and `make bench`.
@@ -22,13 +22,21 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_cpu_proxy, bench_generate, bench_perceiver, bench_xattn, report
+from bench import (
+    bench_cpu_proxy,
+    bench_decode_attention,
+    bench_generate,
+    bench_perceiver,
+    bench_xattn,
+    report,
+)
 from bench.harness import default_out_dir, jsonable, measure_ceilings, run_key
 
-BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "generate": bench_generate,
+BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "decode_attention": bench_decode_attention,
+           "generate": bench_generate,
            "cpu_proxy": bench_cpu_proxy}
 # Seconds per benchmark (each also stops starting new cases when its budget is spent).
-BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "generate": 150.0, "cpu_proxy": 1800.0}
+BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "decode_attention": 60.0, "generate": 150.0, "cpu_proxy": 1800.0}
 SMOKE_BUDGET_S = 60.0
 
 
