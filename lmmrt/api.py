@@ -11,6 +11,7 @@ from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
 from lmmrt.runtime import generate as _gen
 from lmmrt.runtime import text_output
+from lmmrt.runtime.static_decode import DecodeState, check_cuda_graph
 from lmmrt.runtime.tokenizer import Tokenizer
 from lmmrt.runtime.weights import TOKENIZER, load_checkpoint
 
@@ -37,7 +38,7 @@ class Model:
     """A loaded model: the torch module, its config, tokenizer, device, dtype and backend."""
 
     def __init__(self, module: FlamingoModel, config: ModelConfig, tokenizer: Tokenizer | None,
-                 backend: str = "auto", path: str | None = None, cuda_graph: bool = False):
+                 backend: str = "auto", path: str | None = None, cuda_graph: bool | str = "auto"):
         self.module = module.eval().requires_grad_(False)
         self.config = config
         self.tokenizer = tokenizer
@@ -46,8 +47,10 @@ class Model:
         module.set_backend(self.backend)
         module.fold_gates()
         self.last_stats: _gen.GenerationStats | None = None
-        # Decode with a fixed-shape step replayed as a CUDA graph (where the step's ops allow it).
-        self.cuda_graph = cuda_graph
+        # Decode with a fixed-shape step replayed as a CUDA graph (where the step's ops allow it);
+        # graphs (one per shape bucket) and the KV / media caches they read live in decode_state.
+        self.cuda_graph = check_cuda_graph(cuda_graph)
+        self.decode_state = DecodeState()
 
     @property
     def device(self) -> torch.device:
@@ -106,14 +109,16 @@ def parse_device(device, *, option: str = "device") -> torch.device:
 
 
 def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False,
-         cuda_graph: bool = False) -> Model:
+         cuda_graph: bool | str = "auto") -> Model:
     """Load an lmmrt checkpoint directory (made by `lmmrt convert`), or a transformers IDEFICS
     directory, which is then converted in memory at every load (convert once to skip that).
 
     device: "cuda", "cpu", ... (default: cuda when available); dtype: torch dtype or name
     (default: the dtype stored in the file); backend: torch | triton | cuda | auto
-    (default: $LMMRT_BACKEND, else auto); cuda_graph: decode with a fixed-shape step captured
-    as a CUDA graph (used on CUDA when the cross-attention op runs a kernel, eager elsewhere)."""
+    (default: $LMMRT_BACKEND, else auto); cuda_graph: "auto" (default) decodes on CUDA with a
+    fixed-shape step captured as a CUDA graph once per batch size and cache-length bucket (when
+    every op of the step runs a kernel; eager elsewhere, and after a failed capture, with one
+    warning); True forces the fixed-shape step, False the eager step."""
     device = parse_device(device)
     backend = requested_backend(backend)
     tok_path = Path(path) / TOKENIZER

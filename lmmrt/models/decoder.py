@@ -14,32 +14,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmmrt.kernels.decode_attention import decode_attention
 from lmmrt.models.config import DecoderConfig
 from lmmrt.models.layers import activation, make_norm
 
 
 @dataclass
 class StepContext:
-    """What every layer needs to know about the tokens of this forward call.
+    """What every layer needs to know about the tokens of this forward call, built once per call
+    (per decode step) and shared by every layer.
 
     positions: (B, T) logical positions (per sequence; left padding does not count);
     slot: index in the KV cache where this call's tokens are written (an int, or a (1,) device
-    tensor in the fixed-shape decode step of CUDA graphs); kv_len: cache entries
-    attended to (slot + T); mask: (B, 1, T, kv_len) bool, True where a query may see a key."""
+    tensor in the fixed-shape decode step); kv_len: cache entries attended to (slot + T);
+    attn_mask: None (every key of the prefix, or causal), a bool (B, 1, T, kv_len) mask (True: may
+    see), or for ALiBi families a (B, H, T, kv_len) additive bias in the model dtype with the mask
+    folded in as -inf; causal: SDPA's is_causal (a prefill with no left padding).
+    The fixed-shape decode step sets key_start/key_end instead: (B,) device tensors, row b attends
+    to cache slots [key_start[b], key_end[b]) (decode_attention), with alibi_slopes (H,) for ALiBi."""
 
     positions: torch.Tensor
     slot: int | torch.Tensor
     kv_len: int
-    mask: torch.Tensor
+    attn_mask: torch.Tensor | None = None
+    causal: bool = False
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    # ALiBi families: (B, H, T, kv_len) float32 additive bias, shared by every layer of the call.
-    alibi: torch.Tensor | None = None
+    key_start: torch.Tensor | None = None
+    key_end: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    backend: str = "torch"
 
 
-def rope_tables(cfg: DecoderConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, rotary_dim) in float32 (HF's rotate-half layout)."""
+def rope_inv_freq(cfg: DecoderConfig, device) -> torch.Tensor:
+    """(rotary_dim / 2,) float32 inverse frequencies of the rotary embedding."""
     rot = int(cfg.head_dim * cfg.rotary_pct)
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, device=positions.device, dtype=torch.float32) / rot))
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, device=device, dtype=torch.float32) / rot))
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, rotary_dim) in float32 (HF's rotate-half layout)."""
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -48,33 +61,37 @@ def rope_tables(cfg: DecoderConfig, positions: torch.Tensor) -> tuple[torch.Tens
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, T, H, hd); cos/sin (B, T, rot). Rotates the first `rot` dims (all for LLaMA)."""
     rot = cos.shape[-1]
-    xr, xp = x[..., :rot].float(), x[..., rot:]
+    xr, xp = x[..., :rot], x[..., rot:]
+    low_precision = x.dtype != torch.float32  # rotate in float32; skip no-op casts when already so
+    if low_precision:
+        xr = xr.float()
     c, s = cos[:, :, None], sin[:, :, None]
     half = rot // 2
     rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = (xr * c + rotated * s).to(x.dtype)
+    out = xr * c + rotated * s
+    if low_precision:
+        out = out.to(x.dtype)
     return out if rot == x.shape[-1] else torch.cat([out, xp], dim=-1)
 
 
-def cached_attention(q, k, v, ctx: StepContext, k_cache, v_cache, *, bias=None):
-    """Write this call's k, v into the static cache, then attend over the cache prefix.
+def cached_attention(q, k, v, ctx: StepContext, k_cache, v_cache):
+    """Write this call's k, v into the static cache, then attend over the filled cache.
 
     q: (B, T, H, hd); k, v: (B, T, KV, hd); caches: (B, KV, max_len, hd). Returns (B, T, H*hd)."""
     b, t, h, hd = q.shape
-    if isinstance(ctx.slot, torch.Tensor):
-        # fixed-shape step (CUDA graphs): the slot lives on the device, kv_len is the whole cache
-        idx = ctx.slot + torch.arange(t, device=ctx.slot.device)
-        k_cache.index_copy_(2, idx, k.transpose(1, 2).to(k_cache.dtype))
-        v_cache.index_copy_(2, idx, v.transpose(1, 2).to(v_cache.dtype))
-    else:
-        k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
-        v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
+    if ctx.key_end is not None:
+        # fixed-shape decode step (CUDA graphs): the slot lives on the device and the attention
+        # reads only each row's filled slots [key_start, key_end), whatever the rest holds
+        k_cache.index_copy_(2, ctx.slot, k.transpose(1, 2))
+        v_cache.index_copy_(2, ctx.slot, v.transpose(1, 2))
+        out = decode_attention(q[:, 0], k_cache, v_cache, ctx.key_start, ctx.key_end,
+                               alibi_slopes=ctx.alibi_slopes, backend=ctx.backend)
+        return out.reshape(b, t, h * hd)
+    k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
+    v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
     keys, vals = k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len]
-    mask = ctx.mask
-    if bias is not None:  # ALiBi and friends: a float bias with -inf where masked
-        mask = bias.masked_fill(~mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask,
-                                         enable_gqa=keys.shape[1] != h)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=ctx.attn_mask,
+                                         is_causal=ctx.causal, enable_gqa=keys.shape[1] != h)
     return out.transpose(1, 2).reshape(b, t, h * hd)
 
 
@@ -120,19 +137,24 @@ def alibi_slopes(heads: int, bias_max: float = 8.0, device=None) -> torch.Tensor
     return slopes
 
 
-def alibi_bias(cfg: DecoderConfig, batch: int, slot: int, t: int, kv_len: int, device) -> torch.Tensor:
-    """(B, H, T, kv_len) float32: slope_h * (key slot - query slot).
+def alibi_mask(slopes: torch.Tensor, slot: int, t: int, kv_len: int, dtype: torch.dtype, *,
+               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """(B or 1, H, T, kv_len) additive attention bias in `dtype`: slope_h * (key slot - query slot),
+    -inf where `mask` (bool, broadcastable to (B, 1, T, kv_len)) is False, or above the diagonal
+    when `causal`.
 
     MPT adds slope * (key position) to every score row; softmax ignores a per-row constant, so
     only the distance to the query matters and the cache slot stands in for the position: left
-    padding shifts keys and queries alike and changes nothing."""
-    # slot may be a device tensor (fixed-shape decode step)
-    q_slot = torch.arange(t, device=device, dtype=torch.float32) + (
-        slot.float() if isinstance(slot, torch.Tensor) else float(slot))
-    k_slot = torch.arange(kv_len, device=device, dtype=torch.float32)
-    slopes = alibi_slopes(cfg.heads, cfg.alibi_bias_max, device=device)
-    bias = slopes[:, None, None] * (k_slot[None, None, :] - q_slot[None, :, None])
-    return bias[None].expand(batch, -1, -1, -1)
+    padding shifts keys and queries alike and changes nothing. Built once per forward call, in the
+    model dtype with the mask folded in, so layers pass it to SDPA as is."""
+    dev = slopes.device
+    q_slot = torch.arange(slot, slot + t, device=dev, dtype=torch.float32)
+    k_slot = torch.arange(kv_len, device=dev, dtype=torch.float32)
+    distance = k_slot[None, :] - q_slot[:, None]  # (T, kv_len)
+    bias = (slopes[:, None, None] * distance).to(dtype)[None]  # (1, H, T, kv_len)
+    if mask is not None:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias.masked_fill(distance > 0, float("-inf")) if causal else bias
 
 
 class MptLayer(nn.Module):
@@ -157,8 +179,7 @@ class MptLayer(nn.Module):
         if cfg.qkv_clip > 0:
             qkv = qkv.clamp(-cfg.qkv_clip, cfg.qkv_clip)
         q, k, v = qkv.view(b, t, 3, cfg.heads, cfg.head_dim).unbind(2)
-        bias = ctx.alibi.to(x.dtype) if ctx.alibi is not None else None
-        h, x = self.mlp_norm.add(self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache, bias=bias)), x)
+        h, x = self.mlp_norm.add(self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache)), x)
         return x + self.fc2(self.act(self.fc1(h)))
 
 
@@ -211,14 +232,47 @@ class Decoder(nn.Module):
         self.norm = make_norm(norm_kind, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._constants: dict[tuple[str, str], torch.Tensor] = {}
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return F.linear(self.norm(x), w)
 
-    def context(self, positions, slot, kv_len, mask) -> StepContext:
-        rope = rope_tables(self.cfg, positions) if self.uses_rope else None
-        alibi = None
+    def _cached(self, name: str, device, build):
+        # Per-device constants (RoPE inverse frequencies, ALiBi slopes), built on first use: not
+        # buffers, so state_dict() and checkpoints are unchanged.
+        key = (name, str(device))
+        if key not in self._constants:
+            self._constants[key] = build()
+        return self._constants[key]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.uses_rope:
+            return None
+        dev = positions.device
+        return rope_tables(self._cached("inv_freq", dev, lambda: rope_inv_freq(self.cfg, dev)), positions)
+
+    def alibi_slopes(self, device) -> torch.Tensor | None:
+        if not self.cfg.alibi:
+            return None
+        return self._cached("alibi", device, lambda: alibi_slopes(self.cfg.heads, self.cfg.alibi_bias_max, device))
+
+    def context(self, positions: torch.Tensor, slot: int, kv_len: int, mask: torch.Tensor | None, *,
+                causal: bool = False) -> StepContext:
+        """Context of a forward call writing T = positions.shape[1] tokens at the int `slot`.
+        mask: bool (B, 1, T, kv_len), or None for every key of the prefix (causal=True in a prefill)."""
+        attn_mask = mask
         if self.cfg.alibi:
-            alibi = alibi_bias(self.cfg, positions.shape[0], slot, positions.shape[1], kv_len, positions.device)
-        return StepContext(positions=positions, slot=slot, kv_len=kv_len, mask=mask, rope=rope, alibi=alibi)
+            attn_mask = alibi_mask(self.alibi_slopes(positions.device), slot, positions.shape[1], kv_len,
+                                   self.embed.weight.dtype, mask=mask, causal=causal)
+            causal = False  # folded into the bias
+        return StepContext(positions=positions, slot=slot, kv_len=kv_len, attn_mask=attn_mask, causal=causal,
+                           rope=self.rope(positions))
+
+    def fixed_decode_context(self, positions: torch.Tensor, slot: torch.Tensor, key_start: torch.Tensor,
+                             kv_len: int, backend: str) -> StepContext:
+        """Context of the fixed-shape decode step: one token per row written at the device `slot`
+        (1,); row b attends to slots [key_start[b], slot + 1). No host value, no data-dependent shape."""
+        return StepContext(positions=positions, slot=slot, kv_len=kv_len, rope=self.rope(positions),
+                           key_start=key_start, key_end=(slot + 1).expand(positions.shape[0]),
+                           alibi_slopes=self.alibi_slopes(positions.device), backend=backend)

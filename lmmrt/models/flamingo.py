@@ -74,4 +74,5 @@ class FlamingoModel(nn.Module):
             x = layer(x, ctx, kv_cache.k[i], kv_cache.v[i])
         if logits_for == "last":
             x = x[:, -1]
-        return self.decoder.head(x).float()
+        logits = self.decoder.head(x)
+        return logits if logits.dtype == torch.float32 else logits.float()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmmrt.kernels.masked_cross_attention import masked_cross_attention
 from lmmrt.models.config import ModelConfig
@@ -31,6 +32,37 @@ class MediaContext:
     media_start: torch.Tensor
     media_count: torch.Tensor
     any_media: bool
+    # Decode only: each row's media keys gathered once per batch (see GatheredMedia), used instead
+    # of the masked op when that op would run its torch reference.
+    gathered: GatheredMedia | None = None
+
+
+@dataclass
+class GatheredMedia:
+    """The media keys one decode token of each row sees, gathered once per batch.
+
+    A decode token's media never change, so instead of re-deriving them every step (a host read of
+    media_count.max(), a gather of every image of the row, a dense mask) the runtime gathers them
+    once: k[j], v[j] (B, H, K, dh) for block j, K the most keys any row sees; mask (B, 1, 1, K) bool
+    or None when every row sees all K; q_scale (B, 1, 1, 1) zero for an OpenFlamingo cumulative
+    row before any media (zero scores: a uniform average), or None; out_scale (B, 1, 1, 1) zero
+    for a row that sees no media (it attends to a stand-in key, then gets zeros), or None."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    mask: torch.Tensor | None
+    q_scale: torch.Tensor | None
+    out_scale: torch.Tensor | None
+
+    def attend(self, q: torch.Tensor, j: int) -> torch.Tensor:
+        """q (B, 1, H, dh) -> (B, 1, H, dh): block j's cross-attention of the decode token."""
+        q = q.transpose(1, 2)
+        if self.q_scale is not None:
+            q = q * self.q_scale
+        out = F.scaled_dot_product_attention(q, self.k[j], self.v[j], attn_mask=self.mask)
+        if self.out_scale is not None:
+            out = out * self.out_scale
+        return out.transpose(1, 2)
 
 
 class GatedCrossAttention(nn.Module):
@@ -97,9 +129,12 @@ class GatedCrossAttention(nn.Module):
             q = self.wq(self.attn_norm(x)).view(b, t, xc.heads, xc.head_dim)
             if xc.qk_norm:
                 q = self.q_norm(q)
-            k, v = media.kv[j]
-            a = masked_cross_attention(q, k, v, media.text_time, media.media_start, media.media_count,
-                                       mode=xc.mask_mode, backend=self.backend)
+            if media.gathered is not None:
+                a = media.gathered.attend(q, j)
+            else:
+                k, v = media.kv[j]
+                a = masked_cross_attention(q, k, v, media.text_time, media.media_start, media.media_count,
+                                           mode=xc.mask_mode, backend=self.backend)
             branch = self._gate(self.attn_gate, self.wo(a.reshape(b, t, -1)))
             if not self.skip_ff:  # residual add fused into the feed-forward's norm
                 h, x = self.ff_norm.add(branch, x)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmmrt.models.decoder import StepContext
 from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.batch import Batch, build_batch
+from lmmrt.runtime.decode_plan import DecodePlan, gather_media
 from lmmrt.runtime.generation_args import check_generation_args
 from lmmrt.runtime.kv_cache import KVCache
-from lmmrt.runtime.sampling import apply_repetition_penalty, sample
-from lmmrt.runtime.static_decode import StaticDecodeStep
+from lmmrt.runtime.sampling import NAN_TOKEN, apply_repetition_penalty, sample
+from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable, length_bucket, uses_fixed_step
 
 
 @dataclass
@@ -79,26 +79,6 @@ def encode_batch_media(model, batch: Batch) -> tuple[torch.Tensor | None, list]:
     return latents, module.project_media(latents)
 
 
-def prefill_context(module, batch: Batch) -> StepContext:
-    B, T = batch.tokens.shape
-    dev = batch.tokens.device
-    slots = torch.arange(T, device=dev)
-    positions = (slots[None, :] - batch.pad[:, None]).clamp(min=0)
-    key_ok = slots[None, :] >= batch.pad[:, None]  # (B, T)
-    causal = slots[:, None] >= slots[None, :]  # (T, T)
-    mask = key_ok[:, None, :] & causal[None]
-    mask = mask | torch.eye(T, dtype=torch.bool, device=dev)[None]  # pad rows see themselves: no NaN
-    return module.decoder.context(positions, 0, T, mask[:, None])
-
-
-def decode_context(module, batch: Batch, slot: int) -> StepContext:
-    dev = batch.tokens.device
-    keys = torch.arange(slot + 1, device=dev)
-    positions = (slot - batch.pad)[:, None]
-    mask = (keys[None, :] >= batch.pad[:, None])[:, None, None, :]
-    return module.decoder.context(positions, slot, slot + 1, mask)
-
-
 def precomputed_media(model, batch: Batch, media_latents) -> tuple[torch.Tensor | None, list]:
     """Media encoded ahead of time (e.g. on another CUDA stream by the video pipeline) for the
     media items of `batch`, in batch order: latents (N, L, Dv), whose K/V are projected here, or
@@ -114,23 +94,21 @@ def precomputed_media(model, batch: Batch, media_latents) -> tuple[torch.Tensor 
 
 
 def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", media_latents=None,
-                stats: GenerationStats | None = None):
+                stats: GenerationStats | None = None, clock: _Clock | None = None):
     """Media encoding + the prompt forward. Returns (logits, MediaContext for decode).
     media_latents: already-encoded media (see precomputed_media); default: encode here.
-    stats: when given, its media_s gets the media encoding time (one device sync)."""
+    clock: when given, marks before and after the media encoding go to stats (see _Clock)."""
     module = model.module
-    t0 = time.perf_counter()
+    before = clock.mark() if clock is not None else None
     if media_latents is None:
         latents, kv = encode_batch_media(model, batch)
     else:
         latents, kv = precomputed_media(model, batch, media_latents)
-    if stats is not None:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        stats.media_s = time.perf_counter() - t0
+    if clock is not None and stats is not None:
+        stats.extra["_media_marks"] = (before, clock.mark())
     media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
                          media_count=batch.media_count, any_media=bool(batch.media))
-    ctx = prefill_context(module, batch)
+    ctx = DecodePlan(module, batch).prefill_context(batch.tokens.shape[1])
     logits = module(batch.tokens, ctx, cache, media, logits_for=logits_for)
     # Decode tokens keep the media of the last prompt token (as the reference implementations do).
     decode_media = MediaContext(kv=kv, text_time=batch.text_time[:, -1:].contiguous(),
@@ -139,10 +117,29 @@ def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", m
     return logits, decode_media
 
 
+class _Clock:
+    """Device progress seen from the host without a device-wide synchronize: CUDA events on the
+    current stream (read once a later host wait has passed them), else host time (CPU ops are
+    synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+
 @torch.inference_mode()
 def prompt_logits(model, prompts, images=None) -> list[torch.Tensor]:
     batch = build_batch(model, prompts, images)
-    cache = KVCache(model.config.decoder, batch.size, batch.tokens.shape[1], model.dtype, model.device)
+    cache = KVCache.allocate(model.config.decoder, batch.size, batch.tokens.shape[1], model.dtype, model.device)
     logits, _ = run_prefill(model, batch, cache, logits_for="all")
     T = batch.tokens.shape[1]
     return [logits[b, T - n:].cpu() for b, n in enumerate(batch.lengths)]
@@ -176,36 +173,90 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     if seed is not None:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed)
-    cache = KVCache(model.config.decoder, B, T + max_new_tokens, model.dtype, dev)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.bool, device=dev)
         for b in range(B):  # real prompt tokens only, not the left padding
             seen[b, batch.tokens[b, T - batch.lengths[b]:]] = True
+    module, clock = model.module, _Clock(dev)
+    state = getattr(model, "decode_state", None)
+    # The model's KV pool serves one generation at a time; one started while another is still
+    # being consumed (two live streams) gets a cache of its own.
+    pool = state.kv if state is not None and not state.kv.in_use else None
+    fixed = uses_fixed_step(model)
+    use_graph = fixed and pool is not None and state.graph_error is None and graph_capturable(model)
+    cache_len = length_bucket(T + max_new_tokens) if use_graph else T + max_new_tokens
+    if pool is not None:
+        pool.in_use = True
+        cache = pool.view(model.config.decoder, B, cache_len, model.dtype, dev)
+    else:
+        cache = KVCache.allocate(model.config.decoder, B, cache_len, model.dtype, dev)
+    try:
+        # inference_mode wraps the compute only, never a `yield`: a suspended generator would leave
+        # it switched on in the caller's code between steps.
+        with torch.inference_mode():
+            logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents,
+                                        stats=stats, clock=clock)
+            if use_graph:  # a CUDA graph per bucket, captured once per model and replayed
+                decode = state.graph_step(model, cache, media, batch.pad)
+            else:
+                media.gathered = gather_media(module, media, model.backend)
+                if fixed:
+                    decode = StaticDecodeStep(model, cache, media, batch.pad, use_graph=False)
+                else:
+                    plan = DecodePlan(module, batch)
 
-    # inference_mode wraps the compute only, never a `yield`: a suspended generator would leave it
-    # switched on in the caller's code between steps.
-    with torch.inference_mode():
-        logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents,
-                                    stats=stats)
-        # Fixed-shape decode step (a CUDA graph on the GPU when every op of it is capturable).
-        static_step = StaticDecodeStep(model, batch, cache, media, use_graph=True) \
-            if getattr(model, "cuda_graph", False) else None
+                    def decode(tokens, slot):
+                        return module(tokens.clamp(min=0)[:, None], plan.decode_context(slot), cache, media,
+                                      logits_for="last")
+        yield from _decode_loop(decode, logits, B, T, max_new_tokens, args.stop_ids, sample_kw=dict(
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), seen=seen,
+            repetition_penalty=repetition_penalty, stats=stats, clock=clock, t0=t0, on_step=on_step)
+    finally:
+        if pool is not None:
+            pool.in_use = False
+
+
+def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, *, sample_kw: dict, seen,
+                 repetition_penalty: float, stats: GenerationStats, clock: _Clock, t0: float, on_step):
+    """Sample, hand the tokens to the host, decode the next step; one host sync per step. On CUDA
+    the tokens go non-blocking into pinned memory and step k + 1 is queued before waiting for step
+    k's tokens, so the device never idles on the host's bookkeeping."""
+    overlap = clock.cuda
+    host = torch.empty(B, dtype=torch.long, pin_memory=True) if overlap else None
     finished = [False] * B
     for step in range(max_new_tokens):
+        last = step == max_new_tokens - 1
         with torch.inference_mode():
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            nxt = sample(logits, **sample_kw)
             if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
+                seen.scatter_(1, nxt.clamp(min=0)[:, None], True)
+            if overlap:
+                host.copy_(nxt, non_blocking=True)
+                copied = clock.mark()
+                if not last:
+                    logits = decode(nxt, T + step)
+        if overlap:
+            copied.synchronize()
+            toks = host.tolist()
+        else:
             toks = nxt.tolist()  # the one host sync per step
-        now = time.perf_counter()  # tolist() above synchronized with the device
+        now = time.perf_counter()
         if step == 0:
             stats.prefill_s = now - t0
+            marks = stats.extra.pop("_media_marks", None)
+            if marks is not None:  # both marks precede the token copy just waited for
+                stats.media_s = clock.seconds(*marks)
             t_dec = now
         else:
             stats.decode_s, stats.decode_steps = now - t_dec, step
+        nan_rows = [b for b in range(B) if not finished[b] and toks[b] == NAN_TOKEN]
+        if nan_rows:
+            raise ValueError(f"the model produced NaN logits for prompt {nan_rows[0]} at decode step {step} "
+                             f"(step 0 follows the prompt; rows with NaN: {nan_rows}): no token can be "
+                             "sampled. Check the weights and the dtype (float16 can overflow).")
         out, reasons = [], []
         for b in range(B):
             if finished[b]:
@@ -213,24 +264,20 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
                 reasons.append(None)
                 continue
             out.append(toks[b])
-            if toks[b] in args.stop_ids:
+            if toks[b] in stop_ids:
                 finished[b] = True
                 reasons.append("stop")
-            elif step == max_new_tokens - 1:
+            elif last:
                 finished[b] = True
                 reasons.append("length")
             else:
                 reasons.append(None)
         stats.new_tokens += sum(1 for t in out if t >= 0)
         yield out, reasons
-        if all(finished) or step == max_new_tokens - 1:
+        if all(finished) or last:
             break
         if on_step is not None:
             on_step()
-        slot = T + step
-        with torch.inference_mode():
-            if static_step is not None:
-                logits = static_step(nxt, slot)
-            else:
-                ctx = decode_context(model.module, batch, slot)
-                logits = model.module(nxt[:, None], ctx, cache, media, logits_for="last")
+        if not overlap:
+            with torch.inference_mode():
+                logits = decode(nxt, T + step)

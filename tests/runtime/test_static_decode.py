@@ -10,7 +10,8 @@ import torch
 import lmmrt
 from lmmrt.demo import demo_images, demo_model
 from lmmrt.runtime.batch import build_batch
-from lmmrt.runtime.generate import decode_context, run_prefill
+from lmmrt.runtime.decode_plan import DecodePlan, gather_media
+from lmmrt.runtime.generate import run_prefill
 from lmmrt.runtime.kv_cache import KVCache
 from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable
 
@@ -40,16 +41,19 @@ def _teacher_forced_logits(model, tokens: torch.Tensor, static: bool) -> list[to
     """Next-token logits after the prompt and after each of tokens[:, i] (B, n)."""
     batch = build_batch(model, PROMPTS, _images(), max_new_tokens=tokens.shape[1])
     T = batch.tokens.shape[1]
-    cache = KVCache(model.config.decoder, batch.size, T + tokens.shape[1], model.dtype, model.device)
+    cache = KVCache.allocate(model.config.decoder, batch.size, T + tokens.shape[1], model.dtype, model.device)
     logits, media = run_prefill(model, batch, cache)
-    step = StaticDecodeStep(model, batch, cache, media, use_graph=True) if static else None
+    step = StaticDecodeStep(model, cache, media, batch.pad, use_graph=True) if static else None
+    if not static:
+        media.gathered = gather_media(model.module, media, model.backend)
+        plan = DecodePlan(model.module, batch)
     out = [logits.float().cpu()]
     for i in range(tokens.shape[1]):
         tok = tokens[:, i].to(model.device)
         if step is not None:
             logits = step(tok, T + i)
         else:
-            ctx = decode_context(model.module, batch, T + i)
+            ctx = plan.decode_context(T + i)
             logits = model.module(tok[:, None], ctx, cache, media, logits_for="last")
         out.append(logits.float().cpu().clone())
     return out
@@ -136,7 +140,8 @@ def test_static_step_has_no_host_sync_or_host_copy(monkeypatch, family, xattn_he
     kv = [(torch.empty(N, 64, xc.heads, xc.head_dim, dtype=torch.bfloat16, device=dev),) * 2 for _ in xc.layers]
     media = MediaContext(kv=kv, text_time=batch.text_time[:, -1:].contiguous(), media_start=batch.media_start,
                          media_count=batch.media_count, any_media=True)
-    step = StaticDecodeStep(model, batch, KVCache(cfg.decoder, B, T + 4, torch.bfloat16, dev), media, use_graph=False)
+    cache = KVCache.allocate(cfg.decoder, B, T + 4, torch.bfloat16, dev)
+    step = StaticDecodeStep(model, cache, media, batch.pad, use_graph=False)
 
     class Spy(TorchDispatchMode):
         bad: list = []

@@ -1,0 +1,97 @@
+"""Plan once, run many: what every forward call of one batch shares, computed once per batch.
+
+The contexts of the prompt forward and of each eager decode step (positions, masks only where the
+batch needs them, the RoPE tables from cached inverse frequencies, the ALiBi bias in the model
+dtype with the mask folded in), and the media keys each decode token sees, gathered once for the
+torch cross-attention path instead of per block and per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmmrt.kernels import backend as _backend
+from lmmrt.models.decoder import StepContext
+from lmmrt.models.xattn import GatheredMedia, MediaContext
+from lmmrt.runtime.batch import Batch
+
+
+class DecodePlan:
+    def __init__(self, module, batch: Batch):
+        self.decoder = module.decoder
+        self.pad = batch.pad
+        T = batch.tokens.shape[1]
+        # Rows of one length need no mask at all: SDPA's causal prefill and a maskless decode.
+        self.padded = any(n != T for n in batch.lengths)
+        self.keys = None
+
+    def prefill_context(self, T: int) -> StepContext:
+        dev = self.pad.device
+        slots = torch.arange(T, device=dev)
+        positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)
+        if not self.padded:
+            return self.decoder.context(positions, 0, T, None, causal=True)
+        key_ok = slots[None, :] >= self.pad[:, None]  # (B, T)
+        causal = slots[:, None] >= slots[None, :]  # (T, T)
+        mask = key_ok[:, None, :] & causal[None]
+        mask = mask | torch.eye(T, dtype=torch.bool, device=dev)[None]  # pad rows see themselves: no NaN
+        return self.decoder.context(positions, 0, T, mask[:, None])
+
+    def decode_context(self, slot: int) -> StepContext:
+        """The eager step writing one token per row at the int cache `slot`."""
+        positions = (slot - self.pad)[:, None]
+        mask = None
+        if self.padded:
+            if self.keys is None or self.keys.shape[0] <= slot:
+                self.keys = torch.arange(2 * (slot + 1), device=self.pad.device)
+            mask = (self.keys[None, :slot + 1] >= self.pad[:, None])[:, None, None, :]
+        return self.decoder.context(positions, slot, slot + 1, mask)
+
+
+def gather_media(module, media: MediaContext, backend: str) -> GatheredMedia | None:
+    """Each row's decode-time media keys, gathered once per batch, for the torch path of the
+    cross-attention (the kernels read the packed cache directly and need none of it: None).
+    media.text_time (B, 1) is the decode token's media ordinal (that of the last prompt token)."""
+    if not media.any_media or not module.xattn:
+        return None
+    dev = media.text_time.device
+    if _backend.resolve_name("masked_cross_attention", backend, dev) != "torch":
+        return None
+    cumulative = module.cfg.xattn.mask_mode == "cumulative"
+    # One host read per batch (the plan), never per step.
+    tt = media.text_time[:, 0].tolist()
+    start, count = media.media_start.tolist(), media.media_count.tolist()
+    seen, uniform = [], []
+    for b, (t, s, c) in enumerate(zip(tt, start, count)):
+        if cumulative:
+            # OpenFlamingo: a row before any media averages all its media uniformly
+            first, n = s, (c if t == 0 else min(t, c))
+            uniform.append(t == 0 and c > 0)
+        else:
+            first, n = s + t - 1, (1 if 1 <= t <= c else 0)
+            uniform.append(False)
+        seen.append((first, n))
+    most = max(n for _, n in seen)
+    if most == 0:
+        return None
+    idx = torch.tensor([[first + min(i, max(n - 1, 0)) if n else 0 for i in range(most)] for first, n in seen],
+                       device=dev)  # (B, most): a row with fewer media repeats one, masked below
+    valid = torch.tensor([[i < n for i in range(most)] for _, n in seen], device=dev)
+    ks, vs = [], []
+    for k, v in media.kv:  # (N, L, H, dh) each
+        B, L = idx.shape[0], k.shape[1]
+        ks.append(k[idx].reshape(B, most * L, *k.shape[2:]).transpose(1, 2).contiguous())
+        vs.append(v[idx].reshape(B, most * L, *v.shape[2:]).transpose(1, 2).contiguous())
+    L = media.kv[0][0].shape[1]
+    empty = [n == 0 for _, n in seen]
+    mask = None
+    if any(n < most for _, n in seen):
+        # a row that sees nothing keeps its first (stand-in) key so its softmax stays finite
+        keep = valid | torch.tensor(empty, device=dev)[:, None] & (torch.arange(most, device=dev) == 0)
+        mask = keep.repeat_interleave(L, dim=1)[:, None, None, :]
+    dtype = ks[0].dtype
+    q_scale = torch.tensor([0.0 if u else 1.0 for u in uniform], dtype=dtype, device=dev).view(-1, 1, 1, 1) \
+        if any(uniform) else None
+    out_scale = torch.tensor([0.0 if e else 1.0 for e in empty], dtype=dtype, device=dev).view(-1, 1, 1, 1) \
+        if any(empty) else None
+    return GatheredMedia(k=ks, v=vs, mask=mask, q_scale=q_scale, out_scale=out_scale)
