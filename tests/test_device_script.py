@@ -1,0 +1,79 @@
+"""bench/device.sh's control flow, on the CPU: syntax, the stage cap (SIGINT first so reports are
+written, SIGKILL at the cap), the caps-within-total check, and a run of a stage subset with a fake
+nvidia-smi (the GPU's own arch reaches the build and the tests through LMMRT_CUDA_ARCHS)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["bench/device.sh", "bench/cuda_checks.sh", "bench/stages.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _capped(tmp_path, cap: int, body: str):
+    """Run `capped CAP LOG python -c BODY` from a shell that ignores SIGINT, like a background job
+    of a non-interactive shell (the device machine's runner may start us that way)."""
+    log = tmp_path / "stage.log"
+    cmd = f'. bench/stages.sh; capped {cap} "{log}" "{sys.executable}" -c "$BODY"; echo "rc=$?"'
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, BODY=body, PY=sys.executable),
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    return r.stdout.strip(), time.monotonic() - t0, log.read_text()
+
+
+def test_capped_stops_with_sigint_and_the_report_is_written(tmp_path):
+    report = tmp_path / "report.xml"
+    body = ("import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+            f"    open({str(report)!r}, 'w').write('<testsuite/>')\n    print('interrupted, report written')\n"
+            "    raise SystemExit(2)")
+    out, took, log = _capped(tmp_path, 4, body)
+    assert out == "rc=124", out  # timeout's status for a command it stopped
+    assert report.read_text() == "<testsuite/>" and "report written" in log
+    assert took < 5, took
+
+
+def test_capped_kills_at_the_cap_what_ignores_sigint(tmp_path):
+    body = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(30)"
+    out, took, _ = _capped(tmp_path, 4, body)
+    assert out == "rc=137", out
+    assert 3.5 < took < 6, took
+
+
+def test_caps_over_the_total_are_refused(tmp_path):
+    r = subprocess.run(["bash", "bench/device.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, TOTAL_S="100", OUT=str(tmp_path), PY=sys.executable))
+    assert r.returncode == 2 and "over TOTAL_S=100s" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "stages.tsv").exists()  # nothing ran
+
+
+def test_stage_subset_with_fake_gpu(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *compute_cap*noheader*) echo "9.0";; *) echo "fake nvidia-smi";; esac\n')
+    smi.chmod(0o755)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "LMMRT_CUDA_ARCHS"}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out), PY=sys.executable, STAGES="env merge",
+               CAP_env="90")  # importing torch and transformers on a busy CI box
+    r = subprocess.run(["bash", "bench/device.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [ln.split("\t") for ln in (out / "stages.tsv").read_text().splitlines()]
+    assert [row[0] for row in rows] == ["stage", "env", "merge"]
+    assert rows[1][1] == "0", (out / "logs" / "env.log").read_text()
+    assert "LMMRT_CUDA_ARCHS=90" in (out / "logs" / "env.log").read_text()
+    assert "LMMRT_CUDA_ARCHS=90" in (out / "summary.md").read_text()
