@@ -13,13 +13,12 @@ and not used.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from lmmrt.convert.common import SourceWeights, clip_vision_map, torch_load_weights_only
+from lmmrt.convert.common import SourceWeights, clip_vision_map, read_source_json, torch_load_weights_only
 from lmmrt.models.config import VisionConfig
-from lmmrt.runtime.weights import CheckpointError
+from lmmrt.runtime.weights import CheckpointError, describe_key_problems
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,7 +55,7 @@ def open_vision(path: str | Path) -> VisionSource:
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"no config.json in {path} (expected a transformers CLIPVisionModel directory)")
-        hf = json.loads(cfg_path.read_text())
+        hf = read_source_json(cfg_path, "a transformers CLIP config (a JSON object)")
         hf = hf.get("vision_config") or hf
         w = SourceWeights.open(path)
         keys = {}
@@ -113,11 +112,12 @@ def vision_weight_map(src: VisionSource, cfg: VisionConfig) -> tuple[dict[str, l
     k = src.keys
     m: dict[str, list[str]] = {}
     tf = {}
+    missing: list[str] = []
 
-    def need(name):
+    def need(name):  # every missing tensor is collected, then named in one error
         if name not in k:
-            raise CheckpointError(f"{src.path}: missing vision tensor {name!r}")
-        return k[name]
+            missing.append(name)
+        return k.get(name, name)
 
     if src.kind == "open_clip":
         m["vision.patch_embed.weight"] = [need("conv1.weight")]
@@ -142,8 +142,7 @@ def vision_weight_map(src: VisionSource, cfg: VisionConfig) -> tuple[dict[str, l
     used = {s for srcs in m.values() for s in srcs}
     # every file key that is neither vision (mapped or ignored) is another tower's: not ours to check
     extra = [v for v in k.values() if v not in used and v not in unused]
-    if extra:
-        raise CheckpointError(f"{src.path}: unexpected vision tensors for a {cfg.layers}-layer ViT "
-                              f"({len(extra)}): {', '.join(sorted(extra)[:20])}")
+    if missing or extra:
+        raise CheckpointError(describe_key_problems(missing, extra, [], f"{src.path} (a {cfg.layers}-layer ViT)"))
     ignored = [name for name in src.weights.keys() if name not in used]
     return m, tf, ignored

@@ -5,12 +5,14 @@ and checking the result against the model lmmrt will build, naming every bad key
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.runtime.safetensors_file import check_readable
 from lmmrt.runtime.weights import (
     CheckpointError,
     check_state,
@@ -20,8 +22,23 @@ from lmmrt.runtime.weights import (
 )
 
 
+def read_source_json(path: Path, what: str = "a JSON object") -> dict:
+    """A source's JSON file (config.json, an index, tokenizer_config.json) as a dict, with errors
+    that name the file: missing, unreadable, not JSON, or not an object."""
+    path = Path(path)
+    check_readable(path)
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds {type(d).__name__}, expected {what}")
+    return d
+
+
 def torch_load_weights_only(path: Path) -> dict:
     """A torch pickle file, read with weights_only=True: tensors and plain containers only."""
+    check_readable(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -37,7 +54,6 @@ class SourceWeights:
 
     def __init__(self):
         self._where: dict[str, tuple[object, Path]] = {}
-        self._dicts: list[dict] = []
 
     @classmethod
     def open(cls, src: Path) -> SourceWeights:
@@ -46,8 +62,15 @@ class SourceWeights:
         index = src / "model.safetensors.index.json"
         single = src / "model.safetensors"
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            for shard in shards:
+            weight_map = read_source_json(index, "a sharded-checkpoint index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no weight_map (tensor name -> shard file): the index is "
+                                      f"incomplete or not a transformers sharded-checkpoint index")
+            for shard in sorted(set(weight_map.values())):
+                if not isinstance(shard, str) or Path(shard).name != shard:
+                    raise CheckpointError(f"{index}: weight_map names {shard!r}, not a file name in {src}")
+                if not (src / shard).exists():
+                    raise FileNotFoundError(f"{index} names the shard {shard}, which is not in {src}")
                 self.add_safetensors(src / shard)
         elif single.exists():
             self.add_safetensors(single)
@@ -93,6 +116,9 @@ class SourceWeights:
             return tuple(f[k].shape)
         return tuple(f.get_slice(k).get_shape())
 
+    def shape_or_none(self, k) -> tuple | None:
+        return self.shape(k) if k in self._where else None
+
     def get(self, k) -> torch.Tensor:
         f, path = self._where[k]
         if isinstance(f, dict):
@@ -105,12 +131,61 @@ def find_tokenizer_json(src: Path) -> Path | None:
     return p if p.exists() else None
 
 
+def _dry_run_shape(shapes: list[tuple], transform, reshape_to) -> tuple:
+    """The shape a tensor made from sources of these shapes gets, computed on meta tensors (nothing
+    is read); raises ValueError when the parts cannot be combined."""
+    parts = [torch.empty(s, device="meta") for s in shapes]
+    try:
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if transform is not None:
+            t = transform(t)
+    except RuntimeError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    if reshape_to is not None:
+        if t.numel() != math.prod(reshape_to):
+            raise ValueError(f"{t.numel()} elements cannot become {tuple(reshape_to)}")
+        t = t.reshape(reshape_to)
+    return tuple(t.shape)
+
+
+def _odd_parts(shapes: list[tuple], want: tuple | None) -> list[int]:
+    """Which parts of a fused tensor are the misshapen ones, when that can be told: a part whose
+    trailing dims differ from the target's, else one whose rows differ from all the others'
+    (gate/up, k/v and q/k/v without grouped heads all have equal parts)."""
+    if want is not None:
+        bad = [i for i, s in enumerate(shapes) if tuple(s[1:]) != tuple(want[1:])]
+        if bad:
+            return bad
+    rows = [s[0] if s else None for s in shapes]
+    if len(rows) == 2 and want is not None and want[0] % 2 == 0:  # gate/up, k/v: two equal halves
+        return [i for i, r in enumerate(rows) if r != want[0] // 2]
+    if len(set(rows)) == 2:
+        return [i for i, r in enumerate(rows) if rows.count(r) == 1]
+    return []
+
+
+def _shape_problem(name: str, srcs: list[str], shapes: list[tuple], want: tuple | None, transform,
+                   reshape_to) -> str | None:
+    try:
+        got = _dry_run_shape(shapes, transform, reshape_to)
+        if want is None or got == want:
+            return None
+        reason = f"they make {got}"
+    except ValueError as e:
+        reason = f"they cannot be combined ({e})"
+    odd = set(_odd_parts(shapes, want)) if len(srcs) > 1 else {0}
+    parts = ", ".join(f"{s} {tuple(shp)}{' <- misshapen' if i in odd and len(srcs) > 1 else ''}"
+                      for i, (s, shp) in enumerate(zip(srcs, shapes)))
+    return f"{name} needs {want}: from {parts}: {reason}"
+
+
 def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConfig, *,
                   ignored_prefixes=(), dtype: torch.dtype | None = None, progress: bool = True,
                   reshape: dict[str, tuple] | None = None, transforms: dict | None = None) -> dict[str, torch.Tensor]:
     """Apply a weight map: each lmmrt tensor is the concatenation (dim 0) of its sources, optionally
-    reshaped or transformed. Raises CheckpointError naming every missing source key, every source
-    key left unused, and every tensor whose shape differs from the model's."""
+    transformed, then reshaped. Before reading any tensor, the shapes are checked on meta tensors;
+    one CheckpointError then names every missing source key, every source key left unused and
+    every misshapen source (the parts of a fused q/k/v or gate/up with their shapes)."""
     reshape = reshape or {}
     transforms = transforms or {}
     needed = {s for srcs in wmap.values() for s in srcs}
@@ -118,11 +193,22 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
     unused = sorted(k for k in src.keys() if k not in needed and not k.startswith(tuple(ignored_prefixes))
                     and not k.endswith(("rotary_emb.inv_freq", "embeddings.position_ids", "masked_bias",
                                         ".attn.bias", "attention.bias", "attention.masked_bias")))
-    if missing or unused:
-        raise CheckpointError(describe_key_problems(missing, unused, [], "the source checkpoint"))
     with torch.device("meta"):
         model = FlamingoModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    misshapen = []
+    for name, srcs in wmap.items():
+        if all(s in src for s in srcs):
+            problem = _shape_problem(name, srcs, [src.shape(s) for s in srcs], expected.get(name),
+                                     transforms.get(name), reshape.get(name))
+            if problem is not None:
+                misshapen.append(problem)
+    if missing or unused or misshapen:
+        msg = describe_key_problems(missing, unused, [], "the source checkpoint")
+        msg += "".join(f"\n  {line}" for line in misshapen[:20])
+        if len(misshapen) > 20:
+            msg += f"\n  ... and {len(misshapen) - 20} more misshapen tensors"
+        raise CheckpointError(msg)
     out: dict[str, torch.Tensor] = {}
     items = list(wmap.items())
     if progress:
@@ -135,13 +221,7 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
         if name in transforms:
             t = transforms[name](t)
         if name in reshape:
-            if t.numel() != int(torch.tensor(reshape[name]).prod()):
-                raise CheckpointError(f"{srcs[0]}: shape {tuple(t.shape)} cannot become {reshape[name]} for {name}")
             t = t.reshape(reshape[name])
-        want = expected.get(name)
-        if want is not None and tuple(t.shape) != want:
-            raise CheckpointError(f"source tensor(s) {', '.join(srcs)} have shape {tuple(t.shape)}, "
-                                  f"lmmrt's {name} needs {want}")
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
     check_state({k: tuple(v.shape) for k, v in out.items()}, model, "the converted state")
     return out

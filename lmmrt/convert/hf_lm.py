@@ -8,13 +8,12 @@ interleaved per head ([q_h, k_h, v_h] for each head h), lmmrt wants all q rows, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmmrt.convert.common import llama_layers_map
+from lmmrt.convert.common import llama_layers_map, read_source_json
 from lmmrt.models.config import DecoderConfig
 
 
@@ -39,10 +38,7 @@ def read_hf_config(lm_dir: Path) -> dict:
     p = Path(lm_dir) / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"no config.json in {lm_dir} (expected a transformers causal-LM directory)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    return read_source_json(p, "a transformers config (a JSON object)")
 
 
 def _first_id(v):
@@ -59,7 +55,7 @@ def _neox_qkv(heads: int, head_dim: int):
     return fn
 
 
-def _mpt(hf: dict) -> LMSpec:
+def _mpt(hf: dict, shape) -> LMSpec:
     attn = hf.get("attn_config") or {}
     d, heads = hf.get("d_model", 2048), hf.get("n_heads", 16)
     if attn.get("qk_ln"):
@@ -75,9 +71,12 @@ def _mpt(hf: dict) -> LMSpec:
         raise ValueError("MPT with no_bias=false is not supported (transformers' MPT has no linear biases either)")
     if not hf.get("tie_word_embeddings", True):
         raise ValueError("MPT with untied embeddings is not supported")
+    # transformers' MptMLP always builds 4 * d_model whatever expansion_ratio says (MosaicML's own
+    # code follows expansion_ratio): the width is whatever the weights have.
+    up = shape("transformer.blocks.0.ffn.up_proj.weight")
     cfg = DecoderConfig(
         family="mpt", vocab_size=hf.get("vocab_size", 50368), dim=d, layers=hf.get("n_layers", 24), heads=heads,
-        ffn_dim=hf.get("expansion_ratio", 4) * d, act="gelu", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        ffn_dim=up[0] if up else hf.get("expansion_ratio", 4) * d, act="gelu", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         norm_bias=False, alibi=True, alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
         qkv_clip=float(attn.get("clip_qkv") or 0.0), max_seq_len=hf.get("max_seq_len", 2048),
         tie_embeddings=True)
@@ -95,7 +94,7 @@ def _mpt(hf: dict) -> LMSpec:
                   head_key=None, head_aliases=("lm_head.weight",))
 
 
-def _neox(hf: dict) -> LMSpec:
+def _neox(hf: dict, shape) -> LMSpec:  # every width is in config.json
     d, heads = hf.get("hidden_size", 6144), hf.get("num_attention_heads", 64)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -137,7 +136,7 @@ def _neox(hf: dict) -> LMSpec:
                   zero_fill=zeros)
 
 
-def _llama(hf: dict) -> LMSpec:
+def _llama(hf: dict, shape) -> LMSpec:  # every width is in config.json
     d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
     kv = hf.get("num_key_value_heads") or heads
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -162,12 +161,15 @@ def _llama(hf: dict) -> LMSpec:
 FAMILIES = {"mpt": _mpt, "gpt_neox": _neox, "llama": _llama}
 
 
-def lm_spec(hf: dict, where: str = "config.json") -> LMSpec:
+def lm_spec(hf: dict, where: str = "config.json", *, shape=None) -> LMSpec:
+    """The LM's config and weight map. shape: source key -> its shape, or None when absent (e.g.
+    SourceWeights.shape_or_none): a dimension the source implementation takes from the weights
+    rather than config.json is read from there."""
     mt = hf.get("model_type")
     if mt not in FAMILIES:
         raise ValueError(f"{where}: model_type {mt!r} is not supported as an OpenFlamingo language model; "
                          f"supported: {sorted(FAMILIES)}")
-    spec = FAMILIES[mt](hf)
+    spec = FAMILIES[mt](hf, shape or (lambda key: None))
     spec.eos_token_id = _first_id(hf.get("eos_token_id"))
     spec.bos_token_id = _first_id(hf.get("bos_token_id"))
     spec.pad_token_id = _first_id(hf.get("pad_token_id"))

@@ -6,7 +6,7 @@ one matrix each, the decoupled extra-token embedding and head are concatenated o
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,9 +17,11 @@ from lmmrt.convert.common import (
     convert_state,
     find_tokenizer_json,
     llama_layers_map,
+    read_source_json,
 )
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
+from lmmrt.runtime.tokenizer import Tokenizer
 
 IDEFICS_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IDEFICS_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,7 +121,7 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"no config.json in {src} (expected a transformers IdeficsForVisionText2Text directory)")
-    hf = json.loads(cfg_path.read_text())
+    hf = read_source_json(cfg_path, "a transformers IDEFICS config (a JSON object)")
     if "decoder" in hf and "model_type" not in hf:
         raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
     if hf.get("model_type") != "idefics":
@@ -128,9 +130,7 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
     tok_image_id = None
     fake_id = None
     if tok_json is not None:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tok_json))
+        tok = Tokenizer.from_file(tok_json)
         tok_image_id = tok.token_to_id("<image>")
         fake_id = tok.token_to_id("<fake_token_around_image>")
     if tok_image_id is not None:
@@ -140,6 +140,10 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
     else:
         # IDEFICS's convention: <image> is the last additional token.
         image_id = hf.get("vocab_size", 32000) + hf.get("additional_vocab_size", 0) - 1
+    if tok_json is None:
+        warnings.warn(f"{src} has no tokenizer.json: the model will take prompts as token ids only, not text, and "
+                      f"<image> is taken to be token id {image_id}. Copy the model's tokenizer.json into {src} "
+                      f"(or into the converted checkpoint) to use text prompts.", stacklevel=2)
     cfg = config_from_hf(hf, image_id)
     if fake_id is not None:
         cfg.image_prompt_template = "<fake_token_around_image>{image}<fake_token_around_image>"

@@ -16,7 +16,6 @@ torch.load(..., weights_only=True) is ever used.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lmmrt.convert.clip import open_vision, vision_config, vision_weight_map
-from lmmrt.convert.common import SourceWeights, convert_state
+from lmmrt.convert.common import SourceWeights, convert_state, read_source_json
 from lmmrt.convert.hf_lm import LMSpec, lm_spec, read_hf_config
 from lmmrt.models.config import ModelConfig, PerceiverConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
@@ -192,12 +191,15 @@ def _tokenizer(lm_dir: Path):
         return None, {}
     from tokenizers import AddedToken, Tokenizer
 
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception naming no file
+        raise CheckpointError(f"{path} is not a valid tokenizer.json: {e}") from None
     special = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         p = lm_dir / name
         if p.exists():
-            d = json.loads(p.read_text())
+            d = read_source_json(p)
             for role in ("pad_token", "eos_token", "bos_token"):
                 v = d.get(role)
                 v = v.get("content") if isinstance(v, dict) else v
@@ -222,8 +224,8 @@ def convert_openflamingo(checkpoint: str | Path, lm_dir: str | Path, vision: str
     check_output_path(out_dir, sources=sources, force=force)
     ckpt_path, lm_dir = Path(checkpoint), Path(lm_dir)
     hf = read_hf_config(lm_dir)
-    spec = lm_spec(hf, str(lm_dir / "config.json"))
     lm = SourceWeights.open(lm_dir)
+    spec = lm_spec(hf, str(lm_dir / "config.json"), shape=lm.shape_or_none)
     lm_keys = set(lm.keys())
     vsrc = open_vision(vision)
     vcfg = vision_config(vsrc, vision_act)
