@@ -46,6 +46,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 # (the package re-exports functions of the same names as these modules: import the modules)
 pa = importlib.import_module("lmmrt.kernels.perceiver_attention")
 mx = importlib.import_module("lmmrt.kernels.masked_cross_attention")
+da = importlib.import_module("lmmrt.kernels.decode_attention")
 
 # per-block shared memory a kernel may use (opt-in maximum): A100 163 KiB, H100/H200 227 KiB
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -65,7 +66,7 @@ def _record(self, *args, grid, warmup, **kwargs):
 
 def _patch_launchers() -> None:
     JITFunction.run = _record
-    for mod in (pa, mx):  # the GPU path's launch configuration, on an H100-sized GPU
+    for mod in (pa, mx, da):  # the GPU path's launch configuration, on an H100-sized GPU
         mod._interpreted = lambda device: False
         mod._sm_count = lambda device: 132
 
@@ -149,7 +150,26 @@ def xattn_cases(dtypes, head_dims):
                     yield f"xattn T={T} cumulative={cumulative}", dt, dh, launch
 
 
-CASE_GROUPS = [perceiver_cases, xattn_cases]
+def decode_attention_cases(dtypes, head_dims):
+    # KV-cache self-attention decode: 2 rows, 8 query heads over 2 kv heads, a 1024-slot cache seen
+    # as one layer's view of a (2, 2, B, KV, S, dh) K/V tensor; the planned split count (4 here:
+    # split-K + combine). ALiBi on and off in bf16 (the spill-checked dtype), on elsewhere.
+    g = torch.Generator().manual_seed(2)
+    B, H, KV, S = 2, 8, 2, 1024
+    ks, ke = torch.tensor([0, 3]), torch.tensor([500, 1024])
+    for dt in dtypes:
+        for dh in head_dims:
+            cache = _rand(g, 2, 2, B, KV, S, dh, dtype=dt)
+            for alibi in (False, True) if dt == torch.bfloat16 else (True,):
+                q = _rand(g, B, H, dh, dtype=dt)
+
+                def launch(q=q, cache=cache, alibi=alibi, dh=dh):
+                    da._decode_attention_launch(q, cache[1, 0], cache[1, 1], ks, ke, torch.rand(H) if alibi else None,
+                                                torch.empty_like(q), dh**-0.5, 0)
+                yield f"decode_attention alibi={alibi}", dt, dh, launch
+
+
+CASE_GROUPS = [perceiver_cases, xattn_cases, decode_attention_cases]
 
 
 def main(argv=None) -> int:
