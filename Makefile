@@ -1,16 +1,22 @@
-# The two commands a new user runs: `make demo` and `make test`. Both create .venv when missing.
+# The two commands a new user runs: `make demo` and `make test`. Both create .venv when missing and
+# (re)install lmmrt only when something that needs a reinstall changed (stamp files in .venv/).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch first, pinned, so a bare `torch` requirement never pulls a multi-GB CUDA build on a CPU box.
 TORCH_PIN  := torch==2.13.0
-# The Triton interpreter of 3.6.0 fails with numpy >= 2.4 ("only 0-dimensional arrays can be
-# converted to Python scalars" in every kernel with a runtime-bounded loop).
-TEST_PINS  := triton==3.6.0 "numpy<2.4"
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+# pytest: 2 workers (CI has 2 cores), each taking whole files (module fixtures are built once), a line per
+# test, a per-test limit so nothing hangs CI, the slowest tests listed.
+PYTEST_ARGS ?= -n 2 --dist loadfile -v --timeout 300 --durations 15
 
-.PHONY: demo test bench install install-test lint clean help
+# The install is editable: Python edits need no reinstall. These do: the build files, the CUDA
+# sources, and the build settings (LMMRT_CUDA, LMMRT_CUDA_ARCHS; see README "Install").
+BUILD_INPUTS := pyproject.toml CMakeLists.txt $(shell find csrc -type f) $(VENV)/.build-config
+BUILD_CONFIG := LMMRT_CUDA=$(LMMRT_CUDA) LMMRT_CUDA_ARCHS=$(LMMRT_CUDA_ARCHS)
+
+.PHONY: demo test bench install install-test lint clean help FORCE
 
 help:
 	@echo "make demo   - set up .venv, install lmmrt, run the demo on the embedded random model"
@@ -18,36 +24,52 @@ help:
 	@echo "make bench  - the benchmark harness at small shapes on the torch backend (CPU smoke run)"
 
 $(VENV)/bin/python:
+	@echo "== creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.torch: | $(VENV)/bin/python
-	$(PIP) install -q $(TORCH_PIN)
+	@echo "== installing $(TORCH_PIN)"
+	$(PIP) install $(TORCH_PIN) $(BUILD_DEPS)
 	@touch $@
 
-install: $(VENV)/.torch
-	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e .
+# Rewritten only when the build settings differ from the last install's, so its date says when they changed.
+$(VENV)/.build-config: FORCE | $(VENV)/bin/python
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
 
-install-test: $(VENV)/.torch
-	$(PIP) install -q $(BUILD_DEPS) $(TEST_PINS)
-	$(PIP) install -q --no-build-isolation -e ".[test]"
-	# open_flamingo pins torch 2.0.1: install it without its dependencies, for parity tests only.
-	# Its modules import einops and einops-exts (also in the test extra).
-	$(PIP) install -q --no-deps open-flamingo==2.0.1 einops einops-exts
+# One build: the package (verbose, so the CMake/nvcc steps show as they run), then its dependencies as a
+# plain requirement, which pip satisfies from the installed lmmrt without building it again.
+$(VENV)/.installed: $(VENV)/.torch $(BUILD_INPUTS)
+	@echo "== building lmmrt (editable install; the CUDA extension is compiled when nvcc is found, which takes"
+	@echo "   a few minutes; LMMRT_CUDA=OFF skips it). The build log follows."
+	$(PIP) install -v --no-build-isolation --no-deps -e .
+	@echo "== installing the dependencies of lmmrt"
+	$(PIP) install lmmrt
+	@touch $@
 
-demo: install
+# The test extra's packages, the same way: lmmrt is not rebuilt for them.
+$(VENV)/.installed-test: $(VENV)/.installed
+	@echo "== installing the test dependencies (lmmrt[test])"
+	$(PIP) install "lmmrt[test]"
+	@echo "== installing open-flamingo 2.0.1 without its dependencies (parity tests only; it pins torch 2.0.1)"
+	$(PIP) install --no-deps open-flamingo==2.0.1
+	@touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
 	$(VENV)/bin/lmmrt demo
 
-test: install-test
+test: $(VENV)/.installed-test
 	$(PY) -c "import lmmrt; print(lmmrt.info_text())"
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-bench: install-test
+bench: $(VENV)/.installed-test
 	$(PY) -m bench.run --smoke
 
 lint:
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache $(VENV)/.installed $(VENV)/.installed-test
