@@ -202,6 +202,22 @@ def test_strided_media_index(mode, T):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dh", [160, 256])
+def test_gpu_tiles_of_wide_heads(monkeypatch, dh, dtype):
+    # The prefill tiles the GPU path picks for heads wider than 128 (32-key tiles; 32 query rows in
+    # fp32), run here through the interpreter: several query blocks, media of 37 keys (ragged tiles).
+    monkeypatch.setattr(mx, "_interpreted", lambda device: False)
+    monkeypatch.setattr(mx, "_sm_count", lambda device: 132)
+    cfg = mx._prefill_config(45, dh, dtype, DEVICE)
+    assert cfg["BLOCK_N"] == 32 and cfg["BLOCK_D"] == 256 and cfg["num_stages"] == 2
+    q, k, v, idx = _inputs(2, 45, 1, dh, 37, [2, 3], dtype, tt_kind="prompt", layout="fused", seed=dh)
+    for mode in ("immediate", "cumulative"):
+        out = masked_cross_attention(q, k, v, **idx, mode=mode, backend="triton")
+        assert_close(out, _ref64(q, k, v, idx, mode), dtype, f"{mode} dh={dh}")
+
+
+@needs_triton
 def test_custom_scale():
     q, k, v, idx = _inputs(2, 19, 2, 32, 16, [2, 3], torch.float32, tt_kind="reset", layout="fused")
     for mode in ("immediate", "cumulative"):

@@ -114,6 +114,22 @@ def test_kernel_matches_reference(case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dh", [160, 256])
+def test_gpu_tiles_of_wide_heads(monkeypatch, dh, dtype):
+    # The tiles the GPU path picks for heads wider than 128 (32-key tiles; 32 query rows in fp32),
+    # run here through the interpreter: ragged key tails in both sources, padded head dim.
+    monkeypatch.setattr(pa_mod, "_interpreted", lambda device: False)
+    monkeypatch.setattr(pa_mod, "_sm_count", lambda device: 132)
+    cfg = pa_mod._perceiver_config(37, dh, dtype, 2, DEVICE)
+    assert cfg["BLOCK_N"] == 32 and cfg["BLOCK_D"] == 256 and cfg["num_stages"] == 2
+    args, qn, kn = _inputs(1, 45, 37, 2, dh, dtype, layout="fused", norms="qk", seed=dh)
+    out = perceiver_attention(*args, q_norm=qn, k_norm=kn, backend="triton")
+    a64, qn64, kn64 = _f64(args, qn, kn)
+    assert_close(out, perceiver_attention_reference(*a64, q_norm=qn64, k_norm=kn64), dtype, f"perceiver dh={dh}")
+
+
+@needs_triton
 def test_kernel_custom_scale_and_eps_functional_call():
     args, qn, kn = _inputs(2, 70, 64, 2, 64, torch.float32, layout="fused", norms="qk", seed=3)
     out = perceiver_attention(*args, q_norm=qn, k_norm=kn, norm_eps=1e-3, scale=0.3, backend="triton")

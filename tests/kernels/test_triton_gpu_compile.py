@@ -48,7 +48,8 @@ print("div16", " ".join(div16))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtypes, head_dims", [
-    ("bf16", "64,96,128,160,192,256"),   # spill-free at 64/96/128; wide heads within sm_80's shared memory
+    ("bf16", "64,96,128"),       # the production head dims: also spill-free
+    ("bf16", "160,192,256"),     # wide heads: within sm_80's shared memory
     ("fp16,fp32", "128,256"),
 ])
 def test_triton_kernels_compile_for_gpus(dtypes, head_dims):
