@@ -139,6 +139,7 @@ CASES = [
     (1, 8, 2, 130, 128, "full", "layers", torch.int32, True, 3),
     (3, 8, 2, 19, 64, "full", "seq_major", torch.int64, True, 2),
     (3, 4, 4, 97, 64, "mixed", "layers", torch.int32, True, 5),
+    (3, 8, 2, 97, 64, "mixed", "contiguous", torch.int64, True, 16),  # most splits find no keys
 ]
 
 
@@ -245,6 +246,22 @@ def test_bad_inputs_are_reported():
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,KV,dh,alibi", [(1, 32, 32, 128, False), (8, 32, 8, 128, True), (2, 16, 16, 256, False),
+                                             (5, 40, 40, 80, True)])
+def test_gpu_model_shapes(B, H, KV, dh, alibi, dtype):
+    # LLaMA-7B / MPT-7B-sized heads over a 2048-slot cache with the planned split count
+    S = 2048
+    q, k, v, ks, ke, slopes = _inputs(B, H, KV, S, dh, dtype)
+    slopes = slopes if alibi else None
+    splits = da._decode_attention_config(B, KV, H // KV, S, dh, dtype, q.device)["NUM_SPLITS"]
+    assert B * KV > 128 or splits > 1, "a small batch must be split along the keys to fill the GPU"
+    out = decode_attention(q, k, v, ks, ke, alibi_slopes=slopes, backend="triton")
+    assert_close(out, _ref64(q, k, v, ks, ke, slopes), dtype, f"B={B} H={H} KV={KV} dh={dh} splits={splits}")
+
 
 @gpu_only
 @needs_triton
