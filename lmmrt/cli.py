@@ -19,6 +19,7 @@ USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
 EXIT_ERROR = 2  # an lmmrt error: bad input, a bad file, a missing package
 EXIT_UNEXPECTED = 1  # anything else, probably a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`)
 TRACEBACK_ENV = "LMMRT_TRACEBACK"
 
 
@@ -331,13 +332,15 @@ def main(argv=None) -> int:
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
-        return args.fn(args)
+        status = args.fn(args)
+        sys.stdout.flush()  # here, so that a closed pipe is reported below, not at interpreter exit
+        return status
     except KeyboardInterrupt:
         print("\nlmmrt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `lmmrt generate ... | head`: the reader left; nothing more to say
+    except BrokenPipeError:  # nothing more to say: the reader left
         sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
-        return EXIT_ERROR
+        return EXIT_BROKEN_PIPE
     except USER_ERRORS as e:
         if show_traceback:
             raise

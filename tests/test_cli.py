@@ -100,6 +100,14 @@ raise SystemExit(cli.main(["info"]))
     assert status == 130 and "Traceback" not in err and "interrupted" in err, err
 
 
+def test_closed_output_pipe_exits_141_without_traceback():
+    p = subprocess.Popen([sys.executable, "-m", "lmmrt", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    p.stdout.close()  # the reader goes away before lmmrt prints (it imports torch first)
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == cli.EXIT_BROKEN_PIPE and not err, err
+
+
 def test_unexpected_error_is_one_line_and_traceback_on_request(monkeypatch, capsys):
     def boom(args):
         raise ZeroDivisionError("division by zero")
