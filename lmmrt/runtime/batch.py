@@ -7,8 +7,10 @@ the prompt and what is wrong.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmmrt.runtime.processor import preprocess_images
@@ -45,51 +47,75 @@ def media_ordinals(ids: list[int], image_token_id: int, eos_token_id: int | None
     return out
 
 
+def _is_token_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _token_ids(p, where: str) -> list[int]:
+    """A list of token ids (ints, numpy integers) -> Python ints; bools and floats are refused."""
+    bad = next((i for i, t in enumerate(p) if not _is_token_id(t)), None)
+    if bad is not None:
+        t = p[bad]
+        raise TypeError(f"{where}[{bad}] must be a token id (an int), got {t!r} ({type(t).__name__})")
+    return [int(t) for t in p]
+
+
+def _integer_dtype(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    return x.dtype.kind in "iu"
+
+
 def normalize_prompts(prompts) -> list:
-    """A string, a list of strings, a list of ints (one tokenized prompt) or a list of int lists."""
+    """A string, a list of strings, a list of token ids (one tokenized prompt), a list of token-id
+    lists, or a 1-D / 2-D integer tensor or array of token ids. Token ids come back as Python ints."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    if isinstance(prompts, (torch.Tensor, np.ndarray)):
+        if prompts.ndim not in (1, 2) or not _integer_dtype(prompts):
+            raise TypeError(f"a token-id tensor or array must be 1-D or 2-D with an integer dtype, got shape "
+                            f"{tuple(prompts.shape)} and dtype {prompts.dtype}")
+        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()]
     if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts must be a string, a list of strings or a list of token-id lists, "
                         f"got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty")
-    if all(isinstance(p, int) for p in prompts):
-        return [list(prompts)]
+    if not isinstance(prompts[0], (str, list, tuple)):  # one tokenized prompt
+        return [_token_ids(prompts, "prompts")]
     for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            continue
-        if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
-            continue
-        raise TypeError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+        if not isinstance(p, (str, list, tuple)):
+            raise TypeError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
+    return [p if isinstance(p, str) else _token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
 
 
-def _is_media_item(x) -> bool:
-    return not isinstance(x, (list, tuple))
+def _nesting_example(markers: list[int]) -> str:
+    return "[" + ", ".join("[" + ", ".join(["img"] * k) + "]" for k in markers) + "]"
 
 
-def normalize_images(images, n_prompts: int) -> list[list]:
-    """None, a list of images (one prompt), or one list of images per prompt."""
+def normalize_images(images, markers: list[int]) -> list[list]:
+    """The media items of each prompt. `markers`: the number of media markers of each prompt (for
+    the error message). For one prompt, images may be a list of media items (or one item); for
+    several, it must be a list with one list of media items per prompt: no guessing which prompt
+    a bare item belongs to."""
+    n = len(markers)
     if images is None:
-        return [[] for _ in range(n_prompts)]
+        return [[] for _ in range(n)]
     if not isinstance(images, (list, tuple)):
         images = [images]
-    if n_prompts == 1 and all(_is_media_item(x) for x in images):
+    nested = [isinstance(x, (list, tuple)) for x in images]
+    if n == 1 and not any(nested):
         return [list(images)]
-    if len(images) != n_prompts:
-        raise ValueError(f"images must hold one list of images per prompt: got {len(images)} lists for "
-                         f"{n_prompts} prompts")
-    out = []
-    for i, per in enumerate(images):
-        if per is None:
-            per = []
-        if _is_media_item(per):
-            per = [per]
-        out.append(list(per))
-    return out
+    if len(images) == n and all(nested):
+        return [list(per) for per in images]
+    if all(nested):
+        got = f"{len(images)} lists"
+    elif any(nested):
+        got = "a list that mixes lists and media items"
+    else:
+        got = f"a flat list of {len(images)} media item(s)"
+    raise ValueError(f"images must be one list per prompt: {_nesting_example(markers)} for {n} prompt(s) "
+                     f"(one list of images per prompt, [] for a prompt without media); got {got}")
 
 
 def media_item_pixels(item, vision_cfg, device, where: str) -> torch.Tensor:
@@ -120,7 +146,6 @@ def expand_image_markers(text: str, cfg) -> str:
 def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     cfg = model.config
     prompts = normalize_prompts(prompts)
-    per_prompt_images = normalize_images(images, len(prompts))
     ids_list: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -145,6 +170,7 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + max_new_tokens}, beyond the model's context of {limit} tokens")
 
+    per_prompt_images = normalize_images(images, [ids.count(cfg.image_token_id) for ids in ids_list])
     media: list[torch.Tensor] = []
     media_time: list[int] = []
     starts, counts, text_times = [], [], []

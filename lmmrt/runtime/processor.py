@@ -5,6 +5,8 @@ uint8 inputs are resized (bicubic), centre-cropped for CLIP checkpoints, scaled 
 normalized with the checkpoint's mean/std. On the CPU the resize is PIL's, exactly as the reference
 processors do it; on the GPU it is torch's antialiased bicubic on the device, batched over frames
 (within about 1% of the PIL result on natural images; PIL's uint8 rounding is not reproduced).
+PIL images become RGB as each family's reference processor makes them (see pil_to_rgb); float
+pixels must be finite.
 """
 
 from __future__ import annotations
@@ -17,21 +19,59 @@ import torch.nn.functional as F
 
 from lmmrt.models.config import VisionConfig
 
+# High-bit-depth PIL modes: PIL's conversion to RGB (which the reference processors use) clips them
+# at 255, so most such images would come out all white. lmmrt refuses them instead.
+_DEEP_MODES = ("I", "F")
 
-def _to_uint8_hwc(img, where: str) -> torch.Tensor | None:
+
+def pil_to_rgb(img, *, on_white: bool, where: str):
+    """A PIL image in RGB. on_white: composite transparency (an alpha band, or a palette / grey
+    image's transparent colour) onto white, as transformers' processors do; else .convert("RGB"),
+    which drops the alpha, as open_clip's transform does."""
+    from PIL import Image
+
+    if img.mode in _DEEP_MODES or img.mode.startswith("I;"):
+        raise ValueError(f"{where}: PIL image mode {img.mode!r} (more than 8 bits per pixel) is not supported: "
+                         "converting it to RGB would clip it at 255; scale it to 8 bits first, e.g. "
+                         "Image.fromarray((a * (255 / a.max())).astype(np.uint8)) with a = np.array(img)")
+    if img.mode == "RGB":
+        return img
+    try:
+        if on_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:  # e.g. a mode PIL has no conversion to RGB for
+        raise ValueError(f"{where}: cannot convert a PIL image of mode {img.mode!r} to RGB ({e})") from None
+
+
+def _check_float_pixels(img: torch.Tensor, where: str) -> None:
+    if img.dim() != 3 or img.shape[0] != 3:
+        raise ValueError(f"{where}: a float image tensor must have shape (3, H, W) (normalized pixels), "
+                         f"got {tuple(img.shape)}")
+    if min(img.shape[1], img.shape[2]) < 1:
+        raise ValueError(f"{where}: empty image of shape {tuple(img.shape)}")
+    if not bool(torch.isfinite(img).all()):
+        raise ValueError(f"{where}: the float image holds NaN or inf pixels")
+
+
+def _to_uint8_hwc(img, cfg: VisionConfig, where: str) -> torch.Tensor | None:
     """A uint8 (H, W, 3) tensor for PIL / uint8 inputs; None for float tensors (already normalized)."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(img, Image.Image):
-        return torch.from_numpy(np.array(img.convert("RGB")))
+        # each family as its reference processor: transformers' IDEFICS processor (resize="resize")
+        # composites onto white; OpenFlamingo's open_clip transform (resize="resize_crop") drops alpha
+        return torch.from_numpy(np.array(pil_to_rgb(img, on_white=cfg.resize == "resize", where=where)))
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
             raise TypeError(f"{where}: a numpy image must be uint8 (H, W, 3), got dtype {img.dtype}; "
                             "pass float pixels as a torch tensor of shape (3, H, W)")
         if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"{where}: a numpy image must have shape (H, W, 3), got {img.shape}")
+            raise ValueError(f"{where}: a numpy image must have shape (H, W, 3), got {img.shape}"
+                             + ("; pass an image with transparency as a PIL image" if img.shape[-1:] == (4,) else ""))
         return torch.from_numpy(np.ascontiguousarray(img))
     if isinstance(img, torch.Tensor):
         if img.dtype == torch.uint8:
@@ -41,9 +81,7 @@ def _to_uint8_hwc(img, where: str) -> torch.Tensor | None:
         if not img.is_floating_point():
             raise TypeError(f"{where}: image tensor dtype {img.dtype} is not supported "
                             "(use uint8 (H, W, 3) or float (3, H, W))")
-        if img.dim() != 3 or img.shape[0] != 3:
-            raise ValueError(f"{where}: a float image tensor must have shape (3, H, W) (normalized pixels), "
-                             f"got {tuple(img.shape)}")
+        _check_float_pixels(img, where)
         return None
     raise TypeError(f"{where}: unsupported image type {type(img).__name__}; use a PIL image, a uint8 (H, W, 3) "
                     "array or tensor, or a normalized float (3, H, W) tensor")
@@ -115,7 +153,7 @@ def preprocess_images(images: list, cfg: VisionConfig, device=None, where: str =
     out = []
     for i, img in enumerate(images):
         name = f"{where}[{i}]" if index else where
-        u8 = _to_uint8_hwc(img, name)
+        u8 = _to_uint8_hwc(img, cfg, name)
         if u8 is None:
             x = img.to(device=device, dtype=torch.float32)[None]
             if x.shape[-2:] != (cfg.image_size, cfg.image_size):

@@ -7,13 +7,7 @@ Sources (load_video, iter_chunks, generate_video_stream):
   - an iterator of frames (a live stream), read as the frames come;
   - a VideoClip.
 
-Frame sampling at `fps`: timestamps are seconds from the stream start (a file's come from each
-frame's pts minus the stream's start_time; other sources use i / source_fps). For k = 0, 1, 2, ...
-the target time k / fps takes the frame whose timestamp is nearest (a tie goes to the earlier
-frame); a target after the last frame's timestamp takes nothing, and a frame nearest to several
-targets (fps above the source rate) is taken once. `max_frames` keeps the first max_frames frames
-taken (the source is read no further). E.g. a 10 fps file of 2 s (frames at 0.0, 0.1, ..., 1.9 s):
-fps=2 takes frames 0, 5, 10, 15; fps=3 takes 0, 3, 7, 10, 13, 17. Without fps, every frame.
+Frame sampling at `fps` (and max_frames, source_fps): see lmmrt.runtime.frame_sampling.
 
 Feeding modes (flamingo.md §3, §7):
   "frames"  every frame is its own media item with its own marker: works with every checkpoint
@@ -40,7 +34,9 @@ import numpy as np
 import torch
 
 from lmmrt.runtime import text_output
-from lmmrt.runtime.processor import normalize_uint8
+from lmmrt.runtime.frame_sampling import check_count, check_rate, sample_frames
+from lmmrt.runtime.generation_args import check_generation_args
+from lmmrt.runtime.processor import normalize_uint8, pil_to_rgb
 
 MODES = ("frames", "clip")
 VIDEO = "{video}"  # where a prompt template puts the video's marker(s)
@@ -54,7 +50,7 @@ def _as_frame(f, where: str) -> torch.Tensor:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(f, Image.Image):
-        f = np.asarray(f.convert("RGB"))
+        f = np.asarray(pil_to_rgb(f, on_white=False, where=where))
     if isinstance(f, np.ndarray):
         f = torch.from_numpy(np.ascontiguousarray(f))
     if not isinstance(f, torch.Tensor) or f.dtype != torch.uint8 or f.dim() != 3 or f.shape[2] != 3:
@@ -167,49 +163,6 @@ def _timed_frames(source, source_fps: float | None) -> Iterator[tuple[int, float
     return frames()
 
 
-def _sample(timed, fps: float | None, max_frames: int | None):
-    """The frames taken at `fps` (see the module docstring), read lazily from `timed`."""
-    taken = 0
-    if fps is None:
-        for item in timed:
-            yield item
-            taken += 1
-            if max_frames and taken >= max_frames:
-                return
-        return
-    eps = 1e-9  # timestamps are rationals turned into floats: k / fps may land a hair off a frame
-    k, prev, last = 0, None, -1
-    for item in timed:
-        t = item[1]
-        if t is None:
-            raise ValueError("sampling at fps= needs frame timestamps: pass source_fps= for frames given "
-                             "as arrays, lists or iterators")
-        while k / fps <= t + eps:  # target k lies at or before this frame: it is resolved now
-            target = k / fps
-            pick = prev if prev is not None and target - prev[1] <= t - target + eps else item
-            k += 1
-            if pick[0] != last:
-                yield pick
-                last, taken = pick[0], taken + 1
-                if max_frames and taken >= max_frames:
-                    return
-        prev = item
-
-
-def _check_rate(fps, max_frames, source_fps):
-    for name, v in (("fps", fps), ("source_fps", source_fps)):
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
-    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 1):
-        raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
-
-
-def sample_frame_indices(timestamps: list[float], fps: float, max_frames: int | None = None) -> list[int]:
-    """Which frames (indices into `timestamps`, seconds from the stream start) sampling at `fps` takes."""
-    _check_rate(fps, max_frames, None)
-    return [i for i, _, _ in _sample(((i, t, None) for i, t in enumerate(timestamps)), fps, max_frames)]
-
-
 def load_video(source, *, fps: float | None = None, max_frames: int | None = None,
                source_fps: float | None = None) -> VideoClip:
     """Read a video into a VideoClip: every frame, or frames sampled at `fps`, at most `max_frames`.
@@ -217,8 +170,9 @@ def load_video(source, *, fps: float | None = None, max_frames: int | None = Non
     source: a file path (PyAV), a (F, H, W, 3) uint8 array or tensor, a list or iterator of frames,
     or a VideoClip (resampled). source_fps: the frame rate of a source without timestamps (arrays,
     lists, iterators), needed to sample them at `fps`. An iterator is read only as far as needed."""
-    _check_rate(fps, max_frames, source_fps)
-    picked = list(_sample(_timed_frames(source, source_fps), fps, max_frames))
+    fps, source_fps = check_rate("fps", fps), check_rate("source_fps", source_fps)
+    max_frames = check_count("max_frames", max_frames, optional=True)
+    picked = list(sample_frames(_timed_frames(source, source_fps), fps, max_frames))
     if not picked:
         raise ValueError("the video has no frames (the frame source was empty)")
     idx, ts, frames = zip(*picked)
@@ -229,10 +183,10 @@ def iter_chunks(source, chunk_frames: int, *, fps: float | None = None, source_f
                 max_frames: int | None = None) -> Iterator[VideoClip]:
     """Cut a video source into clips of `chunk_frames` consecutive (sampled) frames; the last clip
     may be shorter. A file is opened now, so a missing or corrupt file fails here."""
-    if not isinstance(chunk_frames, int) or chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
-    _check_rate(fps, max_frames, source_fps)
-    frames = _sample(_timed_frames(source, source_fps), fps, max_frames)
+    chunk_frames = check_count("chunk_frames", chunk_frames, optional=False)
+    fps, source_fps = check_rate("fps", fps), check_rate("source_fps", source_fps)
+    max_frames = check_count("max_frames", max_frames, optional=True)
+    frames = sample_frames(_timed_frames(source, source_fps), fps, max_frames)
 
     def chunks():
         buf, n = [], 0
@@ -494,6 +448,11 @@ def generate_video_stream(model, chunks, prompt_template: str = VIDEO, *, chunk_
     """
     if model.tokenizer is None:
         raise ValueError("generate_video_stream needs a tokenizer (text prompts); this model has none")
+    chunk_frames = check_count("chunk_frames", chunk_frames, optional=True)
+    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
+                  ignore_eos=ignore_eos)
+    check_generation_args(model, seed=seed, **gen_kw)  # bad options fail here, not at the first chunk
     if chunk_frames is not None:
         mode = resolve_mode(model, mode, chunk_frames)
         source = iter_chunks(chunks, chunk_frames, fps=fps, source_fps=source_fps, max_frames=max_frames)
@@ -507,9 +466,6 @@ def generate_video_stream(model, chunks, prompt_template: str = VIDEO, *, chunk_
         mode = resolve_mode(model, mode)
         source = (c if isinstance(c, VideoClip) else load_video(c) for c in chunks)
     _fill(prompt_template, model, mode, 1)  # a bad template fails here, not at the first chunk
-    gen_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
-                  ignore_eos=ignore_eos)
     return _run_stream(model, source, prompt_template, mode, pipelined, seed, gen_kw)
 
 

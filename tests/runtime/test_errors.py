@@ -39,11 +39,6 @@ def test_more_images_than_markers(model):
         lmmrt.generate(model, ["x", "<image>y"], [[], [_img(), _img(), _img()]], max_new_tokens=2)
 
 
-def test_images_list_per_prompt_count(model):
-    with pytest.raises(ValueError, match="one list of images per prompt: got 3 lists for 2 prompts"):
-        lmmrt.generate(model, ["<image>a", "<image>b"], [[_img()], [_img()], [_img()]], max_new_tokens=2)
-
-
 @pytest.mark.parametrize("bad, msg", [
     (np.zeros((40, 50), dtype=np.uint8), r"shape \(H, W, 3\)"),
     (np.zeros((40, 50, 4), dtype=np.uint8), r"shape \(H, W, 3\)"),
@@ -217,3 +212,61 @@ def test_cli_prompt_backslash_n_is_a_newline(ckpt):
     assert r.returncode == 0, r.stderr
     m = lmmrt.load(ckpt, device="cpu")
     assert r.stdout.rstrip("\n") == lmmrt.generate(m, "User: hi\nAssistant:", max_new_tokens=6)[0].text
+
+
+# --- images for several prompts: one list per prompt, no guessing ------------------------------------------
+@pytest.mark.parametrize("prompts, images, example, got", [
+    (["<image><image>a", "b"], "flat2", r"\[\[img, img\], \[\]\] for 2 prompt", "a flat list of 2 media item"),
+    (["<image>a", "<image>b"], "flat2", r"\[\[img\], \[img\]\] for 2 prompt", "a flat list of 2 media item"),
+    (["<image>a", "b"], "mixed", r"\[\[img\], \[\]\] for 2 prompt", "mixes lists and media items"),
+    (["<image>a", "<image>b"], "three", r"\[\[img\], \[img\]\] for 2 prompt", "got 3 lists"),
+])
+def test_images_must_be_one_list_per_prompt(model, prompts, images, example, got):
+    img = _img()
+    images = {"flat2": [img, img], "mixed": [[img], img], "three": [[img], [img], [img]]}[images]
+    with pytest.raises(ValueError, match=r"images must be one list per prompt: " + example + ".*" + got):
+        lmmrt.generate(model, prompts, images, max_new_tokens=2)
+
+
+def test_one_prompt_takes_a_flat_list_or_one_nested_list(model):
+    img = _img()
+    a = lmmrt.logits(model, "x<image>y<image>", [img, img])[0]
+    b = lmmrt.logits(model, "x<image>y<image>", [[img, img]])[0]
+    c = lmmrt.logits(model, ["x<image>y<image>"], [[img, img]])[0]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_float_pixels_are_named(model, bad):
+    px = torch.randn(3, 30, 30)
+    px[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"images\[1\]\[0\]: the float image holds NaN or inf"):
+        lmmrt.generate(model, ["<image>a", "b<image>"], [[torch.randn(3, 30, 30)], [px]], max_new_tokens=2)
+
+
+def test_empty_float_image_is_named(model):
+    with pytest.raises(ValueError, match=r"images\[0\]\[0\]: empty image of shape \(3, 0, 5\)"):
+        lmmrt.generate(model, "<image>a", [torch.randn(3, 0, 5)], max_new_tokens=2)
+
+
+# --- token-id prompts: numpy / torch integers accepted, bools and floats refused -----------------------------
+def test_numpy_integer_token_ids_are_accepted(model):
+    ids = model.tokenizer.encode("hello there")
+    ref = lmmrt.generate(model, [ids], max_new_tokens=4)[0].token_ids
+    for prompts in ([np.int64(t) for t in ids], [[np.int32(t) for t in ids]], np.array([ids]),
+                    np.array(ids, dtype=np.uint16), torch.tensor(ids, dtype=torch.int32)):
+        assert lmmrt.generate(model, prompts, max_new_tokens=4)[0].token_ids == ref
+
+
+@pytest.mark.parametrize("prompts, msg", [
+    ([[1, True, 5]], r"prompts\[0\]\[1\] must be a token id \(an int\), got True"),
+    ([1, 2.0, 5], r"prompts\[1\] must be a token id \(an int\), got 2\.0"),
+    ([[1, 5], [3, np.float64(4)]], r"prompts\[1\]\[1\] must be a token id"),
+    (np.array([[1.0, 2.0]]), "integer dtype"),
+    (torch.tensor([True, False]), "integer dtype"),
+    (torch.ones(1, 2, 3, dtype=torch.long), "1-D or 2-D"),
+])
+def test_bad_token_ids_are_named(model, prompts, msg):
+    with pytest.raises(TypeError, match=msg):
+        lmmrt.generate(model, prompts, max_new_tokens=2)

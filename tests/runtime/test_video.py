@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lmmrt
-from lmmrt.runtime.video import VideoClip, generate_video_stream, iter_chunks, sample_frame_indices
+from lmmrt.runtime.frame_sampling import sample_frame_indices
+from lmmrt.runtime.video import VideoClip, generate_video_stream, iter_chunks
 
 av = pytest.importorskip("av")
 
