@@ -137,7 +137,7 @@ CASES = [
     (3, 8, 2, 97, 96, "mixed", "layers", torch.int32, True, 0),
     (3, 4, 4, 130, 128, "mixed", "seq_major", torch.int64, False, 3),
     (1, 8, 2, 130, 128, "full", "layers", torch.int32, True, 3),
-    (3, 8, 2, 19, 64, "full", "seq_major", torch.int64, True, 2),
+    (3, 6, 2, 19, 64, "full", "seq_major", torch.int64, True, 2),  # 3 query heads per kv head
     (3, 4, 4, 97, 64, "mixed", "layers", torch.int32, True, 5),
     (3, 8, 2, 97, 64, "mixed", "contiguous", torch.int64, True, 16),  # most splits find no keys
 ]
