@@ -63,7 +63,7 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
     it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and ".." resolved lexically: a link at `out` stays a link
     target = out.resolve()
     for src in sources:
         if src is None:
@@ -200,7 +200,9 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = out / current.name if current.parent == tmp else out
-        raise OSError(e.errno, _describe_failure(e, where)) from None
+        err = OSError(_describe_failure(e, where))  # one plain sentence, errno kept for callers
+        err.errno = e.errno
+        raise err from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -160,3 +160,14 @@ def test_gate_folding_leaves_the_callers_tensors_alone():
     module.load_state_dict(state, assign=True)
     Model(module, cfg, None, backend="torch")
     assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_force_into_the_current_directory(demo_ckpt, tmp_path, monkeypatch):
+    """"." has no name and its parent is itself: the temporary directory must still go beside it."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(OutputExistsError):
+        save_demo(".")
+    save_demo(".", force=True)
+    assert _snapshot(tmp_path / "here") == _snapshot(demo_ckpt)
+    assert _leftovers(tmp_path, {"here"}) == []
