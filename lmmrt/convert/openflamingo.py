@@ -27,6 +27,7 @@ from lmmrt.convert.common import SourceWeights, convert_state, read_source_json
 from lmmrt.convert.hf_lm import LMSpec, lm_spec, read_hf_config
 from lmmrt.models.config import ModelConfig, PerceiverConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
+from lmmrt.runtime.safetensors_file import check_readable
 from lmmrt.runtime.weights import CheckpointError
 
 EOC_TOKEN, IMAGE_TOKEN, PAD_TOKEN = "<|endofchunk|>", "<image>", "<PAD>"
@@ -59,10 +60,11 @@ def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"no OpenFlamingo checkpoint at {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
+        w = SourceWeights()
+        w.add_safetensors(path)  # a truncated or corrupted file is named, not a raw SafetensorError
+        sd = {k: w.get(k) for k in w.keys()}
     else:
+        check_readable(path)
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:

@@ -151,3 +151,19 @@ def test_every_missing_vision_tensor_named(tiny_mpt, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing keys \(2\): transformer.resblocks.0.ln_1.weight, "
                                               r"transformer.resblocks.1.mlp.c_fc.bias"):
         vision_weight_map(src, vision_config(src))
+
+
+@pytest.mark.parametrize("kind", ["truncated safetensors", "directory"])
+def test_unreadable_openflamingo_checkpoint_is_named(tmp_path, kind):
+    from lmmrt.convert.openflamingo import read_openflamingo_checkpoint
+
+    if kind == "directory":
+        path = tmp_path / "checkpoint.pt"
+        path.mkdir()
+    else:
+        path = tmp_path / "checkpoint.safetensors"
+        save_file({"perceiver.latents": torch.randn(4, 8)}, str(path))
+        path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(CheckpointError, match=f"{path}.*(truncated|directory)") as e:
+        read_openflamingo_checkpoint(path)
+    assert "holds something other than tensors" not in str(e.value)  # not a pickle problem
