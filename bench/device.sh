@@ -11,7 +11,8 @@
 #   stages.tsv   stage, exit status, seconds, cap          summary.md   the digest
 #   logs/<stage>.log, logs/<stage>.xml (junit)             bench-*.json one per benchmark
 #   results.json/.md, *.png merged results                 cuda_checks/ bench/cuda_checks.sh's logs
-# STAGES="build tests_model" runs a subset (names as in ORDER); PY=... picks Python.
+# STAGES="build tests_model" runs a subset (names as in ORDER); PY=... picks Python; DRY_RUN=1
+# prints the stages and their caps and exits.
 # Most important first: the build, whole-model backend parity and CUDA-graph decode, kernel
 # numerics, compute-sanitizer, then the benchmarks. GPU tests run in parallel (pytest-xdist) with
 # a per-test timeout (pytest-timeout).
@@ -35,15 +36,22 @@ export LMMRT_CUDA_ARCHS=${LMMRT_CUDA_ARCHS:-${CC:-90}}
 . bench/stages.sh
 
 TOTAL_S=${TOTAL_S:-450}
-ORDER="env build tests_model tests_kernels cuda_checks bench_xattn bench_perceiver bench_generate merge"
+ORDER="env build tests_model tests_kernels cuda_checks bench_xattn bench_perceiver bench_decode_attention
+  bench_generate merge"
 # caps in seconds (CAP_<stage>=... in the environment overrides one)
-: "${CAP_env:=25}" "${CAP_build:=80}" "${CAP_tests_model:=80}" "${CAP_tests_kernels:=75}" "${CAP_cuda_checks:=80}"
-: "${CAP_bench_xattn:=30}" "${CAP_bench_perceiver:=25}" "${CAP_bench_generate:=35}" "${CAP_merge:=20}"
+: "${CAP_env:=20}" "${CAP_build:=60}" "${CAP_tests_model:=80}" "${CAP_tests_kernels:=75}" "${CAP_cuda_checks:=75}"
+: "${CAP_bench_xattn:=25}" "${CAP_bench_perceiver:=20}" "${CAP_bench_decode_attention:=20}"
+: "${CAP_bench_generate:=55}" "${CAP_merge:=20}"
 sum=0
 for name in $ORDER; do cap_var=CAP_$name; want "$name" && sum=$(( sum + ${!cap_var} )); done
 if [ "$sum" -gt "$TOTAL_S" ]; then
   echo "device.sh: the stage caps sum to ${sum}s, over TOTAL_S=${TOTAL_S}s; lower a cap" >&2
   exit 2
+fi
+if [ -n "${DRY_RUN:-}" ]; then  # the plan only
+  for name in $ORDER; do cap_var=CAP_$name; want "$name" && echo "$name ${!cap_var}"; done
+  echo "total ${sum} of ${TOTAL_S}"
+  exit 0
 fi
 T0=$(date +%s)
 printf "stage\trc\tseconds\tcap\n" > "$OUT/stages.tsv"
@@ -118,6 +126,7 @@ run_stage tests_kernels bash -c 'gpu_tests tests_kernels 8 tests/kernels tests/t
 run_stage cuda_checks env PYTHON="$PY" OUT="$OUT/cuda_checks" STEPS="sanitize bench" bash bench/cuda_checks.sh
 run_stage bench_xattn bash -c "bench_stage xattn 8"
 run_stage bench_perceiver bash -c "bench_stage perceiver 8"
+run_stage bench_decode_attention bash -c "bench_stage decode_attention 8"
 run_stage bench_generate bash -c "bench_stage generate 12"
 run_stage merge "$PY" -m bench.run --merge-only --out "$OUT"
 summary
