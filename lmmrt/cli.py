@@ -21,6 +21,10 @@ EXIT_UNEXPECTED = 1  # anything else, probably a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output went away (`| head`)
 TRACEBACK_ENV = "LMMRT_TRACEBACK"
+# The names lmmrt.kernels.backend.BACKENDS and lmmrt.api.parse_dtype accept, spelled out here so that the
+# parser checks them without importing torch (tests/test_cli.py checks that the lists agree).
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 
 
 def _number(kind, rule: str, ok):
@@ -42,6 +46,12 @@ def _number(kind, rule: str, ok):
 COUNT = _number(int, ">= 0", lambda v: v >= 0)
 POSITIVE_INT = _number(int, ">= 1", lambda v: v >= 1)
 TOKEN_ID = _number(int, "a token id >= 0", lambda v: v >= 0)
+
+
+DTYPE_OPTION = dict(default=None, type=str.lower, choices=DTYPE_NAMES, metavar="float32|float16|bfloat16")
+BACKEND_OPTION = dict(default=None, type=str.lower, choices=BACKEND_NAMES, metavar="auto|torch|triton|cuda",
+                      help="which kernels the ops use; auto: the fastest available on the device "
+                           "(default: $LMMRT_BACKEND, else auto)")
 
 
 def _bool(v: str) -> bool:
@@ -120,9 +130,8 @@ def _cmd_generate(args) -> int:
     images = [_load_image(p) for p in args.image]
 
     import lmmrt
-    from lmmrt.api import parse_device, parse_dtype
+    from lmmrt.api import parse_device
 
-    parse_dtype(args.dtype)
     parse_device(args.device, option="--device")
     prompt = args.prompt.replace("\\n", "\n")  # a shell gives "\\n" for \n inside double quotes
     cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
@@ -169,8 +178,7 @@ def _add_idefics(p):
                    "weights (one file or sharded) and tokenizer.json. The tokenizer.json is copied into the output; "
                    "without one the converted model takes prompts as token ids only (the Python API), not text")
     p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
-    p.add_argument("--dtype", default=None,
-                   help="store weights as float32|float16|bfloat16 (default: as in the source)")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
     p.add_argument("--image-token-id", type=TOKEN_ID, default=None,
                    help="id of the <image> marker, needed only without tokenizer.json "
                         "(default: IDEFICS's convention, the last additional token)")
@@ -193,7 +201,7 @@ def _add_openflamingo(p):
     p.add_argument("--only-attend-immediate-media", type=_bool, default=True, metavar="true|false",
                    help="mask mode: true (OpenFlamingo's default) = each token sees its latest image only; "
                         "false = all preceding images")
-    p.add_argument("--dtype", default=None, help="store weights as float32|float16|bfloat16 (default: the LM's dtype)")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: the LM's dtype)")
     p.add_argument("--vision-act", default=None, choices=["quick_gelu", "gelu"],
                    help="CLIP activation (default: quick_gelu for open_clip files, as OpenAI's ViT-L/14 uses; "
                         "hidden_act for a transformers directory)")
@@ -269,8 +277,8 @@ def _add_generate(s):
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     r = s.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
-    r.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: as stored)")
-    r.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    r.add_argument("--dtype", **DTYPE_OPTION, help="compute in this dtype (default: as stored)")
+    r.add_argument("--backend", **BACKEND_OPTION)
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
                         "step's ops allow it, else eager)")
@@ -286,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses",
                        formatter_class=HelpFormatter)
-    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    s.add_argument("--backend", **BACKEND_OPTION)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_info)
 
@@ -310,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)",
                        formatter_class=HelpFormatter)
     s.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
-    s.add_argument("--backend", default=None, help="torch|triton|cuda|auto (default: $LMMRT_BACKEND or auto)")
+    s.add_argument("--backend", **BACKEND_OPTION)
     s.add_argument("--max-new-tokens", type=COUNT, default=32, help="tokens to generate")
     s.add_argument("--save", metavar="DIR", default=None,
                    help="write the demo model as an lmmrt checkpoint to DIR instead of running it")

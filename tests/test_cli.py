@@ -221,6 +221,21 @@ def test_device_errors_speak_cli_not_python(tmp_path, capsys):
         lmmrt.load(tmp_path, device="gpu")
 
 
+def test_parser_choices_agree_with_the_library():
+    from lmmrt.api import _DTYPES
+    from lmmrt.kernels.backend import BACKENDS
+
+    assert set(cli.DTYPE_NAMES) == set(_DTYPES) and set(cli.BACKEND_NAMES) == set(BACKENDS)
+
+
+@pytest.mark.parametrize("args", [["generate", "m", "-p", "x", "--dtype", "int8"], ["info", "--backend", "gpu"],
+                                  ["convert", "idefics", "a", "b", "--dtype", "float64"]])
+def test_dtype_and_backend_are_checked_by_the_parser(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 # -- help texts ----------------------------------------------------------------------------------------
 
 def _subparser(*names):
