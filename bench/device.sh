@@ -3,10 +3,11 @@
 #
 #   run(command="LMMRT_GIT_COMMIT=<sha> bash bench/device.sh", timeout_s=500)
 #
-# Stages run in ORDER, each under its own cap (bench/stages.sh: SIGINT at cap - 15 s so pytest and
-# the benchmarks still write their reports, SIGKILL at the cap), each isolated (a stage that fails
-# or is stopped is recorded and the next one runs). The caps sum to at most TOTAL_S (default 450 s,
-# 7.5 minutes), checked before anything runs, so the script ends within TOTAL_S by construction.
+# Stages run in ORDER, each under its own cap (bench/stages.sh: SIGINT at cap - min(15 s, cap / 4)
+# so pytest and the benchmarks still write their reports, SIGKILL at the cap), each isolated (a
+# stage that fails or is stopped is recorded and the next one runs). The caps sum to at most
+# TOTAL_S (default 450 s, 7.5 minutes), checked before anything runs, so the script ends within
+# TOTAL_S (plus a few seconds of bookkeeping) by construction.
 # Everything lands under $OUT (else bench/results/device-<utc time>/):
 #   stages.tsv   stage, exit status, seconds, cap          summary.md   the digest
 #   logs/<stage>.log, logs/<stage>.xml (junit)             bench-*.json one per benchmark

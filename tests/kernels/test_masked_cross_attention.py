@@ -202,11 +202,12 @@ def test_strided_media_index(mode, T):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dh", [160, 256])
 def test_gpu_tiles_of_wide_heads(monkeypatch, dh, dtype):
     # The prefill tiles the GPU path picks for heads wider than 128 (32-key tiles; 32 query rows in
-    # fp32), run here through the interpreter: several query blocks, media of 37 keys (ragged tiles).
+    # fp32), through the interpreter here (for real on a GPU): several query blocks, media of 37 keys
+    # (ragged tiles).
     monkeypatch.setattr(mx, "_interpreted", lambda device: False)
     monkeypatch.setattr(mx, "_sm_count", lambda device: 132)
     cfg = mx._prefill_config(45, dh, dtype, DEVICE)

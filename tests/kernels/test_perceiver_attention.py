@@ -114,11 +114,12 @@ def test_kernel_matches_reference(case, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dh", [160, 256])
 def test_gpu_tiles_of_wide_heads(monkeypatch, dh, dtype):
     # The tiles the GPU path picks for heads wider than 128 (32-key tiles; 32 query rows in fp32),
-    # run here through the interpreter: ragged key tails in both sources, padded head dim.
+    # through the interpreter here (for real on a GPU): ragged key tails in both sources, padded
+    # head dim.
     monkeypatch.setattr(pa_mod, "_interpreted", lambda device: False)
     monkeypatch.setattr(pa_mod, "_sm_count", lambda device: 132)
     cfg = pa_mod._perceiver_config(37, dh, dtype, 2, DEVICE)
