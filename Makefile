@@ -10,6 +10,8 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 # pytest: 2 workers (CI has 2 cores), each taking whole files (module fixtures are built once), a line per
 # test, a per-test limit so nothing hangs CI, the slowest tests listed.
 PYTEST_ARGS ?= -n 2 --dist loadfile -v --timeout 300 --durations 15
+# Progress lines as they happen, also when the output is a pipe or a CI log (else Python buffers them).
+export PYTHONUNBUFFERED := 1
 
 # The install is editable: Python edits need no reinstall. These do: the build files, the CUDA
 # sources, and the build settings (LMMRT_CUDA, LMMRT_CUDA_ARCHS; see README "Install").

@@ -178,7 +178,7 @@ def test_cli_existing_output_file(tmp_path):
     f = tmp_path / "taken"
     f.write_text("x")
     r = subprocess.run([sys.executable, "-m", "lmmrt", "demo", "--save", str(f)], capture_output=True, text=True)
-    assert r.returncode == 2 and "File exists" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_invalid_config_json_is_named(ckpt, tmp_path):
