@@ -53,13 +53,8 @@ from lmmrt.models.config import (  # noqa: E402
     XAttnConfig,
 )
 from lmmrt.models.random_init import random_model  # noqa: E402
-from lmmrt.runtime.video import (  # noqa: E402
-    VideoClip,
-    _ChunkEncoder,
-    _decode_chunk,
-    generate_video_stream,
-    resolve_mode,
-)
+from lmmrt.runtime.video import VideoClip, resolve_mode  # noqa: E402
+from lmmrt.runtime.video_stream import _ChunkEncoder, _decode_chunk, generate_video_stream  # noqa: E402
 
 
 def shape_config(shape: str, demo: ModelConfig, max_frames: int) -> ModelConfig:

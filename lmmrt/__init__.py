@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _API = {
     "Model": "lmmrt.api", "generate": "lmmrt.api", "load": "lmmrt.api", "logits": "lmmrt.api",
     "info": "lmmrt.info", "info_text": "lmmrt.info",
-    "VideoClip": "lmmrt.runtime.video", "generate_video_stream": "lmmrt.runtime.video",
+    "VideoClip": "lmmrt.runtime.video", "generate_video_stream": "lmmrt.runtime.video_stream",
     "load_video": "lmmrt.runtime.video", "video_prompt": "lmmrt.runtime.video",
 }
 

@@ -12,7 +12,8 @@ import pytest
 import lmmrt
 from lmmrt.demo import demo_model
 from lmmrt.runtime.frame_sampling import sample_frame_indices
-from lmmrt.runtime.video import generate_video_stream, iter_chunks
+from lmmrt.runtime.video import iter_chunks
+from lmmrt.runtime.video_stream import generate_video_stream
 
 FRAMES = np.random.default_rng(0).integers(0, 255, (6, 8, 10, 3), dtype=np.uint8)
 

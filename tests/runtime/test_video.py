@@ -15,7 +15,8 @@ import torch
 
 import lmmrt
 from lmmrt.runtime.frame_sampling import sample_frame_indices
-from lmmrt.runtime.video import VideoClip, generate_video_stream, iter_chunks
+from lmmrt.runtime.video import VideoClip, iter_chunks
+from lmmrt.runtime.video_stream import generate_video_stream
 
 av = pytest.importorskip("av")
 
@@ -221,7 +222,7 @@ def test_stream_of_explicit_chunks_and_live_iterator(demo):
 def test_next_chunk_is_encoded_between_decode_steps(demo, monkeypatch):
     """A live source whose second chunk arrives while the first is being decoded: its encoding is
     queued between decode steps (on the GPU: on the side stream, alongside the decode)."""
-    from lmmrt.runtime import video
+    from lmmrt.runtime import video_stream
 
     forwards, decoding = [0], threading.Event()
 
@@ -231,8 +232,8 @@ def test_next_chunk_is_encoded_between_decode_steps(demo, monkeypatch):
             decoding.set()
 
     submitted = []
-    submit = video._ChunkEncoder.submit
-    monkeypatch.setattr(video._ChunkEncoder, "submit",
+    submit = video_stream._ChunkEncoder.submit
+    monkeypatch.setattr(video_stream._ChunkEncoder, "submit",
                         lambda self, k, clip: submitted.append((k, forwards[0])) or submit(self, k, clip))
     frames = synthetic_frames(8)
 
