@@ -18,6 +18,11 @@ from lmmrt.runtime.video_stream import generate_video_stream
 FRAMES = np.random.default_rng(0).integers(0, 255, (6, 8, 10, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="module")
+def demo():
+    return demo_model(device="cpu", backend="torch")
+
+
 def _nearest_frames_reference(timestamps: list[float], fps: float, max_frames: int | None) -> list[int]:
     """The definition, target by target: k / fps takes the nearest frame (ties: the earlier), targets
     after the last frame take nothing, each frame is taken once."""
@@ -78,11 +83,11 @@ def test_bad_sampling_arguments_are_named(kw, error, msg):
 
 @pytest.mark.parametrize("chunk_frames, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError),
                                                  (math.inf, TypeError), ("4", TypeError), (False, TypeError)])
-def test_bad_chunk_frames_is_named(chunk_frames, error):
+def test_bad_chunk_frames_is_named(demo, chunk_frames, error):
     with pytest.raises(error, match="chunk_frames must be a positive int"):
         iter_chunks(FRAMES, chunk_frames)
     with pytest.raises(error, match="chunk_frames must be a positive int"):
-        generate_video_stream(demo_model(device="cpu", backend="torch"), FRAMES, chunk_frames=chunk_frames)
+        generate_video_stream(demo, FRAMES, chunk_frames=chunk_frames)
 
 
 def test_numpy_scalars_are_accepted():
@@ -92,7 +97,6 @@ def test_numpy_scalars_are_accepted():
     assert [c.indices for c in iter_chunks(FRAMES, np.int32(4))] == [[0, 1, 2, 3], [4, 5]]
 
 
-def test_stream_options_fail_at_the_call():
+def test_stream_options_fail_at_the_call(demo):
     with pytest.raises(TypeError, match="max_new_tokens must be an int"):
-        generate_video_stream(demo_model(device="cpu", backend="torch"), FRAMES, chunk_frames=2,
-                              max_new_tokens=2.5)
+        generate_video_stream(demo, FRAMES, chunk_frames=2, max_new_tokens=2.5)
