@@ -148,24 +148,28 @@ def _dry_run_shape(shapes: list[tuple], transform, reshape_to) -> tuple:
     return tuple(t.shape)
 
 
-def _odd_parts(shapes: list[tuple], want: tuple | None) -> list[int]:
-    """Which parts of a fused tensor are the misshapen ones, when that can be told: a part whose
-    trailing dims differ from the target's, else one whose rows differ from all the others'
-    (gate/up, k/v and q/k/v without grouped heads all have equal parts)."""
-    if want is not None:
-        bad = [i for i, s in enumerate(shapes) if tuple(s[1:]) != tuple(want[1:])]
-        if bad:
-            return bad
-    rows = [s[0] if s else None for s in shapes]
-    if len(rows) == 2 and want is not None and want[0] % 2 == 0:  # gate/up, k/v: two equal halves
-        return [i for i, r in enumerate(rows) if r != want[0] // 2]
-    if len(set(rows)) == 2:
-        return [i for i, r in enumerate(rows) if rows.count(r) == 1]
-    return []
+def _part_rows(name: str, n_parts: int, want: tuple | None, cfg: ModelConfig) -> list[int] | None:
+    """The rows each part of a fused tensor should have: the decoder's q/k/v by its (grouped)
+    heads, any other fused tensor (gate/up, k/v, CLIP's q/k/v) in equal parts."""
+    if want is None or not want:
+        return None
+    d = cfg.decoder
+    if n_parts == 3 and name.startswith("decoder.layers.") and ".wqkv." in name:
+        return [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
+    return [want[0] // n_parts] * n_parts if want[0] % n_parts == 0 else None
+
+
+def _odd_parts(shapes: list[tuple], want: tuple | None, rows: list[int] | None) -> list[int]:
+    """Which parts of a fused tensor are the misshapen ones: trailing dims unlike the target's, or
+    rows unlike the part's share."""
+    bad = [i for i, s in enumerate(shapes) if want is not None and tuple(s[1:]) != tuple(want[1:])]
+    if rows is not None:
+        bad += [i for i, s in enumerate(shapes) if i not in bad and (not s or s[0] != rows[i])]
+    return bad
 
 
 def _shape_problem(name: str, srcs: list[str], shapes: list[tuple], want: tuple | None, transform,
-                   reshape_to) -> str | None:
+                   reshape_to, cfg: ModelConfig) -> str | None:
     try:
         got = _dry_run_shape(shapes, transform, reshape_to)
         if want is None or got == want:
@@ -173,8 +177,9 @@ def _shape_problem(name: str, srcs: list[str], shapes: list[tuple], want: tuple 
         reason = f"they make {got}"
     except ValueError as e:
         reason = f"they cannot be combined ({e})"
-    odd = set(_odd_parts(shapes, want)) if len(srcs) > 1 else {0}
-    parts = ", ".join(f"{s} {tuple(shp)}{' <- misshapen' if i in odd and len(srcs) > 1 else ''}"
+    fused = len(srcs) > 1 and transform is None  # a transform (NeoX's interleaved q/k/v) reorders rows
+    odd = set(_odd_parts(shapes, want, _part_rows(name, len(srcs), want, cfg))) if fused else set()
+    parts = ", ".join(f"{s} {tuple(shp)}{' <- misshapen' if i in odd else ''}"
                       for i, (s, shp) in enumerate(zip(srcs, shapes)))
     return f"{name} needs {want}: from {parts}: {reason}"
 
@@ -200,7 +205,7 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
     for name, srcs in wmap.items():
         if all(s in src for s in srcs):
             problem = _shape_problem(name, srcs, [src.shape(s) for s in srcs], expected.get(name),
-                                     transforms.get(name), reshape.get(name))
+                                     transforms.get(name), reshape.get(name), cfg)
             if problem is not None:
                 misshapen.append(problem)
     if missing or unused or misshapen:

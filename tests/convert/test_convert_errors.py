@@ -167,3 +167,28 @@ def test_unreadable_openflamingo_checkpoint_is_named(tmp_path, kind):
     with pytest.raises(CheckpointError, match=f"{path}.*(truncated|directory)") as e:
         read_openflamingo_checkpoint(path)
     assert "holds something other than tensors" not in str(e.value)  # not a pickle problem
+
+
+def test_misshapen_part_of_a_grouped_query_qkv_is_flagged():
+    """With grouped-query heads q, k and v have different rows: the part's share comes from the
+    config, so only the bad one is flagged. Shapes are checked before any tensor is read (meta)."""
+    import dataclasses
+
+    from lmmrt.convert.common import SourceWeights, convert_state
+    from lmmrt.demo import char_tokenizer, demo_config
+    from lmmrt.models.flamingo import FlamingoModel
+
+    cfg = demo_config(char_tokenizer().get_vocab_size())
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, kv_heads=2))
+    with torch.device("meta"):
+        state = FlamingoModel(cfg).state_dict()
+    q_rows, kv_rows, d = 8 * 32, 2 * 32, cfg.decoder.dim
+    state = {k: v for k, v in state.items() if k != "decoder.layers.1.wqkv.weight"}
+    state.update({"q": torch.empty(q_rows, d, device="meta"), "k": torch.empty(kv_rows + 8, d, device="meta"),
+                  "v": torch.empty(kv_rows, d, device="meta")})
+    wmap = {k: [k] for k in state if k not in "qkv"}
+    wmap["decoder.layers.1.wqkv.weight"] = ["q", "k", "v"]
+    with pytest.raises(CheckpointError) as e:
+        convert_state(SourceWeights.from_state_dict(state), wmap, cfg, progress=False)
+    msg = str(e.value)
+    assert f"from q ({q_rows}, {d}), k ({kv_rows + 8}, {d}) <- misshapen, v ({kv_rows}, {d}):" in msg
