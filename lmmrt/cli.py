@@ -1,4 +1,4 @@
-"""The `lmmrt` command: info, convert, generate, demo.
+"""The `lmmrt` command: info, convert, generate, demo, build-kernels.
 
 Only the standard library is imported here at module level: torch and the rest of lmmrt are imported
 inside the command functions, so `lmmrt --help` and argument errors answer at once.
@@ -97,6 +97,27 @@ def _cmd_info(args) -> int:
         print(json.dumps(lmmrt.info(args.backend), indent=2))
     else:
         print(lmmrt.info_text(args.backend))
+    return 0
+
+
+def _cmd_build_kernels(args) -> int:
+    from lmmrt.kernels.cuda_jit import nvrtc_build
+
+    supported = nvrtc_build.supported_archs()
+    bad = [a for a in args.arch if a not in supported]
+    if bad:
+        raise ValueError(f"--arch {' '.join(map(str, bad))}: this NVRTC compiles for {' '.join(map(str, supported))}")
+    cache_dir = args.cache_dir or nvrtc_build.default_cache_dir()
+    print(f"NVRTC {'.'.join(map(str, nvrtc_build.nvrtc_version()))}, cache {cache_dir}; registers and spills "
+          "from ptxas -v (NVRTC -Xptxas=-v log)")
+    for r in nvrtc_build.build_all(args.arch, cache_dir=cache_dir):
+        how = "cached" if r.cached else f"compiled in {r.seconds:.1f} s"
+        print(f"sm_{r.arch} {r.group}: cubin {len(r.cubin)} bytes, {len(r.entries)} kernels ({how})")
+        for key, entry in r.entries.items():
+            res = r.resources.get(entry)
+            stats = (f"{res['registers']:3d} registers, spills {res['spill_stores']}/{res['spill_loads']} bytes "
+                     f"(stores/loads), smem {res['smem']} bytes") if res else "no ptxas report"
+            print(f"  {key:36s} {stats}")
     return 0
 
 
@@ -324,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the demo model as an lmmrt checkpoint to DIR instead of running it")
     s.add_argument("--force", action="store_true", help="with --save: replace an existing DIR")
     s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("build-kernels", help="compile the CUDA kernels with NVRTC into the kernel cache (no GPU "
+                       "needed), reporting cubin sizes, registers and spills", formatter_class=HelpFormatter)
+    s.add_argument("--arch", type=POSITIVE_INT, nargs="+", default=[80, 90], metavar="SM",
+                   help="compute capabilities to compile for, e.g. 80 90")
+    s.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="kernel cache to fill (default: $LMMRT_KERNEL_CACHE, else ~/.cache/lmmrt/kernels)")
+    s.set_defaults(fn=_cmd_build_kernels)
     return p
 
 

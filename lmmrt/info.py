@@ -43,6 +43,7 @@ def info(backend: str | None = None) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_extension": build,
+        "cuda_kernels": dict(zip(("uses", "why"), _backend.cuda_kernels_choice())),
         "gpu": gpu,
         "device": str(device),
         "backend": requested,
@@ -57,6 +58,7 @@ def info_text(backend: str | None = None) -> str:
         f"lmmrt {d['lmmrt']}  (python {d['python']}, torch {d['torch']}, triton {d['triton'] or 'not installed'})",
         "CUDA extension: " + (f"built for sm_{', sm_'.join(ext['cuda_archs'])} with CUDA {ext['cuda_version']}"
                               if ext else "not built (pure-Python install: no nvcc at install time)"),
+        f"CUDA kernels: {d['cuda_kernels']['uses']} ({d['cuda_kernels']['why']})",
         "GPU: " + (f"{d['gpu']['name']} (sm_{d['gpu']['capability'].replace('.', '')}, {d['gpu']['memory_gib']} GiB)"
                    if d["gpu"] else "none (ops run their PyTorch reference on the CPU)"),
         f"backend requested: {d['backend']}  on device {d['device']}",

@@ -45,6 +45,40 @@ def cuda_extension():
     return _C
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_choice() -> tuple[str, str]:
+    """Which runs lmmrt's CUDA C++ kernels, and why: ("extension" | "jit" | "none", reason).
+    The extension when built; else the NVRTC JIT (lmmrt.kernels.cuda_jit) when CuPy and a CUDA
+    device are there. LMMRT_CUDA_JIT=1 picks the JIT even beside the extension, 0 never."""
+    from lmmrt.kernels import cuda_jit
+
+    mode, ext = cuda_jit.jit_mode(), cuda_extension()
+    if ext is not None and mode != "on":
+        return "extension", "lmmrt._C is built; the extension is preferred"
+    if mode == "off":
+        return "none", "lmmrt._C is not built and LMMRT_CUDA_JIT=0"
+    why_not = cuda_jit.jit_unusable_reason()
+    if why_not is None:
+        return "jit", ("LMMRT_CUDA_JIT=1" if mode == "on" else "lmmrt._C is not built") + \
+            "; kernels compiled by NVRTC on first use"
+    if ext is not None:
+        return "extension", f"LMMRT_CUDA_JIT=1 but the JIT is unusable: {why_not}"
+    return "none", f"lmmrt._C is not built and the NVRTC JIT is unusable: {why_not}"
+
+
+def cuda_kernels():
+    """What launches the CUDA C++ kernels (lmmrt._C or its NVRTC stand-in with the same
+    interface), or None. See cuda_kernels_choice."""
+    choice = cuda_kernels_choice()[0]
+    if choice == "extension":
+        return cuda_extension()
+    if choice == "jit":
+        from lmmrt.kernels import cuda_jit
+
+        return cuda_jit.jit_kernels()
+    return None
+
+
 def cuda_build_info() -> dict | None:
     """What the CUDA extension was built for: {"archs": "80,90", "cuda_version": "13.0.88"}, or
     None when lmmrt was installed without it. Reads build constants only: never touches a device."""

@@ -19,6 +19,7 @@ import math
 import torch
 
 from lmmrt.kernels import backend as _backend
+from lmmrt.kernels.cuda_jit.dlpack import accepts_dlpack_arrays
 from lmmrt.kernels.masked_cross_attention import MODES, masked_cross_attention_reference
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -96,9 +97,10 @@ def launch_decode(out, q, k, v, text_time, media_start, media_count, workspace, 
                   scale: float, num_splits: int) -> None:
     """Raw launch on the current stream into caller-provided `out` and `workspace` (no checks here
     beyond the binding's; use `masked_cross_attention_decode` unless you manage the buffers)."""
-    ext = _backend.cuda_extension()
+    ext = _backend.cuda_kernels()
     if ext is None:
-        raise RuntimeError("lmmrt was built without its CUDA extension (lmmrt._C); rebuild with nvcc present")
+        raise RuntimeError("no CUDA kernels: lmmrt._C is not built and the NVRTC JIT is unusable ("
+                           + _backend.cuda_kernels_choice()[1] + ")")
     B, _, H, D = q.shape
     N, L = k.shape[:2]
     tt = text_time[:, -1] if text_time.dim() == 2 else text_time
@@ -141,6 +143,7 @@ def _decode_fake(q, k, v, text_time, media_start, media_count, cumulative, scale
     return torch.empty_like(q)
 
 
+@accepts_dlpack_arrays
 def masked_cross_attention_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,5 +193,5 @@ def masked_cross_attention_cuda(q, k, v, text_time, media_start, media_count, *,
     return _fallback()(q, k, v, text_time, media_start, media_count, mode=mode, scale=scale)
 
 
-if _backend.cuda_extension() is not None:
+if _backend.cuda_kernels() is not None:
     _backend.register("masked_cross_attention", "cuda", masked_cross_attention_cuda)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmmrt.kernels import backend as _backend
+from lmmrt.kernels.cuda_jit.dlpack import accepts_dlpack_arrays
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,9 +54,10 @@ _CUDA_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 
 def _ext():
-    ext = _backend.cuda_extension()
+    ext = _backend.cuda_kernels()
     if ext is None:
-        raise RuntimeError("lmmrt was built without its CUDA extension (lmmrt._C); rebuild with nvcc present")
+        raise RuntimeError("no CUDA kernels: lmmrt._C is not built and the NVRTC JIT is unusable ("
+                           + _backend.cuda_kernels_choice()[1] + ")")
     return ext
 
 
@@ -155,26 +157,31 @@ def _gated_residual_fake(x, branch, gate):
     return torch.empty_like(x)
 
 
+@accepts_dlpack_arrays
 def rms_norm_cuda(x, weight, eps):
     _check_cuda_args("rms_norm", x, {}, {"weight": weight})
     return _norm_op(x, weight, None, float(eps), False)
 
 
+@accepts_dlpack_arrays
 def layer_norm_cuda(x, weight, bias, eps):
     _check_cuda_args("layer_norm", x, {}, {"weight": weight, "bias": bias})
     return _norm_op(x, weight, bias, float(eps), True)
 
 
+@accepts_dlpack_arrays
 def add_rms_norm_cuda(x, residual, weight, eps):
     _check_cuda_args("add_rms_norm", x, {"residual": residual}, {"weight": weight})
     return _add_norm_op(x, residual, weight, None, float(eps), False)
 
 
+@accepts_dlpack_arrays
 def add_layer_norm_cuda(x, residual, weight, bias, eps):
     _check_cuda_args("add_layer_norm", x, {"residual": residual}, {"weight": weight, "bias": bias})
     return _add_norm_op(x, residual, weight, bias, float(eps), True)
 
 
+@accepts_dlpack_arrays
 def gated_residual_cuda(x, branch, gate):
     if gate.numel() == 1 and gate.dim() <= 1:  # one gate for every channel
         if gate.dtype not in (x.dtype, torch.float32):
@@ -250,7 +257,7 @@ _backend.register("add_rms_norm", "torch", add_rms_norm_reference)
 _backend.register("add_layer_norm", "torch", add_layer_norm_reference)
 _backend.register("gated_residual", "torch", gated_residual_reference)
 
-if _backend.cuda_extension() is not None:
+if _backend.cuda_kernels() is not None:
     _backend.register("rms_norm", "cuda", _rms_norm_backend)
     _backend.register("layer_norm", "cuda", _layer_norm_backend)
     _backend.register("add_rms_norm", "cuda", _add_rms_norm_backend)

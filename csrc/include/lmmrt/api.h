@@ -2,7 +2,9 @@
 // points. Plain C++ (no device code), so the pybind11 glue can include it; the kernels live in
 // the .cuh templates and are instantiated in csrc/*.cu.
 #pragma once
+#ifndef __CUDACC_RTC__  // NVRTC has the device builtins and compiles no host code
 #include <cuda_runtime.h>
+#endif
 #include <cstdint>
 
 namespace lmmrt {
@@ -46,6 +48,7 @@ struct NormParams {
   bool layer_norm;  // false: RMSNorm
 };
 
+#ifndef __CUDACC_RTC__  // host launchers: NVRTC (lmmrt/kernels/cuda_jit/) compiles device code only
 // dtype float16 / bfloat16; head_dim 64, 96 or 128. Launches on `stream`, graph-safe.
 cudaError_t masked_cross_attention_decode(DType dtype, int head_dim, const DecodeParams& p, cudaStream_t stream);
 
@@ -57,5 +60,6 @@ cudaError_t gated_residual(DType dtype, DType gate_dtype, void* out, const void*
                            const void* gate, int64_t numel, int dim, bool per_channel, cudaStream_t stream);
 
 cudaError_t fill_f32(float* out, int64_t n, float value, cudaStream_t stream);
+#endif  // __CUDACC_RTC__
 
 }  // namespace lmmrt

@@ -1,6 +1,8 @@
 // Shared helpers for lmmrt's torch-free CUDA kernels.
 #pragma once
+#ifndef __CUDACC_RTC__  // NVRTC has the device builtins and compiles no host code
 #include <cuda_runtime.h>
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -10,7 +12,9 @@
 namespace lmmrt {
 
 // Every kernel entry point returns the launch status so the binding can raise it.
+#ifndef __CUDACC_RTC__  // host code: NVRTC compiles device code only
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+#endif
 
 template <typename T>
 __device__ __forceinline__ float to_float(T x);

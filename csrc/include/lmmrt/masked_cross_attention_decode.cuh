@@ -27,6 +27,9 @@ namespace lmmrt {
 
 namespace decode_detail {
 
+// Block size and keys in flight per group of the split kernel (also named by the NVRTC JIT).
+constexpr int kDecodeThreads = 128, kDecodeUnroll = 4;
+
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
   return is64 ? __ldg(static_cast<const long long*>(p) + i) : (int64_t)__ldg(static_cast<const int*>(p) + i);
 }
@@ -201,12 +204,13 @@ __global__ void __launch_bounds__(HEAD_DIM) decode_combine_kernel(const DecodePa
 
 }  // namespace decode_detail
 
+#ifndef __CUDACC_RTC__  // host launchers: NVRTC (lmmrt/kernels/cuda_jit/) compiles device code only
 // Launches the split kernel (and the combine kernel when num_splits > 1) on `stream`. No
 // allocation, no synchronisation, no host read of device memory: safe inside a CUDA graph.
 // Requires 16-byte aligned q/k/v and strides that are multiples of 16 / sizeof(T) elements.
 template <typename T, int HEAD_DIM>
 cudaError_t masked_cross_attention_decode(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 128, kUnroll = 4;
+  constexpr int kThreads = decode_detail::kDecodeThreads, kUnroll = decode_detail::kDecodeUnroll;
   if (p.batch <= 0 || p.heads <= 0) return cudaSuccess;
   if (p.num_splits < 1 || (p.num_splits > 1 && (p.ws_acc == nullptr || p.ws_ml == nullptr)))
     return cudaErrorInvalidValue;
@@ -217,5 +221,6 @@ cudaError_t masked_cross_attention_decode(const DecodeParams& p, cudaStream_t st
   decode_detail::decode_combine_kernel<T, HEAD_DIM><<<dim3(p.heads, p.batch), HEAD_DIM, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif  // __CUDACC_RTC__
 
 }  // namespace lmmrt

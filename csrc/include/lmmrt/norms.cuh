@@ -96,10 +96,13 @@ __global__ void gated_residual_kernel(T* out, const T* x, const T* branch, const
   }
 }
 
+#ifndef __CUDACC_RTC__  // host code: NVRTC (lmmrt/kernels/cuda_jit/) compiles device code only
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+#endif
 
 }  // namespace norm_detail
 
+#ifndef __CUDACC_RTC__
 // Launch on `stream`; graph-safe (no allocation, no sync). rows == 0 launches nothing.
 template <typename T, typename WT>
 cudaError_t fused_norm(const NormParams& p, cudaStream_t stream) {
@@ -142,5 +145,6 @@ cudaError_t gated_residual(T* out, const T* x, const T* branch, const GT* gate, 
                                                                              per_channel);
   return cudaGetLastError();
 }
+#endif  // __CUDACC_RTC__
 
 }  // namespace lmmrt

@@ -1,0 +1,397 @@
+"""The NVRTC JIT path of the CUDA kernels (lmmrt.kernels.cuda_jit).
+
+CPU (CI): every kernel compiles with NVRTC for sm_80/sm_90 with no GPU, the cubins hold the
+expected entry points, ptxas reports no spills, the disk cache skips NVRTC, a broken source carries
+NVRTC's log, the argument checks match the extension's, CuPy-style (DLPack) arrays come back as
+they went in. GPU (bench/device.sh): the JIT launches give the extension's results bit for bit and
+run inside a captured CUDA-graph decode step; first-use compile and cached load times are printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lmmrt import cli
+from lmmrt.kernels import backend as _backend
+from lmmrt.kernels import cuda_jit, norms
+from lmmrt.kernels import masked_cross_attention_cuda as mxa
+
+_NVRTC_MISSING = None
+try:
+    from lmmrt.kernels.cuda_jit import nvrtc_build
+    from lmmrt.kernels.cuda_jit.dlpack import accepts_dlpack_arrays
+    from lmmrt.kernels.cuda_jit.launcher import JitKernels
+
+    nvrtc_build.nvrtc_version()
+    nvrtc_build.cuda_include_dir()
+except ImportError as e:  # CudaJitUnavailable is an ImportError
+    _NVRTC_MISSING = str(e)
+needs_nvrtc = pytest.mark.skipif(_NVRTC_MISSING is not None, reason=f"NVRTC unusable: {_NVRTC_MISSING}")
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None or _NVRTC_MISSING is not None
+    or _backend.cuda_extension() is None,
+    reason="needs a CUDA device, CuPy + NVRTC and the lmmrt._C extension to compare with")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every kernel group for sm_80 and sm_90, compiled once into a fresh cache."""
+    if _NVRTC_MISSING is not None:
+        pytest.skip(f"NVRTC unusable: {_NVRTC_MISSING}")
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    return cache, nvrtc_build.build_all((80, 90), cache_dir=cache)
+
+
+# ---- CPU: compile, cache, errors ------------------------------------------------------------------
+
+def test_every_kernel_compiles_with_its_entry_point_and_no_spills(built):
+    _, results = built
+    assert sorted((r.group, r.arch) for r in results) == sorted(
+        (g, a) for g in nvrtc_build.GROUPS for a in (80, 90))
+    for r in results:
+        assert not r.cached
+        assert r.cubin[:4] == b"\x7fELF", f"{r.group} sm_{r.arch}: not an ELF cubin"
+        assert set(r.entries) == set(nvrtc_build.GROUPS[r.group].kernels)
+        for key, entry in r.entries.items():
+            assert entry.encode() in r.cubin, f"{key}: entry {entry} missing from the sm_{r.arch} cubin"
+            res = r.resources.get(entry)
+            assert res is not None, f"{key}: no ptxas report for {entry} in the NVRTC log"
+            assert res["spill_stores"] == 0 and res["spill_loads"] == 0, f"sm_{r.arch} {key} spills: {res}"
+            assert 0 < res["registers"] <= 255
+    decode = {(r.arch, k) for r in results for k in r.entries if k.startswith("decode_split/bfloat16/")}
+    assert decode == {(a, f"decode_split/bfloat16/{d}") for a in (80, 90) for d in (64, 96, 128)}
+
+
+def test_cache_hit_skips_nvrtc(built, monkeypatch):
+    cache, results = built
+    first = next(r for r in results if r.group == "norms" and r.arch == 90)
+
+    def no_compile(*a, **k):
+        raise AssertionError("NVRTC was called on a cache hit")
+
+    from cupy_backends.cuda.libs import nvrtc
+
+    monkeypatch.setattr(nvrtc, "createProgram", no_compile)
+    again = nvrtc_build.compile_group("norms", 90, cache_dir=cache)
+    assert again.cached and again.cubin == first.cubin and again.entries == first.entries
+    # another arch or another source is another entry: not served from this one
+    with pytest.raises(AssertionError, match="NVRTC was called"):
+        nvrtc_build.compile_group("norms", 90, cache_dir=cache, source=nvrtc_build.GROUPS["norms"].source() + "\n")
+
+
+def test_cache_key_covers_source_arch_and_nvrtc_version():
+    inc = nvrtc_build.kernel_include_dir()
+    base = nvrtc_build.cache_key("x", 90, (13, 0), inc)
+    assert len({base, nvrtc_build.cache_key("y", 90, (13, 0), inc), nvrtc_build.cache_key("x", 80, (13, 0), inc),
+                nvrtc_build.cache_key("x", 90, (13, 1), inc)}) == 4
+
+
+@needs_nvrtc
+def test_broken_source_error_carries_the_nvrtc_log(tmp_path):
+    src = nvrtc_build.GROUPS["norms"].source() + "\nthis_is_not_cuda;\n"
+    with pytest.raises(nvrtc_build.KernelBuildError, match=r"(?s)norms kernels for sm_90.*this_is_not_cuda"):
+        nvrtc_build.compile_group("norms", 90, cache_dir=tmp_path, source=src)
+    assert not list(tmp_path.glob("*.cubin")), "a failed compile left a cache entry"
+
+
+@needs_nvrtc
+def test_struct_layout_mismatch_is_a_compile_error(tmp_path):
+    """The ctypes parameter structs are checked against csrc's by static_asserts in every compile."""
+    from lmmrt.kernels.cuda_jit import kernel_params as kp
+
+    src = nvrtc_build.GROUPS["norms"].source()
+    right = f"__builtin_offsetof(lmmrt::NormParams, rows) == {kp.NormParams.rows.offset},"
+    assert right in src
+    with pytest.raises(nvrtc_build.KernelBuildError, match="NormParams.rows moved"):
+        nvrtc_build.compile_group("norms", 80, cache_dir=tmp_path, source=src.replace(right, right.replace(
+            f"== {kp.NormParams.rows.offset},", f"== {kp.NormParams.rows.offset + 8},")))
+
+
+def test_build_kernels_cli_reports_sizes_registers_and_spills(built, capsys):
+    cache, _ = built
+    assert cli.main(["build-kernels", "--arch", "80", "90", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "ptxas -v" in out
+    for arch in (80, 90):
+        for group in nvrtc_build.GROUPS:
+            assert f"sm_{arch} {group}: cubin " in out and "(cached)" in out
+    assert out.count("spills 0/0 bytes") == sum(len(g.kernels) for g in nvrtc_build.GROUPS.values()) * 2
+
+
+@needs_nvrtc
+def test_build_kernels_cli_refuses_an_unknown_arch(capsys):
+    assert cli.main(["build-kernels", "--arch", "12"]) == 2
+    assert "--arch 12: this NVRTC compiles for" in capsys.readouterr().err
+
+
+# ---- CPU: argument checks are the extension's ---------------------------------------------------
+
+_DEC = dict(batch=2, heads=4, head_dim=64, latents=3, num_media=5, q_strides=(256, 64), out_strides=(256, 64),
+            kv_strides=(256, 64), index_strides=(1, 1, 1), index_int64=(False, False, False), cumulative=False,
+            scale=0.125, num_splits=2, dtype="float16", stream=0)
+_DEC_PTRS = (4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096)
+_NORM = dict(rows=3, dim=64, eps=1e-5, layer_norm=True, dtype="bfloat16", weight_dtype="float32", stream=0)
+_NORM_PTRS = (4096, 4096, 4096, 4096, 4096, 4096)
+_GATED = dict(numel=128, dim=64, gate_numel=64, dtype="float16", gate_dtype="float16", stream=0)
+_GATED_PTRS = (4096, 4096, 4096, 4096)
+
+BAD_CALLS = [
+    ("masked_cross_attention_decode", _DEC_PTRS, {"dtype": "float32"}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"dtype": "int8"}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"head_dim": 80}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"batch": 65536}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"heads": -1}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"latents": -1}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"num_splits": 0}),
+    ("masked_cross_attention_decode", _DEC_PTRS, {"kv_strides": (256, 60)}),
+    ("masked_cross_attention_decode", (0,) + _DEC_PTRS[1:], {}),
+    ("masked_cross_attention_decode", (4096, 4104) + _DEC_PTRS[2:], {}),
+    ("masked_cross_attention_decode", _DEC_PTRS[:2] + (4100,) + _DEC_PTRS[3:], {}),
+    ("masked_cross_attention_decode", _DEC_PTRS[:4] + (4098,) + _DEC_PTRS[5:], {}),
+    ("masked_cross_attention_decode", _DEC_PTRS[:5] + (4100,) + _DEC_PTRS[6:], {"index_int64": (False, True, False)}),
+    ("masked_cross_attention_decode", _DEC_PTRS[:7] + (0,), {}),
+    ("fused_norm", _NORM_PTRS, {"weight_dtype": "float16"}),
+    ("fused_norm", _NORM_PTRS, {"rows": -1}),
+    ("fused_norm", _NORM_PTRS, {"dim": 0}),
+    ("fused_norm", (4096, 0) + _NORM_PTRS[2:], {}),
+    ("fused_norm", _NORM_PTRS, {"layer_norm": False}),
+    ("fused_norm", (4097,) + _NORM_PTRS[1:], {}),
+    ("fused_norm", _NORM_PTRS[:4] + (4098, 4096), {}),
+    ("fused_norm", _NORM_PTRS[:5] + (4097,), {}),
+    ("gated_residual", _GATED_PTRS, {"gate_dtype": "bfloat16"}),
+    ("gated_residual", _GATED_PTRS, {"dim": 0}),
+    ("gated_residual", _GATED_PTRS, {"numel": 100}),
+    ("gated_residual", _GATED_PTRS, {"gate_numel": 3}),
+    ("gated_residual", (4096, 4096, 4097, 4096), {}),
+    ("gated_residual", (4096, 4096, 4096, 0), {}),
+]
+
+
+@pytest.mark.skipif(_backend.cuda_extension() is None, reason="needs the lmmrt._C extension to compare with")
+@pytest.mark.parametrize("fn, ptrs, change", BAD_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CALLS)])
+def test_argument_checks_match_the_extension(fn, ptrs, change):
+    """Each bad call is refused by both, with the same message, before either touches CUDA."""
+    kwargs = {**{"masked_cross_attention_decode": _DEC, "fused_norm": _NORM, "gated_residual": _GATED}[fn], **change}
+    with pytest.raises(ValueError) as ext_err:
+        getattr(_backend.cuda_extension(), fn)(*ptrs, **kwargs)
+    with pytest.raises(ValueError) as jit_err:
+        getattr(JitKernels(), fn)(*ptrs, **kwargs)
+    assert str(jit_err.value) == str(ext_err.value)
+
+
+@pytest.mark.skipif(_backend.cuda_extension() is None, reason="needs the lmmrt._C extension to compare with")
+def test_empty_launches_return_without_cuda_in_both():
+    for kernels in (_backend.cuda_extension(), JitKernels()):
+        assert kernels.masked_cross_attention_decode(*_DEC_PTRS, **{**_DEC, "batch": 0}) is None
+        assert kernels.fused_norm(*_NORM_PTRS, **{**_NORM, "rows": 0}) is None
+        assert kernels.gated_residual(*_GATED_PTRS, **{**_GATED, "numel": 0}) is None
+
+
+# ---- CPU: which kernels run, and why --------------------------------------------------------------
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    _backend.cuda_kernels_choice.cache_clear()
+    yield monkeypatch
+    _backend.cuda_kernels_choice.cache_clear()
+
+
+@pytest.mark.parametrize("ext, jit_ok, env, uses", [
+    (True, True, "", "extension"), (True, True, "1", "jit"), (False, True, "", "jit"), (False, True, "0", "none"),
+    (False, False, "", "none"), (True, False, "1", "extension")])
+def test_extension_preferred_jit_when_missing(fresh_choice, ext, jit_ok, env, uses):
+    fresh_choice.setattr(_backend, "cuda_extension", lambda: object() if ext else None)
+    fresh_choice.setattr(cuda_jit, "jit_unusable_reason", lambda: None if jit_ok else "no CUDA device")
+    fresh_choice.setenv("LMMRT_CUDA_JIT", env)
+    choice, why = _backend.cuda_kernels_choice()
+    assert choice == uses and why
+    if not jit_ok and uses == "none":
+        assert "no CUDA device" in why
+    if uses == "jit":
+        assert isinstance(_backend.cuda_kernels(), JitKernels)
+
+
+def test_info_says_which_kernels_and_why():
+    from lmmrt.info import info, info_text
+
+    d = info("torch")["cuda_kernels"]
+    assert d["uses"] in ("extension", "jit", "none") and d["why"]
+    assert f"CUDA kernels: {d['uses']} (" in info_text("torch")
+
+
+# ---- CPU: foreign (DLPack) arrays ---------------------------------------------------------------
+
+def test_dlpack_arrays_come_back_as_the_same_kind_without_copies():
+    seen = {}
+
+    @accepts_dlpack_arrays
+    def double_and_sum(x, *, y):
+        seen["types"] = (type(x), type(y))
+        x.mul_(2)  # in place: shows x is the caller's memory, not a copy
+        return x, x + y
+
+    a = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    b = np.full((2, 3), 0.5, dtype=np.float32)
+    x_back, s = double_and_sum(a, y=b)
+    assert seen["types"] == (torch.Tensor, torch.Tensor)
+    assert isinstance(x_back, np.ndarray) and isinstance(s, np.ndarray)
+    np.testing.assert_array_equal(a, np.arange(1, 7, dtype=np.float32).reshape(2, 3) * 2)
+    np.testing.assert_array_equal(s, a + 0.5)
+    assert np.shares_memory(x_back, a)
+    t = torch.ones(2)
+    assert double_and_sum(t, y=t)[0] is t  # torch in, torch out, untouched path
+
+
+def test_public_kernel_functions_take_dlpack_arrays():
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    w = np.ones(64, dtype=np.float32)
+    # converted to (CPU) torch tensors: the device check names the argument, as for a tensor
+    with pytest.raises(ValueError, match="rms_norm: x must be a CUDA tensor"):
+        norms.rms_norm_cuda(x, w, 1e-5)
+    q = np.zeros((1, 1, 2, 64), dtype=np.float16)
+    with pytest.raises(ValueError, match="masked_cross_attention_decode: q must be float16"):
+        mxa.masked_cross_attention_decode(q.astype(np.float32), q, q, np.zeros(1, np.int32),
+                                          np.zeros(1, np.int32), np.zeros(1, np.int32))
+
+
+# ---- GPU: the JIT against the extension ---------------------------------------------------------
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    def use(kind):
+        monkeypatch.setattr(_backend, "cuda_kernels", (lambda: _backend.cuda_extension()) if kind == "ext"
+                            else cuda_jit.jit_kernels)
+    return use
+
+
+def _both(use_kernels, fn):
+    use_kernels("ext")
+    a = fn()
+    torch.cuda.synchronize()
+    use_kernels("jit")
+    b = fn()
+    torch.cuda.synchronize()
+    return a, b
+
+
+def _assert_bitwise(a, b, what):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
+                           y.view(torch.uint8) if y.is_floating_point() else y), f"{what}: JIT differs from _C"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("mode", ["immediate", "cumulative"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decode_jit_equals_extension(use_kernels, dtype, head_dim, mode, num_splits):
+    g = torch.Generator().manual_seed(head_dim)
+    B, H, N, L = 3, 5, 7, 19
+    q = torch.randn(B, 1, H, head_dim, generator=g).cuda().to(dtype)
+    k, v = (torch.randn(N, L, H, head_dim, generator=g).cuda().to(dtype) for _ in range(2))
+    tt = torch.tensor([[1], [3], [0]], device="cuda")
+    ms, mc = torch.tensor([0, 2, 4], device="cuda"), torch.tensor([2, 3, 3], device="cuda")
+    a, b = _both(use_kernels, lambda: mxa.masked_cross_attention_decode(q, k, v, tt, ms, mc, mode=mode,
+                                                                         num_splits=num_splits))
+    _assert_bitwise(a, b, f"decode {dtype} dh {head_dim} {mode} splits {num_splits}")
+
+
+@pytest.mark.parametrize("dtype, wdtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                           (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dim", [64, 97, 4096])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_norms_jit_equal_extension(use_kernels, dtype, wdtype, dim):
+    g = torch.Generator().manual_seed(dim)
+    x, r = (torch.randn(5, dim, generator=g).cuda().to(dtype) for _ in range(2))
+    w, bias = (torch.randn(dim, generator=g).cuda().to(wdtype) for _ in range(2))
+    gate = torch.randn(dim, generator=g).cuda().to(wdtype)
+    for what, fn in [("rms", lambda: norms.rms_norm_cuda(x, w, 1e-6)),
+                     ("layer", lambda: norms.layer_norm_cuda(x, w, bias, 1e-5)),
+                     ("add_rms", lambda: norms.add_rms_norm_cuda(x, r, w, 1e-6)),
+                     ("add_layer", lambda: norms.add_layer_norm_cuda(x, r, w, bias, 1e-5)),
+                     ("gated", lambda: norms.gated_residual_cuda(x, r, gate)),
+                     ("gated1", lambda: norms.gated_residual_cuda(x, r, gate[:1]))]:
+        a, b = _both(use_kernels, fn)
+        _assert_bitwise(a, b, f"{what} {dtype}/{wdtype} dim {dim}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_cupy_arrays_in_cupy_arrays_out(use_kernels):
+    import cupy
+
+    use_kernels("jit")
+    x = cupy.random.standard_normal((4, 128), dtype=cupy.float32).astype(cupy.float16)
+    w = cupy.ones(128, dtype=cupy.float16)
+    out = norms.rms_norm_cuda(x, w, 1e-6)
+    assert isinstance(out, cupy.ndarray) and out.dtype == cupy.float16
+    ref = norms.rms_norm_reference(torch.from_dlpack(x), torch.from_dlpack(w), 1e-6)
+    assert torch.equal(torch.from_dlpack(out), norms.rms_norm_cuda(torch.from_dlpack(x), torch.from_dlpack(w), 1e-6))
+    assert (torch.from_dlpack(out).float() - ref.float()).abs().max().item() < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_first_use_compile_and_cached_load_times(tmp_path, record_property):
+    x = torch.randn(2, 64, device="cuda", dtype=torch.float16)
+    w = torch.ones(64, device="cuda", dtype=torch.float16)
+    times = {}
+    for run in ("first_use", "cached"):
+        k = JitKernels(cache_dir=tmp_path)
+        t0 = time.perf_counter()
+        k.fused_norm(x.data_ptr(), 0, x.data_ptr(), 0, w.data_ptr(), 0, rows=2, dim=64, eps=1e-6, layer_norm=False,
+                     dtype="float16", weight_dtype="float16", stream=torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        times[run] = time.perf_counter() - t0
+        dev = torch.cuda.current_device()
+        assert k.compiled[dev] == (run == "first_use")
+    record_property("jit_first_use_s", round(times["first_use"], 3))
+    record_property("jit_cached_load_s", round(times["cached"], 3))
+    print(f"\nJIT first use (compile + load, both groups): {times['first_use']:.2f} s; "
+          f"cached load: {times['cached']:.3f} s")
+    assert times["cached"] < times["first_use"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_jit_decode_kernel_inside_captured_step(tmp_path, use_kernels, monkeypatch):
+    """The JIT decode kernel inside the captured CUDA-graph decode step gives the extension's tokens."""
+    import lmmrt
+    from lmmrt.api import Model
+    from lmmrt.demo import char_tokenizer, demo_config, demo_images
+    from lmmrt.models.random_init import random_model
+    from lmmrt.runtime.tokenizer import Tokenizer
+
+    tok = char_tokenizer()
+    cfg = demo_config(tok.get_vocab_size())
+    cfg = dataclasses.replace(cfg, xattn=dataclasses.replace(cfg.xattn, heads=2, head_dim=128))
+    Model(random_model(cfg, seed=7, device="cpu", dtype=torch.bfloat16, std=0.2), cfg, Tokenizer(tok),
+          backend="torch", path="").save(tmp_path / "m")
+    images = [[demo_images()[0]], demo_images()]
+    tokens, captured = {}, []
+    launch = JitKernels.masked_cross_attention_decode
+
+    def spy(self, *a, **k):
+        captured.append(torch.cuda.is_current_stream_capturing())
+        return launch(self, *a, **k)
+
+    for kind in ("ext", "jit"):
+        use_kernels(kind)
+        if kind == "jit":
+            monkeypatch.setattr(JitKernels, "masked_cross_attention_decode", spy)
+        model = lmmrt.load(tmp_path / "m", device="cuda", dtype=torch.bfloat16, backend="cuda", cuda_graph=True)
+        ids = [model.tokenizer.encode(p) for p in ("a<image>b", "<image>c<image>dd e")]
+        tokens[kind] = [r.token_ids for r in lmmrt.generate(model, ids, images, max_new_tokens=8, ignore_eos=True)]
+    assert any(captured), "the JIT decode kernel was never launched inside a graph capture"
+    assert tokens["jit"] == tokens["ext"]
