@@ -311,3 +311,7 @@ def test_cli_generate_with_video(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "x", "--video",
                         str(tmp_path / "missing.mp4"), "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 2 and "missing.mp4" in r.stderr
+    # an infinite rate is refused (it used to loop forever)
+    r = subprocess.run([sys.executable, "-m", "lmmrt", "generate", str(ckpt), "-p", "{video}x", "--video", str(path),
+                        "--fps", "inf", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "fps" in r.stderr and "finite" in r.stderr and "Traceback" not in r.stderr
