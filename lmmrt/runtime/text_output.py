@@ -75,6 +75,16 @@ class _RowText:
             return ""
         if not (reason == "stop" and tid in self.args.stop_ids):  # the stop token is not text
             self.held += self.detok.push(tid)
+        return self._settle(reason)
+
+    def finish(self) -> str:
+        """The rest of the text of a row the steps ended without finishing (no new tokens)."""
+        if self.detok is None:
+            self.reason = "length"
+            return ""
+        return self._settle("length")
+
+    def _settle(self, reason: str | None) -> str:
         if reason is not None:
             self.held += self.detok.flush()
         cut = min((self.held.index(s) for s in self.args.stop_strings if s in self.held), default=None)
@@ -111,6 +121,10 @@ def _pieces(steps, rows: list[_RowText]):
                     yield b, piece
             if all(r.reason is not None for r in rows):
                 break
+        for b, row in enumerate(rows):
+            piece = row.finish() if row.reason is None else ""
+            if piece:
+                yield b, piece
     finally:
         steps.close()
 
@@ -140,7 +154,7 @@ def generate(model, prompts, images=None, *, stream=False, max_new_tokens=64, te
         texts[b] += piece
     model.last_stats = stats
     prompt_tokens = stats.extra.get("prompt_lengths", [0] * n)
-    return [GenerationResult(text=texts[b], token_ids=rows[b].token_ids, finish_reason=rows[b].reason or "length",
+    return [GenerationResult(text=texts[b], token_ids=rows[b].token_ids, finish_reason=rows[b].reason,
                              prompt_tokens=prompt_tokens[b]) for b in range(n)]
 
 
