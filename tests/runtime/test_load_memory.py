@@ -95,5 +95,3 @@ def test_gpu_load_peak_is_the_weights_plus_one_tensor(bf16_ckpt):
     assert got["gpu_peak"] <= 1.05 * nbytes + largest, (
         f"load peaked at {got['gpu_peak'] / 2**20:.1f} MiB of GPU memory for {nbytes / 2**20:.1f} MiB of "
         f"bf16 weights (largest tensor {largest / 2**20:.1f} MiB)")
-    # the host side stays bounded too: one tensor in flight, not the model
-    assert got["cpu_peak"] <= 0.3 * nbytes + largest
