@@ -85,14 +85,14 @@ def lmmrt_from_hf(hf_model, backend: str = "auto"):
 
 def make_workload(B: int, vocab: int, image_id: int, bos_id: int | None, image_size: int, seed: int):
     """B prompts of PROMPT_LEN ids (BOS, image marker, random text) and one random image each
-    (normalized float pixels (3, S, S))."""
+    (normalized float pixels (3, S, S)), as lmmrt.generate takes them: one list per prompt."""
     g = torch.Generator().manual_seed(seed)
     prompts, images = [], []
     for _ in range(B):
         head = ([bos_id] if bos_id is not None else []) + [image_id]
         text = torch.randint(FIRST_TEXT_ID, min(vocab - 3, 32000), (PROMPT_LEN - len(head),), generator=g).tolist()
         prompts.append(head + text)
-        images.append(torch.randn(3, image_size, image_size, generator=g))
+        images.append([torch.randn(3, image_size, image_size, generator=g)])
     return prompts, images
 
 
@@ -160,7 +160,7 @@ def hf_inputs(prompts, images, image_id: int, device, dtype) -> dict:
     B, T = ids.shape
     seen = torch.cumsum((ids == image_id).long(), dim=1)  # text_time: 0 before the marker, 1 after
     return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                pixel_values=torch.stack(images)[:, None].to(device=device, dtype=dtype),
+                pixel_values=torch.stack([per[0] for per in images])[:, None].to(device=device, dtype=dtype),
                 image_attention_mask=(seen > 0).long()[:, :, None].to(device))
 
 
