@@ -88,3 +88,30 @@ def test_stage_subset_with_fake_gpu(tmp_path):
     assert [row[0] for row in rows] == ["stage", "merge"]  # only the stages asked for
     assert rows[1][1] == "0", (out / "logs" / "merge.log").read_text()
     assert "LMMRT_CUDA_ARCHS=90" in (out / "summary.md").read_text()
+
+
+def test_cuda_checks_runs_the_four_sanitizers(tmp_path):
+    # A fake compute-sanitizer records its arguments; racecheck "finds" an error, which must fail
+    # the run while the other three still run and report.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    fake = bin_dir / "compute-sanitizer"
+    fake.write_text(f'#!/bin/sh\necho "$*" > "{calls}/$2"\n[ "$2" = racecheck ] && exit 1\nexit 0\n')
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, OUT=str(log),
+               STEPS="sanitize")
+    r = subprocess.run(["bash", "bench/cuda_checks.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    tools = ("memcheck", "racecheck", "synccheck", "initcheck")
+    assert sorted(p.name for p in calls.iterdir()) == sorted(tools)
+    for tool in tools:
+        args = (calls / tool).read_text()
+        assert args.startswith(f"--tool {tool} --error-exitcode 1 {sys.executable} -m pytest")
+        assert "-k sanitize" in args
+    summary = (log / "summary.txt").read_text()
+    assert "=== racecheck: rc=1" in summary and "=== memcheck: rc=0" in summary
+    assert "cuda_checks: FAIL" in summary
