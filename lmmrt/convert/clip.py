@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmmrt.convert.common import SourceWeights, clip_vision_map, read_source_json, torch_load_weights_only
 from lmmrt.models.config import VisionConfig
+from lmmrt.runtime.safetensors_file import why_missing
 from lmmrt.runtime.weights import CheckpointError, describe_key_problems
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,8 +50,9 @@ def _open_file(path: Path) -> SourceWeights:
 
 def open_vision(path: str | Path) -> VisionSource:
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no vision weights at {path}")
+    reason = why_missing(path)
+    if reason is not None:
+        raise FileNotFoundError(f"no vision weights: {reason}")
     if path.is_dir():
         cfg_path = path / "config.json"
         if not cfg_path.exists():

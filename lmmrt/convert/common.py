@@ -12,7 +12,7 @@ import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
-from lmmrt.runtime.safetensors_file import check_readable
+from lmmrt.runtime.safetensors_file import check_readable, why_missing
 from lmmrt.runtime.weights import (
     CheckpointError,
     check_state,
@@ -34,6 +34,20 @@ def read_source_json(path: Path, what: str = "a JSON object") -> dict:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} holds {type(d).__name__}, expected {what}")
     return d
+
+
+def source_config_path(src: Path, what: str) -> Path:
+    """src/config.json of a source directory, or an error saying what is wrong with `src` (missing,
+    a symlink loop, not a directory, no config.json); `what` names the expected directory."""
+    src = Path(src)
+    reason = why_missing(src)
+    if reason is not None:
+        raise FileNotFoundError(f"{reason} (expected {what})")
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src} is not a directory (expected {what})")
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {src} (expected {what})")
+    return src / "config.json"
 
 
 def torch_load_weights_only(path: Path) -> dict:

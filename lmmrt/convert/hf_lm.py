@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmmrt.convert.common import llama_layers_map, read_source_json
+from lmmrt.convert.common import llama_layers_map, read_source_json, source_config_path
 from lmmrt.models.config import DecoderConfig
 
 
@@ -35,9 +35,7 @@ class LMSpec:
 
 
 def read_hf_config(lm_dir: Path) -> dict:
-    p = Path(lm_dir) / "config.json"
-    if not p.exists():
-        raise FileNotFoundError(f"no config.json in {lm_dir} (expected a transformers causal-LM directory)")
+    p = source_config_path(lm_dir, "a transformers causal-LM directory")
     return read_source_json(p, "a transformers config (a JSON object)")
 
 

@@ -18,6 +18,7 @@ from lmmrt.convert.common import (
     find_tokenizer_json,
     llama_layers_map,
     read_source_json,
+    source_config_path,
 )
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
@@ -118,9 +119,7 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
                   progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
     """Read a transformers IDEFICS directory: (lmmrt config, lmmrt state dict, tokenizer.json or None)."""
     src = Path(src_dir)
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no config.json in {src} (expected a transformers IdeficsForVisionText2Text directory)")
+    cfg_path = source_config_path(src, "a transformers IdeficsForVisionText2Text directory")
     hf = read_source_json(cfg_path, "a transformers IDEFICS config (a JSON object)")
     if "decoder" in hf and "model_type" not in hf:
         raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")

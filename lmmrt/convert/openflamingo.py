@@ -27,7 +27,7 @@ from lmmrt.convert.common import SourceWeights, convert_state, read_source_json
 from lmmrt.convert.hf_lm import LMSpec, lm_spec, read_hf_config
 from lmmrt.models.config import ModelConfig, PerceiverConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
-from lmmrt.runtime.safetensors_file import check_readable
+from lmmrt.runtime.safetensors_file import check_readable, why_missing
 from lmmrt.runtime.weights import CheckpointError
 
 EOC_TOKEN, IMAGE_TOKEN, PAD_TOKEN = "<|endofchunk|>", "<image>", "<PAD>"
@@ -57,8 +57,9 @@ def _note(msg: str) -> None:
 def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """checkpoint.pt -> flat state dict (wrapper and `module.` prefixes removed), weights_only."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no OpenFlamingo checkpoint at {path}")
+    reason = why_missing(path)
+    if reason is not None:
+        raise FileNotFoundError(f"no OpenFlamingo checkpoint: {reason}")
     if path.suffix == ".safetensors":
         w = SourceWeights()
         w.add_safetensors(path)  # a truncated or corrupted file is named, not a raw SafetensorError

@@ -58,17 +58,26 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def _resolved(path: Path) -> Path:
+    """The path with links followed as far as they go (a symlink loop stops there, Python <= 3.12
+    raises for it instead)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Path:
     """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
     it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError."""
     out = Path(os.path.abspath(out))  # "." and ".." resolved lexically: a link at `out` stays a link
-    target = out.resolve()
+    target = _resolved(out)
     for src in sources:
         if src is None:
             continue
-        s = Path(src).resolve()
+        s = _resolved(Path(src))
         if _inside(target, s) if s.is_dir() else target == s:
             raise OutputIsSourceError(f"refusing to write {out}: it is {'inside ' if target != s else ''}the source "
                                       f"{src}, which would be overwritten; choose another output path")

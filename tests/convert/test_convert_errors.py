@@ -192,3 +192,26 @@ def test_misshapen_part_of_a_grouped_query_qkv_is_flagged():
         convert_state(SourceWeights.from_state_dict(state), wmap, cfg, progress=False)
     msg = str(e.value)
     assert f"from q ({q_rows}, {d}), k ({kv_rows + 8}, {d}) <- misshapen, v ({kv_rows}, {d}):" in msg
+
+
+@pytest.mark.parametrize("kind", ["symlink loop", "file", "missing"])
+def test_source_paths_say_what_is_wrong(tmp_path, kind):
+    from lmmrt.convert.clip import open_vision
+    from lmmrt.convert.hf_lm import read_hf_config
+    from lmmrt.convert.openflamingo import read_openflamingo_checkpoint
+
+    src = tmp_path / "src"
+    if kind == "symlink loop":
+        (tmp_path / "other").symlink_to(src)
+        src.symlink_to(tmp_path / "other")
+    elif kind == "file":
+        src.write_text("x")
+    want = {"symlink loop": "src is a symbolic link loop", "file": "src is not a directory",
+            "missing": "src does not exist"}[kind]
+    for read in (idefics_state, read_hf_config):
+        with pytest.raises(OSError, match=want):
+            read(src)
+    if kind != "file":
+        for read in (open_vision, read_openflamingo_checkpoint):
+            with pytest.raises(FileNotFoundError, match=want):
+                read(src)
