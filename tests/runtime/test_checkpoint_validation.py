@@ -262,3 +262,19 @@ def test_cli_reports_a_broken_checkpoint_in_one_line(ckpt, ckpt_config, tmp_path
     (bad / "tokenizer.json").symlink_to(ckpt / "tokenizer.json")
     line = first_error_line()
     assert line.startswith("lmmrt: error:") and "cli/config.json: vision.patch_size = 0" in line
+
+
+def test_a_tensor_the_checkpoint_cannot_hold_is_not_left_unallocated(ckpt, monkeypatch):
+    """A non-persistent buffer is in no checkpoint: the loader must not hand out a model with it
+    still on the meta device (no storage); today no module has one, so the loader says so."""
+    from lmmrt.models.flamingo import FlamingoModel
+
+    init = FlamingoModel.__init__
+
+    def with_buffer(self, cfg):
+        init(self, cfg)
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    monkeypatch.setattr(FlamingoModel, "__init__", with_buffer)
+    with pytest.raises(RuntimeError, match=r"cannot initialise \['scratch'\]"):
+        _load(ckpt)
