@@ -1,6 +1,8 @@
 // pybind11 glue: argument checks, then launch on the caller's stream. Tensors arrive as raw
 // device pointers (integers) so the extension never links against libtorch. Bad arguments raise
 // ValueError before anything touches CUDA; CUDA failures raise RuntimeError with the error name.
+// The checks themselves are lmmrt/kernels/cuda_launch_checks.py, the one description shared with
+// the NVRTC JIT path (lmmrt/kernels/cuda_jit/): every entry point hands it its arguments first.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <cuda_runtime.h>
@@ -8,10 +10,12 @@
 #include <array>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "lmmrt/api.h"
 
 namespace py = pybind11;
+using namespace pybind11::literals;
 
 namespace {
 
@@ -24,20 +28,19 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-[[noreturn]] void bad_arg(const std::string& fn, const std::string& msg) {
-  throw py::value_error(fn + ": " + msg);
+// lmmrt.kernels.cuda_launch_checks.<fn>(args...): raises ValueError naming the bad argument, or
+// returns whether there is anything to launch.
+template <typename... Args>
+bool checked(const char* fn, Args&&... args) {
+  py::object check = py::module_::import("lmmrt.kernels.cuda_launch_checks").attr(fn);
+  return check(std::forward<Args>(args)...).template cast<bool>();
 }
 
-DType parse_dtype(const std::string& fn, const char* arg, const std::string& s) {
+DType parse_dtype(const std::string& s) {  // already checked: one of the three names
   if (s == "float32") return DType::kFloat32;
   if (s == "float16") return DType::kFloat16;
   if (s == "bfloat16") return DType::kBFloat16;
-  bad_arg(fn, std::string(arg) + " must be 'float32', 'float16' or 'bfloat16', got '" + s + "'");
-}
-
-void require_ptr(const std::string& fn, const char* arg, uintptr_t p, unsigned align) {
-  if (p == 0) bad_arg(fn, std::string(arg) + " is a null pointer");
-  if (p % align != 0) bad_arg(fn, std::string(arg) + " must be " + std::to_string(align) + "-byte aligned");
+  throw std::invalid_argument("unknown dtype '" + s + "'");
 }
 
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -73,29 +76,14 @@ void masked_cross_attention_decode(uintptr_t out, uintptr_t q, uintptr_t k, uint
                                    std::array<bool, 3> index_int64, bool cumulative, double scale, int num_splits,
                                    const std::string& dtype, uintptr_t stream) {
   const std::string fn = "masked_cross_attention_decode";
-  const DType dt = parse_dtype(fn, "dtype", dtype);
-  if (dt == DType::kFloat32) bad_arg(fn, "dtype must be 'float16' or 'bfloat16' (float32 is not supported)");
-  if (head_dim != 64 && head_dim != 96 && head_dim != 128)
-    bad_arg(fn, "head_dim must be 64, 96 or 128, got " + std::to_string(head_dim));
-  if (batch < 0 || batch > 65535) bad_arg(fn, "batch must be in [0, 65535], got " + std::to_string(batch));
-  if (heads < 0 || heads > 65535) bad_arg(fn, "heads must be in [0, 65535], got " + std::to_string(heads));
-  if (latents < 0 || num_media < 0) bad_arg(fn, "latents and num_media must be >= 0");
-  if (num_splits < 1 || num_splits > 65535)
-    bad_arg(fn, "num_splits must be in [1, 65535], got " + std::to_string(num_splits));
-  constexpr int kVec = 8;  // 16-byte packs of 2-byte elements
-  for (int64_t s : {q_strides[0], q_strides[1], kv_strides[0], kv_strides[1]})
-    if (s % kVec != 0) bad_arg(fn, "q/k/v strides must be multiples of 8 elements (16-byte loads)");
-  if (batch == 0 || heads == 0) return;
-  require_ptr(fn, "out", out, 2);
-  require_ptr(fn, "q", q, 16);
-  if (num_media > 0 && latents > 0) {
-    require_ptr(fn, "k", k, 16);
-    require_ptr(fn, "v", v, 16);
-  }
-  require_ptr(fn, "text_time", text_time, index_int64[0] ? 8 : 4);
-  require_ptr(fn, "media_start", media_start, index_int64[1] ? 8 : 4);
-  require_ptr(fn, "media_count", media_count, index_int64[2] ? 8 : 4);
-  if (num_splits > 1) require_ptr(fn, "workspace", workspace, 4);
+  if (!checked(fn.c_str(), out, q, k, v, text_time, media_start, media_count, workspace,
+               "batch"_a = batch, "heads"_a = heads, "head_dim"_a = head_dim, "latents"_a = latents,
+               "num_media"_a = num_media, "q_strides"_a = q_strides, "out_strides"_a = out_strides,
+               "kv_strides"_a = kv_strides, "index_strides"_a = index_strides, "index_int64"_a = index_int64,
+               "cumulative"_a = cumulative, "scale"_a = scale, "num_splits"_a = num_splits, "dtype"_a = dtype,
+               "stream"_a = stream))
+    return;
+  const DType dt = parse_dtype(dtype);
 
   lmmrt::DecodeParams p{};
   p.out = reinterpret_cast<void*>(out);
@@ -134,23 +122,10 @@ void fused_norm(uintptr_t out, uintptr_t h_out, uintptr_t x, uintptr_t residual,
                 int64_t rows, int dim, double eps, bool layer_norm, const std::string& dtype,
                 const std::string& weight_dtype, uintptr_t stream) {
   const std::string fn = "fused_norm";
-  const DType dt = parse_dtype(fn, "dtype", dtype);
-  const DType wdt = parse_dtype(fn, "weight_dtype", weight_dtype);
-  if (wdt != dt && wdt != DType::kFloat32) bad_arg(fn, "weight_dtype must equal dtype or be 'float32'");
-  if (rows < 0 || rows > 0x7fffffffLL) bad_arg(fn, "rows must be in [0, 2^31), got " + std::to_string(rows));
-  if (dim < 1) bad_arg(fn, "dim must be >= 1, got " + std::to_string(dim));
-  if ((residual == 0) != (h_out == 0)) bad_arg(fn, "residual and h_out must be given together");
-  if (bias != 0 && !layer_norm) bad_arg(fn, "bias is only valid with layer_norm=True");
-  if (rows == 0) return;
-  const unsigned a = dt == DType::kFloat32 ? 4 : 2, aw = wdt == DType::kFloat32 ? 4 : 2;
-  require_ptr(fn, "out", out, a);
-  require_ptr(fn, "x", x, a);
-  require_ptr(fn, "weight", weight, aw);
-  if (residual) {
-    require_ptr(fn, "residual", residual, a);
-    require_ptr(fn, "h_out", h_out, a);
-  }
-  if (bias) require_ptr(fn, "bias", bias, aw);
+  if (!checked(fn.c_str(), out, h_out, x, residual, weight, bias, "rows"_a = rows, "dim"_a = dim, "eps"_a = eps,
+               "layer_norm"_a = layer_norm, "dtype"_a = dtype, "weight_dtype"_a = weight_dtype, "stream"_a = stream))
+    return;
+  const DType dt = parse_dtype(dtype), wdt = parse_dtype(weight_dtype);
   lmmrt::NormParams p{};
   p.out = reinterpret_cast<void*>(out);
   p.h_out = reinterpret_cast<void*>(h_out);
@@ -168,19 +143,10 @@ void fused_norm(uintptr_t out, uintptr_t h_out, uintptr_t x, uintptr_t residual,
 void gated_residual(uintptr_t out, uintptr_t x, uintptr_t branch, uintptr_t gate, int64_t numel, int dim,
                     int64_t gate_numel, const std::string& dtype, const std::string& gate_dtype, uintptr_t stream) {
   const std::string fn = "gated_residual";
-  const DType dt = parse_dtype(fn, "dtype", dtype);
-  const DType gdt = parse_dtype(fn, "gate_dtype", gate_dtype);
-  if (gdt != dt && gdt != DType::kFloat32) bad_arg(fn, "gate_dtype must equal dtype or be 'float32'");
-  if (dim < 1) bad_arg(fn, "dim must be >= 1, got " + std::to_string(dim));
-  if (numel < 0 || numel % dim != 0) bad_arg(fn, "numel must be a non-negative multiple of dim");
-  if (gate_numel != 1 && gate_numel != dim)
-    bad_arg(fn, "gate must hold 1 or dim (" + std::to_string(dim) + ") elements, got " + std::to_string(gate_numel));
-  if (numel == 0) return;
-  const unsigned a = dt == DType::kFloat32 ? 4 : 2;
-  require_ptr(fn, "out", out, a);
-  require_ptr(fn, "x", x, a);
-  require_ptr(fn, "branch", branch, a);
-  require_ptr(fn, "gate", gate, gdt == DType::kFloat32 ? 4 : 2);
+  if (!checked(fn.c_str(), out, x, branch, gate, "numel"_a = numel, "dim"_a = dim, "gate_numel"_a = gate_numel,
+               "dtype"_a = dtype, "gate_dtype"_a = gate_dtype, "stream"_a = stream))
+    return;
+  const DType dt = parse_dtype(dtype), gdt = parse_dtype(gate_dtype);
   check_cuda(lmmrt::gated_residual(dt, gdt, reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
                                    reinterpret_cast<const void*>(branch), reinterpret_cast<const void*>(gate), numel,
                                    dim, gate_numel == dim && dim != 1, as_stream(stream)),

@@ -186,6 +186,28 @@ def test_argument_checks_match_the_extension(fn, ptrs, change):
 
 
 @pytest.mark.skipif(_backend.cuda_extension() is None, reason="needs the lmmrt._C extension to compare with")
+@pytest.mark.parametrize("fn, ptrs, kwargs", [("masked_cross_attention_decode", _DEC_PTRS, _DEC),
+                                              ("fused_norm", _NORM_PTRS, _NORM), ("gated_residual", _GATED_PTRS, _GATED)])
+def test_both_paths_run_the_one_description_of_the_checks(monkeypatch, fn, ptrs, kwargs):
+    """lmmrt.kernels.cuda_launch_checks is what the extension's glue and the JIT both call (no copy)."""
+    from lmmrt.kernels import cuda_launch_checks
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append((args, kw))
+        raise ValueError("checked by cuda_launch_checks")
+
+    monkeypatch.setattr(cuda_launch_checks, fn, spy)
+    for kernels in (_backend.cuda_extension(), JitKernels()):
+        with pytest.raises(ValueError, match="checked by cuda_launch_checks"):
+            getattr(kernels, fn)(*ptrs, **kwargs)
+    assert len(seen) == 2 and seen[0][0] == seen[1][0] == ptrs
+    assert seen[0][1].keys() == seen[1][1].keys() == kwargs.keys()
+    assert all(seen[0][1][k] == type(seen[0][1][k])(v) for k, v in kwargs.items())
+
+
+@pytest.mark.skipif(_backend.cuda_extension() is None, reason="needs the lmmrt._C extension to compare with")
 def test_empty_launches_return_without_cuda_in_both():
     for kernels in (_backend.cuda_extension(), JitKernels()):
         assert kernels.masked_cross_attention_decode(*_DEC_PTRS, **{**_DEC, "batch": 0}) is None

@@ -176,8 +176,9 @@ class CompiledGroup:
 
 
 def _options(arch: int, include: Path, cuda_include: Path) -> list:
-    # nvcc's flags for the extension (CMakeLists.txt, a Release build): the same code generation.
-    return [f"--gpu-architecture=sm_{arch}", "--std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
+    # As nvcc builds the extension (CMakeLists.txt, Release: -O3, -DNDEBUG, fmad on); NVRTC has no
+    # --expt-relaxed-constexpr, which the kernels do not need.
+    return [f"--gpu-architecture=sm_{arch}", "--std=c++17", "-DNDEBUG",
             f"-I{include}", f"-I{cuda_include}", "-Xptxas=-v"]
 
 
