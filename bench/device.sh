@@ -95,9 +95,13 @@ bench_stage() {  # bench_stage NAME MARGIN_S: python -m bench.run --only NAME, b
   "$PY" -m bench.run --only "$1" --out "$OUT" --budget-s $(( STAGE_LIMIT > $2 + 10 ? STAGE_LIMIT - $2 : 10 ))
 }
 
-gpu_tests() {  # gpu_tests NAME WORKERS PYTEST_ARGS...: parallel, per-test timeout, junit XML
+# gpu_tests NAME WORKERS PYTEST_ARGS...: parallel, per-test timeout, junit XML. The timeout's thread
+# method ends a stuck worker even inside a CUDA call (where SIGALRM would wait); xdist reports the
+# test as crashed and starts a new worker.
+gpu_tests() {
   local name=$1 workers=$2; shift 2
-  "$PY" -m pytest -q -rs -n "$workers" --timeout 60 -p no:cacheprovider --junitxml "$OUT/logs/$name.xml" "$@"
+  "$PY" -m pytest -q -rs -n "$workers" --timeout 60 --timeout-method thread -p no:cacheprovider \
+    --junitxml "$OUT/logs/$name.xml" "$@"
 }
 
 summary() {

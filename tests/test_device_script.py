@@ -115,3 +115,18 @@ def test_cuda_checks_runs_the_four_sanitizers(tmp_path):
     summary = (log / "summary.txt").read_text()
     assert "=== racecheck: rc=1" in summary and "=== memcheck: rc=0" in summary
     assert "cuda_checks: FAIL" in summary
+
+
+def test_a_stopped_parallel_pytest_still_writes_its_junit_xml(tmp_path):
+    # The tests stages' pytest command (xdist workers, per-test timeout) stopped at its cap by SIGINT:
+    # the finished test is in the junit XML, written as pytest exits.
+    (tmp_path / "test_dummy.py").write_text(
+        "import time\n\ndef test_fast():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
+    xml = tmp_path / "junit.xml"
+    cmd = (f'. bench/stages.sh; capped 40 "{tmp_path}/log" "{sys.executable}" -m pytest -q -n 2 --timeout 60 '
+           f'--timeout-method thread -p no:cacheprovider --junitxml "{xml}" "{tmp_path}/test_dummy.py"; echo "rc=$?"')
+    r = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PY=sys.executable))
+    assert r.stdout.strip() == "rc=124", r.stdout + (tmp_path / "log").read_text()
+    report = xml.read_text()
+    assert 'name="test_fast"' in report, report + (tmp_path / "log").read_text()
