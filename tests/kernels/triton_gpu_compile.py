@@ -8,7 +8,8 @@ path: the JIT function's binder and `_pack_args` (what `JITFunction.run` does be
 with the target's backend. So the compiled kernel has the real specialization: pointer alignment
 (`tt.divisibility` 16), integer arguments divisible by 16, and strides equal to 1 folded into
 constants. A hand-written signature without those compiles a different kernel (no vectorized,
-pipelined loads: about a third of the real shared memory).
+pipelined loads): for the bf16 head-dim-128 cross-attention prefill, 32 KiB of shared memory on
+sm_90 (40 KiB on sm_80) instead of the real 112 KiB (88 KiB).
 
 Checks per compiled kernel: shared memory within the target's per-block limit, and no register
 spills (ptxas -v) where SPILL_FREE says so. Run as a separate process: TRITON_INTERPRET must be
