@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ HEAD_DIMS = (64, 96, 128)
 NORM_DTYPE_PAIRS = (("float32", "float32"), ("float16", "float16"), ("float16", "float32"),
                     ("bfloat16", "bfloat16"), ("bfloat16", "float32"))
 DEFAULT_ARCHS = (80, 90)
+TOOLKIT_INCLUDE = Path("/usr/local/cuda/include")
 
 # NVRTC ships no C library headers: the two things the kernels take from them.
 _CSTDINT_SHIM = ("#pragma once\ntypedef signed char int8_t; typedef short int16_t; typedef int int32_t;\n"
@@ -129,7 +131,7 @@ def cuda_include_dir() -> Path:
     for var in ("CUDA_PATH", "CUDA_HOME"):
         if os.environ.get(var):
             cands.append(Path(os.environ[var]) / "include")
-    cands.append(Path("/usr/local/cuda/include"))
+    cands.append(TOOLKIT_INCLUDE)
     for c in cands:
         if (c / "cuda_bf16.h").is_file():
             return c
@@ -140,8 +142,7 @@ def cuda_include_dir() -> Path:
 
 def _nvrtc():
     try:
-        from cupy_backends.cuda.libs import nvrtc
-
+        nvrtc = importlib.import_module("cupy_backends.cuda.libs.nvrtc")
         nvrtc.getVersion()  # loads libnvrtc: fails here when no NVRTC library is installed
     except Exception as e:
         raise CudaJitUnavailable(
