@@ -62,9 +62,9 @@ def _to_uint8_hwc(img, cfg: VisionConfig, where: str) -> torch.Tensor | None:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(img, Image.Image):
-        # each family as its reference processor: transformers' IDEFICS processor (resize="resize")
-        # composites onto white; OpenFlamingo's open_clip transform (resize="resize_crop") drops alpha
-        return torch.from_numpy(np.array(pil_to_rgb(img, on_white=cfg.resize == "resize", where=where)))
+        # each family as its reference processor: transformers' processors composite onto white;
+        # OpenFlamingo's open_clip transform (resize="resize_crop") drops the alpha
+        return torch.from_numpy(np.array(pil_to_rgb(img, on_white=cfg.resize != "resize_crop", where=where)))
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8:
             raise TypeError(f"{where}: a numpy image must be uint8 (H, W, 3), got dtype {img.dtype}; "
