@@ -230,6 +230,51 @@ def test_empty_launches_return_without_cuda_in_both():
         assert kernels.gated_residual(*_GATED_PTRS, **{**_GATED, "numel": 0}) is None
 
 
+def _recorded_launches(monkeypatch):
+    launches = []
+    monkeypatch.setattr(JitKernels, "_launch", lambda self, key, grid, block, stream, args:
+                        launches.append((key, tuple(grid), block, stream, args)))
+    return launches
+
+
+def test_every_launch_names_a_compiled_kernel_with_the_extension_geometry(monkeypatch):
+    """Without a GPU: what the JIT would launch, for every dtype, head_dim, split count, width and
+    alignment. Each key is in the NVRTC catalogue, the geometry is csrc's launchers'."""
+    launches = _recorded_launches(monkeypatch)
+    catalogue = {k for g in nvrtc_build.GROUPS.values() for k in g.kernels}
+    k = JitKernels()
+    for dtype in ("float16", "bfloat16"):
+        for head_dim in (64, 96, 128):
+            for splits in (1, 3):
+                launches.clear()
+                k.masked_cross_attention_decode(*_DEC_PTRS, **{**_DEC, "dtype": dtype, "head_dim": head_dim,
+                                                               "num_splits": splits, "stream": 7})
+                assert [(key, grid, block) for key, grid, block, *_ in launches] == [
+                    (f"decode_split/{dtype}/{head_dim}", (splits, 4, 2), 128)] + (
+                    [(f"decode_combine/{dtype}/{head_dim}", (4, 2), head_dim)] if splits > 1 else [])
+                p = launches[0][4][0]
+                assert launches[0][3] == 7 and p.num_splits == splits and p.batch == 2 and p.heads == 4
+                if splits > 1:  # float32 max/sum pairs after the batch*heads*splits*head_dim accumulators
+                    assert p.ws_acc == 4096 and p.ws_ml == 4096 + 4 * 2 * 4 * splits * head_dim
+                else:
+                    assert p.ws_acc is None and p.ws_ml is None
+    for dtype, wdtype in nvrtc_build.NORM_DTYPE_PAIRS:
+        for dim, base in ((4096, 4096), (64, 4096 + 4), (97, 4096), (1, 4096)):
+            launches.clear()
+            k.fused_norm(base, 0, base, 0, 4096, 0, **{**_NORM, "dim": dim, "dtype": dtype, "weight_dtype": wdtype})
+            k.gated_residual(base, base, base, 4096, **{**_GATED, "numel": 3 * dim, "dim": dim, "gate_numel": 1,
+                                                      "dtype": dtype, "gate_dtype": wdtype})
+            (nkey, ngrid, nblock, _, _), (gkey, ggrid, gblock, _, gargs) = launches
+            vec = nvrtc_build.norm_vec(dtype, wdtype) if dim % nvrtc_build.norm_vec(dtype, wdtype) == 0 \
+                and base % 16 == 0 else 1
+            assert nkey == f"norm/{dtype}/{wdtype}/{vec}" and ngrid == (3,)
+            assert nblock == min(1024, -(-(dim // vec) // 32) * 32)
+            gvec = nvrtc_build.gated_vec(dtype) if dim % nvrtc_build.gated_vec(dtype) == 0 and base % 16 == 0 else 1
+            assert gkey == f"gated_residual/{dtype}/{wdtype}/{gvec}" and gblock == 256
+            assert gargs[4].value == 3 * dim // gvec and ggrid == (-(-(3 * dim // gvec) // 256),)
+            assert {nkey, gkey} <= catalogue
+
+
 # ---- CPU: which kernels run, and why --------------------------------------------------------------
 
 @pytest.fixture
