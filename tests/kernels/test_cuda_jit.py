@@ -275,6 +275,54 @@ def test_every_launch_names_a_compiled_kernel_with_the_extension_geometry(monkey
             assert {nkey, gkey} <= catalogue
 
 
+def test_first_launch_loads_both_cubins_for_the_device_arch_and_packs_params(built, monkeypatch):
+    """CuPy's device queries, module loads and the driver launch replaced by recorders: the cubin of
+    the device's own arch is loaded (from the cache), and the launch's kernel-parameter array points
+    at the struct the kernel will read."""
+    import ctypes
+
+    from cupy.cuda import function, runtime
+    from cupy_backends.cuda.api import driver
+
+    from lmmrt.kernels.cuda_jit import kernel_params as kp
+
+    cache, results = built
+    loaded, launched = [], []
+
+    class FakeModule:
+        def load(self, cubin):
+            loaded.append(cubin)
+
+        def get_function(self, name):
+            entries[len(entries) + 1] = name
+            return type("F", (), {"ptr": len(entries)})()
+
+    entries = {}
+
+    def launch(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        struct = kp.DecodeParams if "decode" in entries[f] else kp.NormParams
+        arg0 = ctypes.c_void_p.from_address(params).value  # the first kernel argument's address
+        launched.append(((gx, gy, gz), (bx, by, bz), stream,
+                         struct.from_buffer_copy(ctypes.string_at(arg0, ctypes.sizeof(struct)))))
+
+    monkeypatch.setattr(runtime, "getDevice", lambda: 0)
+    monkeypatch.setattr(runtime, "getDeviceProperties", lambda d: {"major": 8, "minor": 0})
+    monkeypatch.setattr(function, "Module", FakeModule)
+    monkeypatch.setattr(driver, "launchKernel", launch)
+    k = JitKernels(cache_dir=cache)
+    k.masked_cross_attention_decode(*_DEC_PTRS, **{**_DEC, "num_splits": 1, "stream": 99})
+    assert sorted(loaded) == sorted(r.cubin for r in results if r.arch == 80) and k.compiled == {0: False}
+    (grid, block, stream, p), = launched
+    assert grid == (1, 4, 2) and block == (128, 1, 1) and stream == 99
+    assert (p.batch, p.heads, p.latents, p.num_media, p.q_stride_b, p.kv_stride_h, p.num_splits) == (
+        2, 4, 3, 5, 256, 64, 1)
+    assert abs(p.scale - 0.125) < 1e-9 and p.q == 4096 and not p.cumulative
+    k.fused_norm(*_NORM_PTRS, **_NORM)
+    assert len(loaded) == 2, "modules are loaded once per device"
+    grid, block, _, p = launched[1]
+    assert grid == (3, 1, 1) and (p.rows, p.dim, p.layer_norm, p.x, p.h_out) == (3, 64, True, 4096, 4096)
+
+
 # ---- CPU: which kernels run, and why --------------------------------------------------------------
 
 @pytest.fixture
