@@ -13,6 +13,17 @@ OPS = ("perceiver_attention", "masked_cross_attention", "rms_norm", "layer_norm"
        "add_layer_norm", "gated_residual")
 
 
+def _cuda_kernels_info() -> dict:
+    uses, why = _backend.cuda_kernels_choice()
+    d = {"uses": uses, "why": why}
+    if uses == "jit":
+        from lmmrt.kernels.cuda_jit import nvrtc_build
+
+        d["nvrtc"] = ".".join(map(str, nvrtc_build.nvrtc_version()))
+        d["cache"] = str(nvrtc_build.default_cache_dir())
+    return d
+
+
 def info(backend: str | None = None) -> dict:
     import lmmrt.kernels  # noqa: F401  (registers every op's implementations)
 
@@ -43,7 +54,7 @@ def info(backend: str | None = None) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_extension": build,
-        "cuda_kernels": dict(zip(("uses", "why"), _backend.cuda_kernels_choice())),
+        "cuda_kernels": _cuda_kernels_info(),
         "gpu": gpu,
         "device": str(device),
         "backend": requested,
@@ -58,7 +69,9 @@ def info_text(backend: str | None = None) -> str:
         f"lmmrt {d['lmmrt']}  (python {d['python']}, torch {d['torch']}, triton {d['triton'] or 'not installed'})",
         "CUDA extension: " + (f"built for sm_{', sm_'.join(ext['cuda_archs'])} with CUDA {ext['cuda_version']}"
                               if ext else "not built (pure-Python install: no nvcc at install time)"),
-        f"CUDA kernels: {d['cuda_kernels']['uses']} ({d['cuda_kernels']['why']})",
+        f"CUDA kernels: {d['cuda_kernels']['uses']} ({d['cuda_kernels']['why']})"
+        + (f"; NVRTC {d['cuda_kernels']['nvrtc']}, cache {d['cuda_kernels']['cache']}" if "nvrtc" in d["cuda_kernels"]
+           else ""),
         "GPU: " + (f"{d['gpu']['name']} (sm_{d['gpu']['capability'].replace('.', '')}, {d['gpu']['memory_gib']} GiB)"
                    if d["gpu"] else "none (ops run their PyTorch reference on the CPU)"),
         f"backend requested: {d['backend']}  on device {d['device']}",

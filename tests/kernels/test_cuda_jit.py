@@ -355,6 +355,16 @@ def test_info_says_which_kernels_and_why():
     assert f"CUDA kernels: {d['uses']} (" in info_text("torch")
 
 
+@needs_nvrtc
+def test_info_names_nvrtc_and_the_cache_when_the_jit_runs(monkeypatch, tmp_path):
+    from lmmrt.info import info_text
+
+    monkeypatch.setattr(_backend, "cuda_kernels_choice", lambda: ("jit", "lmmrt._C is not built"))
+    monkeypatch.setenv("LMMRT_KERNEL_CACHE", str(tmp_path))
+    version = ".".join(map(str, nvrtc_build.nvrtc_version()))
+    assert f"CUDA kernels: jit (lmmrt._C is not built); NVRTC {version}, cache {tmp_path}" in info_text("torch")
+
+
 # ---- CPU: foreign (DLPack) arrays ---------------------------------------------------------------
 
 def test_dlpack_arrays_come_back_as_the_same_kind_without_copies():

@@ -17,29 +17,15 @@ from lmmrt.kernels import cuda_launch_checks as checks
 from lmmrt.kernels.cuda_jit import kernel_params as kp
 from lmmrt.kernels.cuda_jit import nvrtc_build
 
-_MIN_KEYS_PER_SPLIT = 64  # lmmrt::kMinKeysPerSplit
-
 
 class JitKernels:
-    """Drop-in for lmmrt._C built from NVRTC cubins (one module per device, loaded on first use)."""
+    """lmmrt._C's kernel entry points over NVRTC cubins (modules loaded per device on first use)."""
 
     def __init__(self, *, cache_dir=None):
         self._cache_dir = cache_dir
         self._modules: dict[int, dict] = {}  # device -> {launcher key: (Function, kept Module)}
         self._lock = threading.Lock()
-        self.load_seconds: dict[int, float] = {}
-        self.compiled: dict[int, bool] = {}
-
-    # ---- what lmmrt._C also provides ---------------------------------------------------------------
-    def build_info(self) -> dict:
-        major, minor = nvrtc_build.nvrtc_version()
-        return {"cuda_archs": "jit", "cuda_version": f"NVRTC {major}.{minor}", "cudart_version": None,
-                "decode_min_keys_per_split": _MIN_KEYS_PER_SPLIT}
-
-    def device_count(self) -> int:
-        from cupy.cuda import runtime
-
-        return runtime.getDeviceCount()
+        self.compiled: dict[int, bool] = {}  # device -> whether NVRTC ran (not all from the cache)
 
     # ---- module loading ------------------------------------------------------------------------
     def _functions(self) -> dict:
@@ -54,16 +40,15 @@ class JitKernels:
                 return self._modules[dev]
             props = runtime.getDeviceProperties(dev)
             arch = props["major"] * 10 + props["minor"]
-            fns, seconds, compiled = {}, 0.0, False
+            fns, compiled = {}, False
             for name in nvrtc_build.GROUPS:
                 built = nvrtc_build.compile_group(name, arch, cache_dir=self._cache_dir)
                 module = function.Module()
                 module.load(built.cubin)
                 for key, entry in built.entries.items():
                     fns[key] = (module.get_function(entry), module)
-                seconds += built.seconds
                 compiled |= not built.cached
-            self.load_seconds[dev], self.compiled[dev] = seconds, compiled
+            self.compiled[dev] = compiled
             self._modules[dev] = fns
             return fns
 
