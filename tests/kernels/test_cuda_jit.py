@@ -103,6 +103,8 @@ def test_missing_cuda_headers_name_the_package_to_install(tmp_path, monkeypatch)
     monkeypatch.setattr(nvrtc_build, "TOOLKIT_INCLUDE", tmp_path)
     with pytest.raises(nvrtc_build.CudaJitUnavailable, match="pip install nvidia-cuda-runtime"):
         nvrtc_build.compile_group("norms", 90, cache_dir=tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU box without headers
+    assert "pip install nvidia-cuda-runtime" in cuda_jit.jit_unusable_reason()
     monkeypatch.setenv("CUDA_HOME", "/nonexistent")
     with pytest.raises(ImportError, match="cuda_bf16.h"):  # what the CLI reports as an lmmrt error
         nvrtc_build.cuda_include_dir()

@@ -23,7 +23,7 @@ def jit_mode() -> str:
 
 
 def jit_unusable_reason() -> str | None:
-    """Why the JIT cannot run here (None when it can): no CuPy, no NVRTC, no GPU."""
+    """Why the JIT cannot run here (None when it can): no GPU, no CuPy, no NVRTC, no headers."""
     try:
         import torch
 
@@ -39,6 +39,8 @@ def jit_unusable_reason() -> str | None:
 
     try:
         nvrtc_build.nvrtc_version()
+        nvrtc_build.kernel_include_dir()
+        nvrtc_build.cuda_include_dir()
     except nvrtc_build.CudaJitUnavailable as e:
         return str(e)
     return None
