@@ -118,6 +118,7 @@ def test_cpu_proxy_quick_writes_side_by_side_results(cpu_proxy_out):
         assert r["tokens_equal"] is True  # the bench asserts equality; a mismatch makes the row an error
         assert _finite_positive(r["speedup_vs_hf"]) and _finite_positive(r["ttft_speedup_vs_hf"])
         assert min(r["speedup_runs"]) <= r["speedup_vs_hf"] <= max(r["speedup_runs"])
+        assert _finite_positive(r["speedup_best_vs_hf"])
     ops = {r["engine"]: r for r in data["rows"] if r["group"] == "aten ops per decode step"}
     assert set(ops) == {"lmmrt eager step", "lmmrt fixed-shape step", "transformers"}
     for r in ops.values():
