@@ -19,6 +19,8 @@ _API = {
     "info": "lmmrt.info", "info_text": "lmmrt.info",
     "VideoClip": "lmmrt.runtime.video", "generate_video_stream": "lmmrt.runtime.video_stream",
     "load_video": "lmmrt.runtime.video", "video_prompt": "lmmrt.runtime.video",
+    "embed": "lmmrt.runtime.embed", "zero_shot": "lmmrt.runtime.embed", "Embeddings": "lmmrt.runtime.embed",
+    "ClipRuntime": "lmmrt.runtime.embed",
 }
 
 _SUBPACKAGES = ("api", "cli", "convert", "demo", "kernels", "models", "runtime")

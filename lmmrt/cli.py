@@ -1,4 +1,4 @@
-"""The `lmmrt` command: info, convert, generate, demo, build-kernels.
+"""The `lmmrt` command: info, convert, generate, classify, demo, build-kernels.
 
 Only the standard library is imported here at module level: torch and the rest of lmmrt are imported
 inside the command functions, so `lmmrt --help` and argument errors answer at once.
@@ -250,6 +250,27 @@ CONVERTERS["openflamingo"] = ("convert an OpenFlamingo checkpoint.pt with its LM
                               _add_openflamingo, _cmd_convert_openflamingo)
 
 
+def _add_clip(p):
+    p.add_argument("src", help="a transformers CLIPModel directory: config.json, the weights (safetensors, one file or "
+                   "sharded, or pytorch_model*.bin), tokenizer.json and preprocessor_config.json when present. "
+                   "Without tokenizer.json the converted model embeds images only")
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+
+
+def _cmd_convert_clip(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.clip_model import convert_clip
+
+    out = convert_clip(args.src, args.out, dtype=parse_dtype(args.dtype), progress=not args.quiet, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+CONVERTERS["clip"] = ("convert a transformers CLIP checkpoint (CLIPModel: image and text towers)", _add_clip,
+                      _cmd_convert_clip)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, except where there is no default worth printing (None,
     False, an empty list: the help says in words what happens) or the help already gives it."""
@@ -335,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     _add_generate(s)
     s.set_defaults(fn=_cmd_generate)
+
+    from lmmrt.cli_clip import add_classify  # imported here: it reads this module's options
+
+    add_classify(sub)
 
     s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)",
                        formatter_class=HelpFormatter)

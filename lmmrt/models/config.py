@@ -50,7 +50,8 @@ class VisionConfig:
     act: str = "gelu"  # gelu | quick_gelu | gelu_tanh
     ln_eps: float = 1e-5
     output: str = "all_tokens"
-    # Preprocessing: "resize" (IDEFICS: bicubic to a square) or "resize_crop" (CLIP: shortest side, centre crop).
+    # Preprocessing: "resize" (IDEFICS: bicubic to a square) or "resize_crop" (CLIP: shortest side, centre crop);
+    # "resize_crop_hf" is resize_crop with transformers' CLIPImageProcessor's crop offsets (floored, not rounded).
     resize: str = "resize"
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -74,7 +75,7 @@ class VisionConfig:
         choice(self.act, "vision.act", ACTIVATIONS)
         self.ln_eps = real(self.ln_eps, "vision.ln_eps", lo=0.0, lo_open=True, hi=1.0)
         choice(self.output, "vision.output", ("all_tokens", "patch_tokens"))
-        choice(self.resize, "vision.resize", ("resize", "resize_crop"))
+        choice(self.resize, "vision.resize", ("resize", "resize_crop", "resize_crop_hf"))
         self.image_mean = real_triple(self.image_mean, "vision.image_mean", positive=False)
         self.image_std = real_triple(self.image_std, "vision.image_std", positive=True)
         if self.n_tokens > MAX_MEDIA_TOKENS:

@@ -91,15 +91,17 @@ def _resize_shape(h: int, w: int, cfg: VisionConfig) -> tuple[int, int]:
     """Size before the crop: the square (IDEFICS), or the shortest side scaled to the image size
     with the long side truncated, as torchvision's Resize(int) computes it (CLIP / open_clip)."""
     s = cfg.image_size
-    if cfg.resize != "resize_crop":
+    if cfg.resize == "resize":
         return s, s
     if h <= w:
         return s, int(s * w / h)
     return int(s * h / w), s
 
 
-def _crop_offsets(h: int, w: int, s: int) -> tuple[int, int]:
-    # torchvision's CenterCrop rounding
+def _crop_offsets(h: int, w: int, s: int, *, floor: bool = False) -> tuple[int, int]:
+    if floor:  # transformers' center_crop (CLIPImageProcessor, resize="resize_crop_hf")
+        return (h - s) // 2, (w - s) // 2
+    # torchvision's CenterCrop rounding (half to even: an odd excess of 7 starts the crop at 4)
     return int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
 
 
@@ -110,7 +112,7 @@ def _resize(x: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     nh, nw = _resize_shape(h, w, cfg)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = _crop_offsets(nh, nw, s)
+    top, left = _crop_offsets(nh, nw, s, floor=cfg.resize == "resize_crop_hf")
     return x[..., top:top + s, left:left + s]
 
 
@@ -126,7 +128,7 @@ def _resize_pil(u8: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
     img = Image.fromarray(u8.numpy())
     if (nh, nw) != (h, w):
         img = img.resize((nw, nh), resample=Image.BICUBIC)
-    top, left = _crop_offsets(nh, nw, s)
+    top, left = _crop_offsets(nh, nw, s, floor=cfg.resize == "resize_crop_hf")
     return torch.from_numpy(np.array(img))[top:top + s, left:left + s]
 
 
