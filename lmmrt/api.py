@@ -112,6 +112,8 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
          cuda_graph: bool | str = "auto") -> Model:
     """Load an lmmrt checkpoint directory (made by `lmmrt convert`), or a transformers IDEFICS
     directory, which is then converted in memory at every load (convert once to skip that).
+    A CLIP checkpoint (`lmmrt convert clip`) loads as a ClipRuntime, for lmmrt.embed and
+    lmmrt.zero_shot (backend and cuda_graph do not apply to it).
 
     device: "cuda", "cpu", ... (default: cuda when available); dtype: torch dtype or name
     (default: the dtype stored in the file); backend: torch | triton | cuda | auto
@@ -121,6 +123,10 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     warning); True forces the fixed-shape step, False the eager step."""
     device = parse_device(device)
     backend = requested_backend(backend)
+    from lmmrt.runtime.embed import is_clip_checkpoint, load_clip
+
+    if is_clip_checkpoint(path):  # embeddings only: see lmmrt.embed / lmmrt.zero_shot
+        return load_clip(path, device=device, dtype=parse_dtype(dtype), progress=progress)
     tok_path = Path(path) / TOKENIZER
     # first, so that a broken tokenizer.json is reported before gigabytes of weights are read;
     # a dangling link is broken, not absent
@@ -146,6 +152,7 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     ("stop" | "length"); with stream=True an iterator of text pieces (str for one prompt,
     (prompt index, str) for several). Timings of the last call are in model.last_stats.
     """
+    _check_generative(model)
     return text_output.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
@@ -154,4 +161,12 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
 
 def logits(model: Model, prompts, images=None) -> list[torch.Tensor]:
     """Prompt logits: one float32 tensor (prompt_len, vocab) per prompt, on the CPU."""
+    _check_generative(model)
     return _gen.prompt_logits(model, prompts, images)
+
+
+def _check_generative(model) -> None:
+    from lmmrt.runtime.embed import ClipRuntime, raise_not_generative
+
+    if isinstance(model, ClipRuntime):
+        raise_not_generative(model)
