@@ -252,9 +252,15 @@ CONVERTERS["openflamingo"] = ("convert an OpenFlamingo checkpoint.pt with its LM
 
 def _add_clip(p):
     p.add_argument("src", help="a transformers CLIPModel directory: config.json, the weights (safetensors, one file or "
-                   "sharded, or pytorch_model*.bin), tokenizer.json and preprocessor_config.json when present. "
-                   "Without tokenizer.json the converted model embeds images only")
+                   "sharded, or pytorch_model*.bin), tokenizer.json and preprocessor_config.json when present; or an "
+                   "open_clip CLIP state dict file (.safetensors, .bin, .pt). Without a tokenizer the converted model "
+                   "embeds images only")
     p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json to put in the output (open_clip files have "
+                   "none: e.g. the one of openai/clip-vit-base-patch32); default: the source directory's")
+    p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
+                   help="open_clip files only, which do not record it: the activation (default: quick_gelu, as "
+                        "OpenAI's weights use)")
     p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
 
 
@@ -262,7 +268,10 @@ def _cmd_convert_clip(args) -> int:
     from lmmrt.api import parse_dtype
     from lmmrt.convert.clip_model import convert_clip
 
-    out = convert_clip(args.src, args.out, dtype=parse_dtype(args.dtype), progress=not args.quiet, force=args.force)
+    if args.tokenizer is not None:
+        input_file(args.tokenizer, "tokenizer file")
+    out = convert_clip(args.src, args.out, tokenizer=args.tokenizer, dtype=parse_dtype(args.dtype), act=args.act,
+                       progress=not args.quiet, force=args.force)
     print(f"wrote {out}")
     return 0
 

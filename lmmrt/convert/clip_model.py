@@ -1,4 +1,5 @@
-"""transformers CLIPModel directory -> lmmrt CLIP checkpoint (`lmmrt convert clip`).
+"""transformers CLIPModel directory (or an open_clip state dict, see clip_open_clip.py) -> lmmrt
+CLIP checkpoint (`lmmrt convert clip`).
 
 The weights are read as every converter reads them (safetensors, single or sharded, or
 pytorch_model*.bin with weights_only=True); q/k/v are fused as in lmmrt's vision blocks, for the
@@ -26,10 +27,12 @@ from lmmrt.models.clip import ClipModel
 from lmmrt.models.clip_config import ClipConfig, ClipTextConfig
 from lmmrt.models.config import VisionConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
+from lmmrt.runtime.tokenizer import Tokenizer
 from lmmrt.runtime.weights import describe_key_problems
 
-# Source tensors lmmrt does not need: position-id buffers (arange) that some files carry.
-IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# Source tensors lmmrt does not need: position-id buffers (arange) and open_clip's causal mask, which
+# some files carry.
+IGNORED_SUFFIXES = ("embeddings.position_ids", "attn_mask")
 # transformers CLIPConfig's defaults, for fields a config.json leaves out
 _HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -90,10 +93,12 @@ def _combined_shape(shapes: list[tuple]) -> tuple | None:
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def convert_weights(src: SourceWeights, cfg: ClipConfig, *, dtype: torch.dtype | None = None,
-                    progress: bool = True, where: str = "the source checkpoint") -> dict[str, torch.Tensor]:
-    """Apply the weight map after checking every key and shape (one error naming all problems)."""
-    wmap = weight_map(cfg)
+def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[str]], *, transposed=frozenset(),
+                    dtype: torch.dtype | None = None, progress: bool = True,
+                    where: str = "the source checkpoint") -> dict[str, torch.Tensor]:
+    """Apply a weight map (lmmrt name -> source names concatenated along dim 0; the names in
+    `transposed` are a single 2-D source stored the other way round, as open_clip's projections)
+    after checking every key and shape: one error names all problems."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ClipModel(cfg).state_dict().items()}
     needed = {s for srcs in wmap.values() for s in srcs}
@@ -103,7 +108,10 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, *, dtype: torch.dtype |
     for name, srcs in wmap.items():
         if all(s in src for s in srcs):
             shapes = [src.shape(s) for s in srcs]
-            if _combined_shape(shapes) != expected[name]:
+            got = _combined_shape(shapes)
+            if name in transposed and got is not None:
+                got = tuple(reversed(got)) if len(got) == 2 else None
+            if got != expected[name]:
                 parts = ", ".join(f"{s} {tuple(shp)}" for s, shp in zip(srcs, shapes))
                 misshapen.append(f"{name} needs {expected[name]}: from {parts}")
     if missing or unused or misshapen:
@@ -121,34 +129,52 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, *, dtype: torch.dtype |
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if name in transposed:
+            t = t.T
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
     return out
 
 
-def clip_state(src_dir: str | Path, *, dtype: torch.dtype | None = None,
+def clip_state(src: str | Path, *, dtype: torch.dtype | None = None, act: str | None = None,
                progress: bool = True) -> tuple[ClipConfig, dict[str, torch.Tensor], Path | None]:
-    """Read a transformers CLIPModel directory: (lmmrt config, lmmrt state dict, tokenizer.json or None)."""
-    src = Path(src_dir)
-    cfg_path = source_config_path(src, "a transformers CLIPModel directory")
+    """Read a transformers CLIPModel directory, or an open_clip state dict file (`act`: its
+    activation, default quick_gelu): (lmmrt config, lmmrt state dict, tokenizer.json or None)."""
+    src = Path(src)
+    if src.is_file():
+        from lmmrt.convert.clip_open_clip import open_clip_source
+
+        cfg, weights, wmap, transposed = open_clip_source(src, act=act)
+        state = convert_weights(weights, cfg, wmap, transposed=transposed, dtype=dtype, progress=progress,
+                                where=str(src))
+        return cfg, state, None
+    cfg_path = source_config_path(src, "a transformers CLIPModel directory or an open_clip state dict file")
     hf = read_source_json(cfg_path, "a transformers CLIP config (a JSON object)")
     if hf.get("family") == "clip" and "model_type" not in hf:
         raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
     if hf.get("model_type") != "clip":
         raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'clip' (a CLIPModel with "
                          f"both towers; a vision-only CLIP is converted as part of `lmmrt convert openflamingo`)")
+    if act is not None:
+        raise ValueError("act is for open_clip files, which do not record it; a transformers config has hidden_act")
     pre_path = src / "preprocessor_config.json"
     pre = read_source_json(pre_path, "an image processor config") if pre_path.exists() else None
     cfg = config_from_hf(hf, pre)
-    state = convert_weights(SourceWeights.open(src), cfg, dtype=dtype, progress=progress, where=str(src))
+    state = convert_weights(SourceWeights.open(src), cfg, weight_map(cfg), dtype=dtype, progress=progress,
+                            where=str(src))
     return cfg, state, find_tokenizer_json(src)
 
 
-def convert_clip(src_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                 progress: bool = True, force: bool = False) -> Path:
-    """Convert a transformers CLIPModel directory into an lmmrt checkpoint at `out_dir` (refused if
-    it exists, unless force; never inside the source). Without tokenizer.json the model embeds
-    images only."""
-    check_output_path(out_dir, sources=[src_dir], force=force)
-    cfg, state, tok_json = clip_state(src_dir, dtype=dtype, progress=progress)
-    return save_checkpoint(out_dir, cfg, state, tokenizer=tok_json, sources=[src_dir], force=force,
-                           metadata={"source": "clip", "source_dir": Path(src_dir).name})
+def convert_clip(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
+                 dtype: torch.dtype | None = None, act: str | None = None, progress: bool = True,
+                 force: bool = False) -> Path:
+    """Convert a transformers CLIPModel directory or an open_clip state dict file into an lmmrt
+    checkpoint at `out_dir` (refused if it exists, unless force; never inside the source).
+    `tokenizer`: a tokenizer.json to use (open_clip files have none; a directory's own is used
+    otherwise). Without one the model embeds images only."""
+    sources = [src] + ([tokenizer] if tokenizer is not None else [])
+    check_output_path(out_dir, sources=sources, force=force)
+    if tokenizer is not None:
+        Tokenizer.from_file(tokenizer)  # a broken file is reported before the conversion
+    cfg, state, tok_json = clip_state(src, dtype=dtype, act=act, progress=progress)
+    return save_checkpoint(out_dir, cfg, state, tokenizer=tokenizer or tok_json, sources=sources, force=force,
+                           metadata={"source": "clip", "source_path": Path(src).name})

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from clip_util import sample_images, save_tiny_clip
+from clip_util import make_tokenizer, open_clip_state_dict, sample_images, save_tiny_clip, tiny_clip
 
 import lmmrt
 from lmmrt.cli import main
@@ -147,3 +147,40 @@ def test_without_tokenizer_images_only(converted, tmp_path):
     assert lmmrt.embed(model, images=sample_images()[:1]).image.shape == (1, 24)
     with pytest.raises(ValueError, match="has no tokenizer.json, so it embeds images only"):
         lmmrt.embed(model, texts=["a cat"])
+
+
+def test_open_clip_state_dict_matches_transformers(tmp_path):
+    """The same weights as an open_clip file (argmax pooling, QuickGELU, heads of 64) give
+    transformers' embeddings; the tokenizer comes from --tokenizer."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from lmmrt.runtime.embed import tokenize
+    from lmmrt.runtime.processor import preprocess_images
+
+    hf = tiny_clip(3, legacy_eos=True, open_clip_shapes=True)
+    save_file({"module." + k: v for k, v in open_clip_state_dict(hf).items()}, str(tmp_path / "clip.safetensors"))
+    make_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    assert main(["convert", "clip", str(tmp_path / "clip.safetensors"), str(tmp_path / "out"), "--quiet",
+                 "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    model = lmmrt.load(tmp_path / "out", device="cpu")
+    assert model.config.text.pooling == "argmax" and model.config.vision.resize == "resize_crop"
+    texts = ["a photo of a cat.", "dog", "a very big red car on the table ."]
+    e = lmmrt.embed(model, images=sample_images(), texts=texts)
+    ids = tokenize(model, texts)
+    with torch.no_grad():
+        ref_text = F.normalize(hf.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        pixels = preprocess_images(sample_images(), model.config.vision)
+        ref_image = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    torch.testing.assert_close(e.text, ref_text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.image, ref_image, atol=1e-5, rtol=0)
+
+
+def test_open_clip_file_without_text_tower_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in open_clip_state_dict(tiny_clip(3, open_clip_shapes=True)).items()
+          if k.startswith("visual.")}
+    save_file(sd, str(tmp_path / "visual.safetensors"))
+    with pytest.raises(CheckpointError, match="no token_embedding.weight: an open_clip CLIP state dict"):
+        convert_clip(tmp_path / "visual.safetensors", tmp_path / "out", progress=False)
