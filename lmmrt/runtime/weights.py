@@ -95,6 +95,9 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     cfg_json = _read_config_json(path)
     if cfg_json.get("model_type") == "idefics" and "decoder" not in cfg_json:
         return load_transformers_idefics(path, device=device, dtype=dtype, progress=progress)
+    if cfg_json.get("family") == "clip":  # lmmrt.load hands these to lmmrt.runtime.embed.load_clip
+        raise CheckpointError(f"{path} is a CLIP checkpoint (embeddings, no language model): load it with "
+                              f"lmmrt.load and use lmmrt.embed / lmmrt.zero_shot")
     if "model_type" in cfg_json and "decoder" not in cfg_json:
         raise CheckpointError(f"{path} holds a transformers checkpoint (model_type={cfg_json['model_type']!r}), "
                               f"not an lmmrt one: convert it first (`lmmrt convert --help`)")

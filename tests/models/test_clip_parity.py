@@ -163,3 +163,14 @@ def test_classify_cli_errors(clip_pair, tmp_path, capsys, argv, match):
         status = e.code
     assert status == 2
     assert match in capsys.readouterr().err
+
+
+def test_flamingo_loader_and_generate_cli_refuse_a_clip_checkpoint(clip_pair, capsys):
+    from lmmrt.errors import CheckpointError
+    from lmmrt.runtime.weights import load_checkpoint
+
+    _, model = clip_pair
+    with pytest.raises(CheckpointError, match="is a CLIP checkpoint.*lmmrt.embed"):
+        load_checkpoint(model.path)
+    assert main(["generate", model.path, "-p", "a cat", "--quiet"]) == 2
+    assert "use lmmrt.embed, lmmrt.zero_shot or `lmmrt classify`" in capsys.readouterr().err
