@@ -42,7 +42,10 @@ def open_clip_source(path: str | Path, *, act: str | None = None
             raise CheckpointError(f"{path}: no {need}: an open_clip CLIP state dict has the text tower "
                                   f"(token_embedding, positional_embedding, transformer.resblocks.*, ln_final, "
                                   f"text_projection) and logit_scale")
-    shape = lambda n: vsrc.weights.shape(text[n])  # noqa: E731 - a local shorthand
+
+    def shape(name: str) -> tuple:
+        return vsrc.weights.shape(text[name])
+
     vocab, width = shape("token_embedding.weight")
     layers = 1 + max((int(m.group(1)) for n in text if (m := re.match(r"transformer\.resblocks\.(\d+)\.", n))),
                      default=-1)
