@@ -18,6 +18,7 @@ import json
 import math
 import signal
 import struct
+import time
 import traceback
 from pathlib import Path
 
@@ -54,13 +55,17 @@ def time_limit(seconds: int):
     def on_alarm(signum, frame):
         raise Hang(f"no answer within {seconds} s")
 
+    # pytest-timeout's signal method uses the same alarm: hand its remaining time back afterwards.
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
+    outer = signal.alarm(seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        if outer:
+            signal.alarm(max(1, outer - int(time.monotonic() - start)))
 
 
 def assert_clear_error(e: BaseException) -> None:
