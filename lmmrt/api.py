@@ -46,6 +46,7 @@ class Model:
         self.backend = requested_backend(backend)
         module.set_backend(self.backend)
         module.fold_gates()
+        module.use_decode_weight_layout()
         self.last_stats: _gen.GenerationStats | None = None
         # Decode with a fixed-shape step replayed as a CUDA graph (where the step's ops allow it);
         # graphs (one per shape bucket) and the KV / media caches they read live in decode_state.

@@ -36,6 +36,12 @@ class MediaContext:
     # of the masked op when that op would run its torch reference.
     gathered: GatheredMedia | None = None
 
+    def select(self, rows: torch.Tensor) -> MediaContext:
+        """The context of the batch rows `rows` (a 1-D index tensor); the packed K/V are shared."""
+        return MediaContext(kv=self.kv, text_time=self.text_time[rows], media_start=self.media_start[rows],
+                            media_count=self.media_count[rows], any_media=self.any_media,
+                            gathered=None if self.gathered is None else self.gathered.select(rows))
+
 
 @dataclass
 class GatheredMedia:
@@ -53,6 +59,13 @@ class GatheredMedia:
     mask: torch.Tensor | None
     q_scale: torch.Tensor | None
     out_scale: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor) -> GatheredMedia:
+        def pick(t):
+            return None if t is None else t[rows]
+
+        return GatheredMedia(k=[k[rows] for k in self.k], v=[v[rows] for v in self.v], mask=pick(self.mask),
+                             q_scale=pick(self.q_scale), out_scale=pick(self.out_scale))
 
     def attend(self, q: torch.Tensor, j: int) -> torch.Tensor:
         """q (B, 1, H, dh) -> (B, 1, H, dh): block j's cross-attention of the decode token."""

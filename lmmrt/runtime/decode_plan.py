@@ -25,6 +25,10 @@ class DecodePlan:
         self.padded = any(n != T for n in batch.lengths)
         self.keys = None
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (a 1-D index tensor): finished rows dropped."""
+        self.pad = self.pad[rows]
+
     def prefill_context(self, T: int) -> StepContext:
         dev = self.pad.device
         slots = torch.arange(T, device=dev)
@@ -46,6 +50,27 @@ class DecodePlan:
                 self.keys = torch.arange(2 * (slot + 1), device=self.pad.device)
             mask = (self.keys[None, :slot + 1] >= self.pad[:, None])[:, None, None, :]
         return self.decoder.context(positions, slot, slot + 1, mask)
+
+
+class EagerDecode:
+    """The eager decode step of one batch: (tokens (B,), int slot) -> logits (B, V). Rows whose
+    generation has finished can be dropped (`select`), so they stop costing work."""
+
+    def __init__(self, module, batch: Batch, cache, media: MediaContext):
+        self.module, self.cache, self.media = module, cache, media
+        self.plan = DecodePlan(module, batch)
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        # a NaN row's token -1 reads as token 0 (the row raises on the host anyway)
+        return self.module(tokens.clamp(min=0)[:, None], self.plan.decode_context(slot), self.cache, self.media,
+                           logits_for="last")
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows`: their KV cache rows are copied out (the pool's buffer is not
+        written), so this is worth it only when many rows have finished."""
+        self.cache = type(self.cache)(self.cache.k.index_select(1, rows), self.cache.v.index_select(1, rows))
+        self.media = self.media.select(rows)
+        self.plan.select(rows)
 
 
 def gather_media(module, media: MediaContext, backend: str) -> GatheredMedia | None:

@@ -16,7 +16,7 @@ import torch
 
 from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.batch import Batch, build_batch
-from lmmrt.runtime.decode_plan import DecodePlan, gather_media
+from lmmrt.runtime.decode_plan import DecodePlan, EagerDecode, gather_media
 from lmmrt.runtime.generation_args import check_generation_args
 from lmmrt.runtime.kv_cache import KVCache
 from lmmrt.runtime.sampling import NAN_TOKEN, apply_repetition_penalty, sample
@@ -185,13 +185,15 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     pool = state.kv if state is not None and not state.kv.in_use else None
     fixed = uses_fixed_step(model)
     use_graph = fixed and pool is not None and state.graph_error is None and graph_capturable(model)
+    if getattr(model, "cuda_graph", False) == "auto" and not use_graph:
+        fixed = False  # without a graph the eager step is the faster one
     cache_len = length_bucket(T + max_new_tokens) if use_graph else T + max_new_tokens
-    if pool is not None:
-        pool.in_use = True
-        cache = pool.view(model.config.decoder, B, cache_len, model.dtype, dev)
-    else:
-        cache = KVCache.allocate(model.config.decoder, B, cache_len, model.dtype, dev)
     try:
+        if pool is not None:
+            pool.in_use = True
+            cache = pool.view(model.config.decoder, B, cache_len, model.dtype, dev)
+        else:
+            cache = KVCache.allocate(model.config.decoder, B, cache_len, model.dtype, dev)
         # inference_mode wraps the compute only, never a `yield`: a suspended generator would leave
         # it switched on in the caller's code between steps.
         with torch.inference_mode():
@@ -204,11 +206,7 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
                 if fixed:
                     decode = StaticDecodeStep(model, cache, media, batch.pad, use_graph=False)
                 else:
-                    plan = DecodePlan(module, batch)
-
-                    def decode(tokens, slot):
-                        return module(tokens.clamp(min=0)[:, None], plan.decode_context(slot), cache, media,
-                                      logits_for="last")
+                    decode = EagerDecode(module, batch, cache, media)
         yield from _decode_loop(decode, logits, B, T, max_new_tokens, args.stop_ids, sample_kw=dict(
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), seen=seen,
             repetition_penalty=repetition_penalty, stats=stats, clock=clock, t0=t0, on_step=on_step)
@@ -221,9 +219,12 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
                  repetition_penalty: float, stats: GenerationStats, clock: _Clock, t0: float, on_step):
     """Sample, hand the tokens to the host, decode the next step; one host sync per step. On CUDA
     the tokens go non-blocking into pinned memory and step k + 1 is queued before waiting for step
-    k's tokens, so the device never idles on the host's bookkeeping."""
+    k's tokens, so the device never idles on the host's bookkeeping. Elsewhere the eager step drops
+    finished rows once at least half of the batch has finished (shapes there are free to change)."""
     overlap = clock.cuda
     host = torch.empty(B, dtype=torch.long, pin_memory=True) if overlap else None
+    compact = not overlap and isinstance(decode, EagerDecode)
+    rows = list(range(B))  # the prompt index of each row of the running batch
     finished = [False] * B
     for step in range(max_new_tokens):
         last = step == max_new_tokens - 1
@@ -234,13 +235,13 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
             if seen is not None:
                 seen.scatter_(1, nxt.clamp(min=0)[:, None], True)
             if overlap:
-                host.copy_(nxt, non_blocking=True)
+                host[:len(rows)].copy_(nxt, non_blocking=True)
                 copied = clock.mark()
                 if not last:
                     logits = decode(nxt, T + step)
         if overlap:
             copied.synchronize()
-            toks = host.tolist()
+            toks = host[:len(rows)].tolist()
         else:
             toks = nxt.tolist()  # the one host sync per step
         now = time.perf_counter()
@@ -252,26 +253,20 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
             t_dec = now
         else:
             stats.decode_s, stats.decode_steps = now - t_dec, step
-        nan_rows = [b for b in range(B) if not finished[b] and toks[b] == NAN_TOKEN]
+        nan_rows = [b for b, t in zip(rows, toks) if not finished[b] and t == NAN_TOKEN]
         if nan_rows:
             raise ValueError(f"the model produced NaN logits for prompt {nan_rows[0]} at decode step {step} "
-                             f"(step 0 follows the prompt; rows with NaN: {nan_rows}): no token can be "
+                             f"(step 0 follows the prompt; prompts with NaN: {nan_rows}): no token can be "
                              "sampled. Check the weights and the dtype (float16 can overflow).")
-        out, reasons = [], []
-        for b in range(B):
+        out, reasons = [-1] * B, [None] * B
+        for b, t in zip(rows, toks):
             if finished[b]:
-                out.append(-1)
-                reasons.append(None)
                 continue
-            out.append(toks[b])
-            if toks[b] in stop_ids:
-                finished[b] = True
-                reasons.append("stop")
+            out[b] = t
+            if t in stop_ids:
+                finished[b], reasons[b] = True, "stop"
             elif last:
-                finished[b] = True
-                reasons.append("length")
-            else:
-                reasons.append(None)
+                finished[b], reasons[b] = True, "length"
         stats.new_tokens += sum(1 for t in out if t >= 0)
         yield out, reasons
         if all(finished) or last:
@@ -280,4 +275,11 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
             on_step()
         if not overlap:
             with torch.inference_mode():
+                live = [i for i, b in enumerate(rows) if not finished[b]]
+                if compact and len(live) <= len(rows) // 2:
+                    keep = torch.tensor(live, device=nxt.device)
+                    nxt = nxt[keep]
+                    seen = None if seen is None else seen[keep]
+                    decode.select(keep)
+                    rows = [rows[i] for i in live]
                 logits = decode(nxt, T + step)

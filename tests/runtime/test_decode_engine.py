@@ -192,3 +192,43 @@ def test_gathered_media_matches_the_masked_reference(mode):
                                                mode=mode)
         torch.testing.assert_close(g.attend(q, j), ref, rtol=1e-5, atol=1e-5)
     assert not math.isnan(float(g.attend(q, 0).sum()))
+
+
+def test_cpu_decode_weight_layout_keeps_values_and_logits():
+    """Input-major linear weights on the CPU (a layout change only): same values, same logits."""
+    plain = demo_model(device="cpu", backend="torch")
+    module = plain.module
+    lin = module.decoder.layers[0].wqkv
+    assert not lin.weight.is_contiguous() and lin.weight.t().is_contiguous()
+    contiguous = {k: v.contiguous() for k, v in module.state_dict().items()}
+    ref = demo_model(device="cpu", backend="torch")
+    for m in ref.module.modules():  # undo the layout: every weight back to (out, in) contiguous
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.contiguous()
+    assert all(torch.equal(contiguous[k], v) for k, v in ref.module.state_dict().items())
+    got = lmmrt.logits(plain, PROMPTS, _images())
+    want = lmmrt.logits(ref, PROMPTS, _images())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_finished_rows_are_dropped_and_the_rest_decode_unchanged(model, monkeypatch):
+    """Once half the batch has finished, the eager step keeps only the live rows; the fixed-shape
+    step (cuda_graph=True, never compacted) must give the same tokens for every prompt."""
+    from lmmrt.runtime.decode_plan import EagerDecode
+
+    full = _tokens(model, PROMPTS, _images(), 12)
+    stops = [next(t for t in full[r][1:] if t not in full[2]) for r in (0, 1)]
+    selected = []
+    select = EagerDecode.select
+    monkeypatch.setattr(EagerDecode, "select", lambda self, rows: (selected.append(rows.tolist()), select(self, rows)))
+    kw = dict(max_new_tokens=12, stop_token_ids=stops, ignore_eos=True, repetition_penalty=1.3)
+    eager = lmmrt.generate(model, PROMPTS, _images(), **kw)
+    model.cuda_graph = True
+    try:
+        fixed = lmmrt.generate(model, PROMPTS, _images(), **kw)
+    finally:
+        model.cuda_graph = False
+    assert selected == [[2]], selected
+    assert [r.token_ids for r in eager] == [r.token_ids for r in fixed]
+    assert [r.finish_reason for r in eager] == ["stop", "stop", "length"]
