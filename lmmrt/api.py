@@ -9,6 +9,7 @@ import torch
 from lmmrt.kernels.backend import requested_backend
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models.splice import SpliceModel
 from lmmrt.runtime import generate as _gen
 from lmmrt.runtime import text_output
 from lmmrt.runtime.static_decode import DecodeState, check_cuda_graph
@@ -37,7 +38,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
 class Model:
     """A loaded model: the torch module, its config, tokenizer, device, dtype and backend."""
 
-    def __init__(self, module: FlamingoModel, config: ModelConfig, tokenizer: Tokenizer | None,
+    def __init__(self, module: FlamingoModel | SpliceModel, config: ModelConfig, tokenizer: Tokenizer | None,
                  backend: str = "auto", path: str | None = None, cuda_graph: bool | str = "auto"):
         self.module = module.eval().requires_grad_(False)
         self.config = config
@@ -80,8 +81,10 @@ class Model:
 
     def __repr__(self):
         c = self.config
+        media = (f"splice {c.connector.kind} connector" if c.media_feed == "splice"
+                 else f"xattn={len(c.xattn.layers)} blocks")
         return (f"lmmrt.Model({c.family}, decoder={c.decoder.family} {c.decoder.layers}x{c.decoder.dim}, "
-                f"xattn={len(c.xattn.layers)} blocks, device={self.device}, dtype={self.dtype}, backend={self.backend})")
+                f"{media}, device={self.device}, dtype={self.dtype}, backend={self.backend})")
 
 
 def default_device() -> str:
@@ -161,7 +164,10 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
 
 
 def logits(model: Model, prompts, images=None) -> list[torch.Tensor]:
-    """Prompt logits: one float32 tensor (prompt_len, vocab) per prompt, on the CPU."""
+    """Prompt logits: one float32 tensor (prompt_len, vocab) per prompt, on the CPU, one row per
+    position the LM ran. For a splice model (LLaVA, BLIP-2, MiniGPT-4) that includes the image
+    feature positions: each image marker counts as the connector's feature count
+    (model.config.media_tokens) of positions, as in the reference's expanded input_ids."""
     _check_generative(model)
     return _gen.prompt_logits(model, prompts, images)
 

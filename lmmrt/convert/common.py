@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lmmrt.models.config import ModelConfig
-from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models.splice import build_model
 from lmmrt.runtime.safetensors_file import check_readable, why_missing
 from lmmrt.runtime.weights import (
     CheckpointError,
@@ -213,7 +213,7 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
                     and not k.endswith(("rotary_emb.inv_freq", "embeddings.position_ids", "masked_bias",
                                         ".attn.bias", "attention.bias", "attention.masked_bias")))
     with torch.device("meta"):
-        model = FlamingoModel(cfg)
+        model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     misshapen = []
     for name, srcs in wmap.items():

@@ -28,12 +28,16 @@ from lmmrt.models.config_fields import (
     real_triple,
     text,
 )
+from lmmrt.models.connector_config import MEDIA_FEEDS, ConnectorConfig
 
 FORMAT_VERSION = 1
 # The names lmmrt.models.layers.activation knows.
 ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
-DECODER_FAMILIES = ("llama", "mpt", "neox")
+DECODER_FAMILIES = ("llama", "mpt", "neox", "opt")
 ROPE_FAMILIES = ("llama", "neox")
+# Checkpoint families (which converter made it, how prompts are written) and their media feed.
+FAMILIES = {"idefics": "cross_attention", "openflamingo": "cross_attention", "llava": "splice",
+            "blip2": "splice", "minigpt4": "splice"}
 
 
 @dataclass
@@ -55,6 +59,14 @@ class VisionConfig:
     resize: str = "resize"
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # Which hidden states are the features (transformers' hidden_states indices: 0 = after ln_pre,
+    # i = after block i, negative from the end; LLaVA's vision_feature_layer, default -2 there);
+    # several are concatenated along the feature dimension. Blocks after the last one used never run.
+    feature_layers: list[int] = field(default_factory=lambda: [-1])
+    # BLIP-2's ViT (EVA): a patch conv with bias, no ln_pre, a LayerNorm over every output token
+    patch_bias: bool = False
+    ln_pre: bool = True
+    ln_post: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -78,6 +90,13 @@ class VisionConfig:
         choice(self.resize, "vision.resize", ("resize", "resize_crop", "resize_crop_hf"))
         self.image_mean = real_triple(self.image_mean, "vision.image_mean", positive=False)
         self.image_std = real_triple(self.image_std, "vision.image_std", positive=True)
+        boolean(self.patch_bias, "vision.patch_bias")
+        boolean(self.ln_pre, "vision.ln_pre")
+        boolean(self.ln_post, "vision.ln_post")
+        self.feature_layers = integer_list(self.feature_layers, "vision.feature_layers", lo=-(self.layers + 1),
+                                           hi=self.layers, max_len=self.layers + 1)
+        if not self.feature_layers:
+            raise ConfigError("vision.feature_layers: must name at least one hidden state")
         if self.n_tokens > MAX_MEDIA_TOKENS:
             raise ConfigError(f"vision: {self.n_tokens} tokens per image (image_size {self.image_size}, "
                               f"patch_size {self.patch_size}); at most {MAX_MEDIA_TOKENS} are supported")
@@ -85,6 +104,11 @@ class VisionConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features handed on: vision.width per selected hidden state."""
+        return self.width * len(self.feature_layers)
 
     @property
     def n_tokens(self) -> int:
@@ -149,12 +173,16 @@ class DecoderConfig:
     qkv_clip: float = 0.0  # MPT clip_qkv, 0 = off
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # OPT: word_embed_proj_dim, the width of the embeddings and head when it differs from dim (0 -> dim)
+    embed_dim: int = 0
+    # OPT do_layer_norm_before: False puts each layer's norms after its residual adds and drops the final norm
+    pre_norm: bool = True
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        """Every field's type and range; fills kv_heads and head_dim when they are 0 (derived)."""
+        """Every field's type and range; fills kv_heads, head_dim and embed_dim when they are 0 (derived)."""
         choice(self.family, "decoder.family", DECODER_FAMILIES)
         self.vocab_size = integer(self.vocab_size, "decoder.vocab_size", lo=1, hi=MAX_VOCAB)
         self.dim = integer(self.dim, "decoder.dim", lo=1, hi=MAX_DIM)
@@ -185,6 +213,11 @@ class DecoderConfig:
         self.qkv_clip = real(self.qkv_clip, "decoder.qkv_clip", lo=0.0)
         self.max_seq_len = integer(self.max_seq_len, "decoder.max_seq_len", lo=1, hi=MAX_SEQ_LEN)
         boolean(self.tie_embeddings, "decoder.tie_embeddings")
+        self.embed_dim = integer(self.embed_dim, "decoder.embed_dim", lo=0, hi=MAX_DIM) or self.dim
+        boolean(self.pre_norm, "decoder.pre_norm")
+        if self.family != "opt" and (self.embed_dim != self.dim or not self.pre_norm):
+            raise ConfigError(f"decoder.embed_dim / decoder.pre_norm = false are OPT options; family {self.family!r} "
+                              f"has embeddings of width decoder.dim and pre-norm layers")
 
 
 @dataclass
@@ -232,7 +265,11 @@ class ModelConfig:
     perceiver: PerceiverConfig | None = field(default_factory=PerceiverConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
-    family: str = "idefics"  # idefics | openflamingo
+    family: str = "idefics"  # one of FAMILIES
+    # How media reach the LM and through what (see lmmrt.models.connector_config): cross-attention
+    # models keep `connector` null (their connector is `perceiver`); splice models need one.
+    media_feed: str = "cross_attention"
+    connector: ConnectorConfig | None = None
     image_token_id: int = 32001
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -263,7 +300,11 @@ class ModelConfig:
                 raise ConfigError(f"{name}: must be a {klass.__name__} (got {type(part).__name__})")
             part.validate()
         self.format_version = integer(self.format_version, "format_version", lo=1, hi=FORMAT_VERSION)
-        choice(self.family, "family", ("idefics", "openflamingo"))
+        choice(self.family, "family", tuple(FAMILIES))
+        choice(self.media_feed, "media_feed", MEDIA_FEEDS)
+        if self.media_feed != FAMILIES[self.family]:
+            raise ConfigError(f"media_feed = {self.media_feed!r}, but family {self.family!r} models are "
+                              f"{FAMILIES[self.family]!r} models")
         vocab = self.decoder.vocab_size
         self.image_token_id = integer(self.image_token_id, "image_token_id", lo=0, hi=vocab - 1)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "end_of_chunk_token_id"):
@@ -275,6 +316,12 @@ class ModelConfig:
             raise ConfigError(f"image_prompt_template = {self.image_prompt_template!r}: must contain \"{{image}}\" "
                               f"exactly once (where the image marker goes)")
         text(self.image_token, "image_token")
+        if self.media_feed == "splice":
+            self._validate_splice()
+            return
+        if self.connector is not None:
+            raise ConfigError("connector: cross-attention models take their connector from the perceiver "
+                              "section (connector must be null)")
         bad = [i for i in self.xattn.layers if i >= self.decoder.layers]
         if bad:
             raise ConfigError(f"xattn.layers = {self.xattn.layers}: layers {bad} are past the last decoder layer "
@@ -286,9 +333,31 @@ class ModelConfig:
         if self.xattn.media_dim != media_dim:
             raise ConfigError(f"xattn.media_dim = {self.xattn.media_dim} differs from {media_from} = {media_dim}")
 
+    def _validate_splice(self) -> None:
+        """A splice model: a connector from the vision features to the LM's input width, and no
+        Flamingo parts (no perceiver, no cross-attention layers)."""
+        if not isinstance(self.connector, ConnectorConfig):
+            raise ConfigError(f"connector: a splice model needs a connector section (got "
+                              f"{type(self.connector).__name__})")
+        self.connector.validate()
+        if self.perceiver is not None or self.xattn.layers:
+            raise ConfigError("a splice model has no perceiver section and no xattn.layers (its media go "
+                              "through the connector into the LM's input)")
+        c = self.connector
+        if c.in_dim != self.vision.feature_dim:
+            raise ConfigError(f"connector.in_dim = {c.in_dim} differs from the vision features' width "
+                              f"{self.vision.feature_dim} (vision.width x len(vision.feature_layers))")
+        if c.out_dim != self.decoder.embed_dim:
+            raise ConfigError(f"connector.out_dim = {c.out_dim} differs from the LM's embedding width "
+                              f"decoder.embed_dim = {self.decoder.embed_dim}")
+        self.connector.tokens(self.vision.n_tokens)
+
     @property
     def media_tokens(self) -> int:
-        """Keys per media item seen by cross-attention (perceiver latents, or raw vision tokens)."""
+        """Keys per media item seen by cross-attention (perceiver latents, or raw vision tokens);
+        for a splice model, the embeddings each image becomes in the LM's input."""
+        if self.media_feed == "splice":
+            return self.connector.tokens(self.vision.n_tokens)
         return self.perceiver.n_latents if self.perceiver is not None else self.vision.n_tokens
 
     # --- serialization -------------------------------------------------------------------------
@@ -316,12 +385,13 @@ class ModelConfig:
             "perceiver": PerceiverConfig,
             "decoder": DecoderConfig,
             "xattn": XAttnConfig,
+            "connector": ConnectorConfig,
         }
         kw = {}
         for name, klass in parts.items():
             sub = d.pop(name, None)
             if sub is None:
-                kw[name] = None if name == "perceiver" else klass()
+                kw[name] = None if name in ("perceiver", "connector") else klass()
                 continue
             if not isinstance(sub, dict):
                 raise ConfigError(f"{name}: must be a JSON object, not {type(sub).__name__}")

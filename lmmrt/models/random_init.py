@@ -10,15 +10,16 @@ import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models.splice import SpliceModel, build_model
 
 
 @torch.no_grad()
 def random_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.float32,
-                 std: float = 0.02) -> FlamingoModel:
+                 std: float = 0.02) -> FlamingoModel | SpliceModel:
     """Build the model directly on `device` and fill it from a seeded generator (same seed, same
     weights on any device: values are drawn on the CPU per tensor, in a fixed order)."""
     with torch.device("meta"):
-        model = FlamingoModel(cfg)
+        model = build_model(cfg)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-precision copy on the device
     g = torch.Generator().manual_seed(seed)
     on_cpu = torch.device(device).type == "cpu"

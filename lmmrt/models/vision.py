@@ -2,6 +2,8 @@
 
 IDEFICS hands the perceiver every token of the last layer (class token included, no
 post-LayerNorm); OpenFlamingo hands it the patch tokens only (no class token, no ln_post).
+BLIP-2 (and MiniGPT-4) hand the Q-Former every token after a post-LayerNorm (`ln_post`); their ViT
+has no ln_pre and a patch conv with bias.
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.class_embed = nn.Parameter(torch.zeros(d))
         self.pos_embed = nn.Parameter(torch.zeros(cfg.grid * cfg.grid + 1, d))
-        self.ln_pre = LayerNorm(d, cfg.ln_eps)
+        self.ln_pre = LayerNorm(d, cfg.ln_eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.ln_post = LayerNorm(d, cfg.ln_eps) if cfg.ln_post else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels: (N, 3, S, S) normalized -> (N, n_tokens, width)."""
+        """pixels: (N, 3, S, S) normalized -> (N, n_tokens, feature_dim): the hidden states named by
+        cfg.feature_layers (the last block's by default), concatenated."""
         cfg = self.cfg
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2:] != (cfg.image_size, cfg.image_size):
             raise ValueError(f"vision encoder expects pixels of shape (N, 3, {cfg.image_size}, {cfg.image_size}), "
@@ -55,9 +59,17 @@ class VisionEncoder(nn.Module):
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embed.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
-        x = self.ln_pre(x)
-        for blk in self.blocks:
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        # hidden state i: after block i (0: after ln_pre); blocks past the last one wanted never run
+        wanted = [i % (cfg.layers + 1) for i in cfg.feature_layers]
+        states = {0: x}
+        for i, blk in enumerate(self.blocks[:max(wanted)], start=1):
             x = blk(x)
+            states[i] = x
+        x = states[wanted[0]] if len(wanted) == 1 else torch.cat([states[i] for i in wanted], dim=-1)
+        if self.ln_post is not None:
+            x = self.ln_post(x)
         if cfg.output == "patch_tokens":
             x = x[:, 1:]
         return x

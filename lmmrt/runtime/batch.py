@@ -143,6 +143,18 @@ def expand_image_markers(text: str, cfg) -> str:
     return out
 
 
+def expand_feature_markers(ids: list[int], marker: int, n: int) -> list[int]:
+    """A splice model's prompt: each image marker id becomes n of them, one per feature embedding
+    the connector makes (what the checkpoint's processor does to the text)."""
+    out: list[int] = []
+    for t in ids:
+        if t == marker:
+            out.extend([marker] * n)
+        else:
+            out.append(t)
+    return out
+
+
 def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     cfg = model.config
     prompts = normalize_prompts(prompts)
@@ -164,18 +176,24 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         ids_list.append(ids)
 
+    # one marker per image as written; a splice model's markers then become feature positions
+    markers = [ids.count(cfg.image_token_id) for ids in ids_list]
+    splice = cfg.media_feed == "splice"
+    if splice:
+        ids_list = [expand_feature_markers(ids, cfg.image_token_id, cfg.media_tokens) for ids in ids_list]
     limit = cfg.decoder.max_seq_len
     for i, ids in enumerate(ids_list):
         if len(ids) + max_new_tokens > limit:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+            each = f" (each image counting {cfg.media_tokens})" if splice and markers[i] else ""
+            raise ValueError(f"prompt {i} has {len(ids)} tokens{each}; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + max_new_tokens}, beyond the model's context of {limit} tokens")
 
-    per_prompt_images = normalize_images(images, [ids.count(cfg.image_token_id) for ids in ids_list])
+    per_prompt_images = normalize_images(images, markers)
     media: list[torch.Tensor] = []
     media_time: list[int] = []
     starts, counts, text_times = [], [], []
     for i, (ids, imgs) in enumerate(zip(ids_list, per_prompt_images)):
-        n_markers = sum(1 for t in ids if t == cfg.image_token_id)
+        n_markers = markers[i]
         if n_markers != len(imgs):
             raise ValueError(f"prompt {i} has {n_markers} media marker(s) ({cfg.image_token!r}, id "
                              f"{cfg.image_token_id}) but {len(imgs)} image(s) were given for it")
@@ -184,7 +202,9 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
         for j, img in enumerate(imgs):
             media.append(media_item_pixels(img, cfg.vision, model.device, where=f"images[{i}][{j}]"))
             media_time.append(j)
-        text_times.append(media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
+        # media ordinals drive cross-attention masks; a splice model has none
+        text_times.append([0] * len(ids) if splice else
+                          media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
 
     B, T = len(ids_list), max(len(x) for x in ids_list)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0

@@ -15,6 +15,7 @@ import torch
 from lmmrt.errors import CheckpointError
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models.splice import SpliceModel, build_model
 from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
 from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_missing
 
@@ -37,7 +38,7 @@ def describe_key_problems(missing, unexpected, misshapen, where: str) -> str:
     return "\n".join(lines)
 
 
-def check_state(state_shapes: dict[str, tuple], model: FlamingoModel, where: str) -> None:
+def check_state(state_shapes: dict[str, tuple], model: torch.nn.Module, where: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_shapes]
     unexpected = [k for k in state_shapes if k not in expected]
@@ -87,7 +88,7 @@ def _read_config_json(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
-                    progress: bool = False) -> tuple[ModelConfig, FlamingoModel]:
+                    progress: bool = False) -> tuple[ModelConfig, FlamingoModel | SpliceModel]:
     """config.json checked field by field and against the tensor shapes in model.safetensors, the
     model built on the meta device, then each tensor read and assigned in its final dtype and
     device: the load's peak is the model plus one tensor, never a float32 copy of it."""
@@ -110,7 +111,7 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     if dtype is None:
         dtype = weights.load_dtype()
     with torch.device("meta"):
-        model = FlamingoModel(cfg)
+        model = build_model(cfg)
     check_state(shapes, model, str(wpath))
     keys = weights.keys()
     if progress:
