@@ -280,6 +280,27 @@ CONVERTERS["clip"] = ("convert a transformers CLIP checkpoint (CLIPModel: image 
                       _cmd_convert_clip)
 
 
+def _add_llava(p):
+    p.add_argument("src", help="a transformers LlavaForConditionalGeneration directory (LLaVA-1.5): config.json, "
+                   "the weights (safetensors, one file or sharded, or pytorch_model*.bin), tokenizer.json (given an "
+                   "<image> token when it has none) and, when present, the chat template (kept)")
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+
+
+def _cmd_convert_llava(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.llava import convert_llava
+
+    out = convert_llava(args.src, args.out, dtype=parse_dtype(args.dtype), progress=not args.quiet, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+CONVERTERS["llava"] = ("convert a transformers LLaVA-1.5 checkpoint (LlavaForConditionalGeneration)", _add_llava,
+                       _cmd_convert_llava)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, except where there is no default worth printing (None,
     False, an empty list: the help says in words what happens) or the help already gives it."""

@@ -180,11 +180,13 @@ def _describe_failure(e: OSError, what: Path) -> str:
 
 
 def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *,
-                    tokenizer=None, metadata: dict | None = None, sources=(), force: bool = False) -> Path:
+                    tokenizer=None, metadata: dict | None = None, sources=(), force: bool = False,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write an lmmrt checkpoint directory atomically: config.json, model.safetensors and, when
     given, tokenizer.json (`tokenizer`: a tokenizer.json path, a `tokenizers.Tokenizer` or an
     lmmrt Tokenizer). `sources`: the paths it is made from, never overwritten (see
-    check_output_path); `force`: replace an existing output. Returns the output path."""
+    check_output_path); `force`: replace an existing output; `extra_files`: file name -> bytes
+    written beside them (e.g. the chat template). Returns the output path."""
     out = check_output_path(out_dir, sources=sources, force=force)
     meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
@@ -200,6 +202,12 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
         if tok_bytes is not None:
             current = tmp / TOKENIZER
             write_bytes(current, tok_bytes)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (CONFIG, WEIGHTS, TOKENIZER):
+                raise ValueError(f"extra checkpoint file {name!r}: must be a plain file name other than "
+                                 f"{CONFIG}, {WEIGHTS} and {TOKENIZER}")
+            current = tmp / name
+            write_bytes(current, data)
         current = tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint is shared like any other directory
         _fsync_dir(tmp)
