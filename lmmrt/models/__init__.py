@@ -2,5 +2,6 @@
 
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models import opt  # noqa: F401 - registers the OPT decoder family
 
 __all__ = ["DecoderConfig", "FlamingoModel", "ModelConfig", "PerceiverConfig", "VisionConfig", "XAttnConfig"]

@@ -227,16 +227,28 @@ class Decoder(nn.Module):
             raise ValueError(f"unknown decoder family {cfg.family!r}; known: {sorted(LAYERS)}")
         layer_cls, norm_kind, self.uses_rope = LAYERS[cfg.family]
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.layers))
-        self.norm = make_norm(norm_kind, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        # a family's parts around the layers (OPT: learned positions, project_in/out), when it has any
+        edges = getattr(layer_cls, "edges", None)
+        self.edges = edges(cfg) if edges is not None else None
+        self.norm = make_norm(norm_kind, cfg.dim, cfg.norm_eps, cfg.norm_bias) if cfg.pre_norm else None
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         self._constants: dict[tuple[str, str], torch.Tensor] = {}
+
+    def layer_input(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Input embeddings (B, T, embed_dim) -> the first layer's input (B, T, dim): unchanged, but
+        for a family with edges (OPT: project_in, then its learned positions at ctx.positions)."""
+        return x if self.edges is None else self.edges.layer_input(x, ctx.positions)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        return F.linear(self.norm(x), w)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.edges is not None:
+            x = self.edges.layer_output(x)
+        return F.linear(x, w)
 
     def _cached(self, name: str, device, build):
         # Per-device constants (RoPE inverse frequencies, ALiBi slopes), built on first use: not

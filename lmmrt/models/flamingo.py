@@ -81,7 +81,7 @@ class FlamingoModel(nn.Module):
     def forward(self, tokens: torch.Tensor, ctx: StepContext, kv_cache, media: MediaContext,
                 logits_for: str = "all") -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) ("all") or (B, V) ("last"), filling kv_cache."""
-        x = self.decoder.embed(tokens)
+        x = self.decoder.layer_input(self.decoder.embed(tokens), ctx)
         for i, layer in enumerate(self.decoder.layers):
             j = self.xattn_at.get(i)
             if j is not None:
