@@ -301,6 +301,28 @@ CONVERTERS["llava"] = ("convert a transformers LLaVA-1.5 checkpoint (LlavaForCon
                        _cmd_convert_llava)
 
 
+def _add_blip2(p):
+    p.add_argument("src", help="a transformers Blip2ForConditionalGeneration directory with an OPT language model "
+                   "(Flan-T5 ones are refused): config.json, the weights (safetensors, one file or sharded, or "
+                   "pytorch_model*.bin), tokenizer.json (given an <image> token when it has none) and "
+                   "preprocessor_config.json (image mean/std) when present")
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+
+
+def _cmd_convert_blip2(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.blip2 import convert_blip2
+
+    out = convert_blip2(args.src, args.out, dtype=parse_dtype(args.dtype), progress=not args.quiet, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2ForConditionalGeneration)",
+                       _add_blip2, _cmd_convert_blip2)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, except where there is no default worth printing (None,
     False, an empty list: the help says in words what happens) or the help already gives it."""

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from lmmrt.convert.common import SourceWeights, convert_state, read_source_json, source_config_path
+from lmmrt.convert.llava import CHAT_TEMPLATE
+from lmmrt.convert.llava import _chat_template as chat_template
+from lmmrt.convert.llava import _tokenizer as marker_tokenizer
 from lmmrt.models.config import DecoderConfig, ModelConfig, VisionConfig, XAttnConfig
 from lmmrt.models.connector_config import ConnectorConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
-from lmmrt.runtime.weights import CheckpointError
 
 # BlipImageProcessor's defaults (OpenAI CLIP statistics), used when preprocessor_config.json is absent
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,6 +153,12 @@ def read_blip2_config(src: Path) -> dict:
     hf = read_source_json(cfg_path, "a transformers BLIP-2 config (a JSON object)")
     if hf.get("model_type") != "blip-2":
         raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'blip-2'")
+    t = hf.get("text_config") or {}
+    if t.get("is_encoder_decoder") or t.get("model_type", "opt") in ("t5", "mt5", "umt5"):
+        raise ValueError(f"{src}: the language model is {t.get('model_type')!r}, an encoder-decoder LM (a Flan-T5 "
+                         f"BLIP-2): encoder-decoder LMs are out of scope; lmmrt converts BLIP-2 with OPT")
+    if t.get("model_type", "opt") != "opt":
+        raise ValueError(f"{src}: the language model is {t.get('model_type')!r}; lmmrt converts BLIP-2 with OPT")
     return hf
 
 
@@ -161,9 +169,6 @@ def blip2_state(src_dir, *, dtype: torch.dtype | None = None, progress: bool = T
     src = Path(src_dir)
     hf = read_blip2_config(src)
     t = hf.get("text_config") or {}
-    if t.get("model_type", "opt") != "opt" or t.get("is_encoder_decoder"):
-        raise ValueError(f"{src}: the language model is {t.get('model_type')!r}, an encoder-decoder LM (Flan-T5 "
-                         f"BLIP-2): lmmrt runs decoder-only LMs; only BLIP-2 with OPT is supported")
     side, mean, std = preprocessing(src)
     vision = blip2_vision_config(hf.get("vision_config") or {}, mean, std)
     if side is not None and side != vision.image_size:
@@ -219,31 +224,18 @@ def vision_qformer_reshapes(vision: VisionConfig, c: ConnectorConfig) -> dict[st
             "connector.queries": (c.queries, c.hidden_dim)}
 
 
-def tokenizer_with_marker(src: Path, marker: str, config_id: int | None):
-    """(tokenizers.Tokenizer or None, the marker's id). The source's tokenizer.json gets the marker
-    as a special token when it lacks one (the id after its last); without tokenizer.json the id is
-    config.json's (`config_id`), and prompts are token ids only."""
-    path = Path(src) / "tokenizer.json"
-    if not path.exists():
-        return None, config_id
-    from tokenizers import AddedToken, Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    if tok.token_to_id(marker) is None:
-        tok.add_special_tokens([AddedToken(marker, special=True, normalized=False)])
-    return tok, tok.token_to_id(marker)
-
-
 def convert_blip2(src_dir, out_dir, *, dtype: torch.dtype | None = None, progress: bool = True,
                   force: bool = False) -> Path:
-    """Convert a transformers BLIP-2 (OPT) directory into an lmmrt checkpoint at `out_dir`."""
+    """Convert a transformers BLIP-2 (OPT) directory into an lmmrt checkpoint at `out_dir` (refused
+    if it exists, unless force; never inside the source). The tokenizer gets "<image>" when it has
+    none; a chat template, if any, is kept."""
     check_output_path(out_dir, sources=[src_dir], force=force)
     src = Path(src_dir)
     hf = read_blip2_config(src)
-    tok, image_id = tokenizer_with_marker(src, IMAGE_TOKEN, hf.get("image_token_index"))
+    vocab = (hf.get("text_config") or {}).get("vocab_size", 50272)
+    tok, image_id = marker_tokenizer(src, hf.get("image_token_index"), vocab)
     cfg, state = blip2_state(src, dtype=dtype, progress=progress, tokenizer_image_id=image_id)
-    if not 0 <= cfg.image_token_id < cfg.decoder.vocab_size:
-        raise CheckpointError(f"image token id {cfg.image_token_id} is outside the vocabulary of "
-                              f"{cfg.decoder.vocab_size}")
-    return save_checkpoint(out_dir, cfg, state, tokenizer=tok, sources=[src_dir], force=force,
+    template = chat_template(src)
+    extra = {CHAT_TEMPLATE: template} if template is not None else {}
+    return save_checkpoint(out_dir, cfg, state, tokenizer=tok, sources=[src_dir], force=force, extra_files=extra,
                            metadata={"source": "blip2", "source_dir": src.name})

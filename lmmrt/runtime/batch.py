@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lmmrt.runtime.processor import preprocess_images
+from lmmrt.runtime.splice_prompts import encode_prompt
 
 
 @dataclass
@@ -165,7 +166,7 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
                 raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): put the "
                                  "checkpoint's tokenizer.json there, or pass prompts as lists of token ids "
                                  "(Python API)")
-            ids = model.tokenizer.encode(expand_image_markers(p, cfg))
+            ids = encode_prompt(model.tokenizer, expand_image_markers(p, cfg), cfg)
         else:
             ids = p
         if len(ids) == 0:

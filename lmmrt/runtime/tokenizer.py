@@ -37,8 +37,10 @@ class Tokenizer:
             raise CheckpointError(f"{path} is not a valid tokenizer.json (Hugging Face tokenizers format): "
                                   f"{e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=self.add_bos).ids
+    def encode(self, text: str, *, add_special_tokens: bool | None = None) -> list[int]:
+        """add_special_tokens: apply the post-processor (BOS, ...); default: the tokenizer's add_bos."""
+        special = self.add_bos if add_special_tokens is None else add_special_tokens
+        return self._tok.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Generated text leaves out special tokens (<s>, <image>, ...) unless asked for."""
