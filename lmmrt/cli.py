@@ -323,6 +323,31 @@ CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2
                        _add_blip2, _cmd_convert_blip2)
 
 
+def _add_minigpt4(p):
+    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("--blip2", required=True, help="a transformers Blip2ForConditionalGeneration directory: its ViT "
+                   "and Q-Former (any BLIP-2 LM; the LM itself is not used)")
+    p.add_argument("--checkpoint", required=True, help="MiniGPT-4's .pth checkpoint (read with weights_only=True): "
+                   "llama_proj.weight/bias under its 'model' key; other tensors in it are ignored")
+    p.add_argument("--lm", required=True, help="the Vicuna/LLaMA directory (LlamaForCausalLM) with its "
+                   "tokenizer.json (copied; prompts write each image as <ImageHere>) and chat template (kept)")
+    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the sources)")
+
+
+def _cmd_convert_minigpt4(args) -> int:
+    from lmmrt.api import parse_dtype
+    from lmmrt.convert.minigpt4 import convert_minigpt4
+
+    out = convert_minigpt4(args.blip2, args.checkpoint, args.lm, args.out, dtype=parse_dtype(args.dtype),
+                           progress=not args.quiet, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+CONVERTERS["minigpt4"] = ("convert MiniGPT-4: BLIP-2's ViT and Q-Former, its llama_proj .pth and a Vicuna/LLaMA "
+                          "directory", _add_minigpt4, _cmd_convert_minigpt4)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to an option's help, except where there is no default worth printing (None,
     False, an empty list: the help says in words what happens) or the help already gives it."""

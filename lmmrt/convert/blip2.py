@@ -148,12 +148,16 @@ def opt_map(prefix: str, d: DecoderConfig) -> dict[str, list[str]]:
     return m
 
 
-def read_blip2_config(src: Path) -> dict:
+def read_blip2_config(src: Path, *, any_lm: bool = False) -> dict:
+    """config.json of a BLIP-2 directory; unless `any_lm` (MiniGPT-4 reads only the ViT and the
+    Q-Former), its LM must be OPT."""
     cfg_path = source_config_path(src, "a transformers Blip2ForConditionalGeneration directory")
     hf = read_source_json(cfg_path, "a transformers BLIP-2 config (a JSON object)")
     if hf.get("model_type") != "blip-2":
         raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'blip-2'")
     t = hf.get("text_config") or {}
+    if any_lm:
+        return hf
     if t.get("is_encoder_decoder") or t.get("model_type", "opt") in ("t5", "mt5", "umt5"):
         raise ValueError(f"{src}: the language model is {t.get('model_type')!r}, an encoder-decoder LM (a Flan-T5 "
                          f"BLIP-2): encoder-decoder LMs are out of scope; lmmrt converts BLIP-2 with OPT")
