@@ -84,8 +84,12 @@ def _ref_greedy(ref, ids: list[int], img, n: int) -> list[int]:
     return out[len(ids):]
 
 
-def test_greedy_tokens_match(blip2):
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager-step", "fixed-shape-step"])
+def test_greedy_tokens_match(blip2, cuda_graph):
+    """Left padding, one prompt without an image; cuda_graph=True on the CPU runs the fixed-shape
+    decode step that CUDA graphs capture (OPT's positions from the device-side slot)."""
     ref, model = blip2
+    model = lmmrt.load(model.path, device="cpu", backend="torch", cuda_graph=cuda_graph)
     prompts = [[IMAGE_TOKEN_ID, 2, 10, 11, 12], [2, 40, 41, 42, 43, 44, 45]]
     images = [[_image(4)], []]
     got = lmmrt.generate(model, prompts, images, max_new_tokens=6, ignore_eos=True)
