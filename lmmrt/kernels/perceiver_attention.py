@@ -3,7 +3,9 @@
 Queries are the (normalized) latents of each media item; keys and values come from two sources,
 the media tokens and the latents themselves (flamingo.md §3). The kernels read both sources in
 place; the concatenation is never built. IDEFICS's optional per-head LayerNorm on q and k
-(`qk_layer_norms_perceiver`) is part of the op so a kernel can fuse it.
+(`qk_layer_norms_perceiver`) is part of the op so a kernel can fuse it. Without the latents source
+(k_latents = v_latents = None) it is plain unmasked attention of queries over one key source: the
+Q-Former's cross-attention (a few dozen queries over the image tokens) and self-attention.
 
 File layout: reference (also the CPU path), then the launch configuration, the Triton kernel, its
 launcher and torch.library op, then the public dispatching op.
@@ -30,8 +32,8 @@ def perceiver_attention_reference(
     q: torch.Tensor,
     k_media: torch.Tensor,
     v_media: torch.Tensor,
-    k_latents: torch.Tensor,
-    v_latents: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
     *,
     q_norm: Norm = None,
     k_norm: Norm = None,
@@ -41,6 +43,7 @@ def perceiver_attention_reference(
     """Plain-PyTorch reference, computed in float32 (float64 stays float64).
 
     q: (M, n_latents, H, dh); k_media, v_media: (M, S, H, dh); k_latents, v_latents: (M, n_latents, H, dh).
+    k_latents, v_latents may both be None: the media keys only.
     q_norm, k_norm: optional (weight, bias) of a LayerNorm over dh, applied to q and to all keys.
     Returns (M, n_latents, H, dh) in q's dtype.
     """
@@ -48,8 +51,8 @@ def perceiver_attention_reference(
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dh = q.shape[-1]
     scale = dh**-0.5 if scale is None else scale
-    k = torch.cat([k_media, k_latents], dim=1).to(cdt)
-    v = torch.cat([v_media, v_latents], dim=1).to(cdt)
+    k = (k_media if k_latents is None else torch.cat([k_media, k_latents], dim=1)).to(cdt)
+    v = (v_media if v_latents is None else torch.cat([v_media, v_latents], dim=1)).to(cdt)
     qf = q.to(cdt)
     if q_norm is not None:
         qf = F.layer_norm(qf, (dh,), q_norm[0].to(cdt), q_norm[1].to(cdt), norm_eps)
@@ -140,7 +143,7 @@ def _perceiver_attention_kernel(
     svl_m, svl_n, svl_h, svl_d,
     so_m, so_n, so_h, so_d,
     H, N_LAT, S, qk_scale, eps,
-    HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_QNORM: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_LATENTS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -181,15 +184,16 @@ def _perceiver_attention_kernel(
         m_i, l_i, acc = _perceiver_kv_block(
             q, m_i, l_i, acc, km_base + rows[:, None] * skm_s, vm_base + rows[:, None] * svm_s,
             rows < S, d_mask, kw, kb, eps, qk_scale, HAS_KNORM, HEAD_DIM, DOT_PRECISION)
-    kl_base = KL + m * skl_m + h * skl_h + offs_d[None, :] * skl_d
-    vl_base = VL + m * svl_m + h * svl_h + offs_d[None, :] * svl_d
-    for start in tl.range(0, N_LAT, BLOCK_N):
-        rows = start + offs_n
-        m_i, l_i, acc = _perceiver_kv_block(
-            q, m_i, l_i, acc, kl_base + rows[:, None] * skl_n, vl_base + rows[:, None] * svl_n,
-            rows < N_LAT, d_mask, kw, kb, eps, qk_scale, HAS_KNORM, HEAD_DIM, DOT_PRECISION)
+    if HAS_LATENTS:
+        kl_base = KL + m * skl_m + h * skl_h + offs_d[None, :] * skl_d
+        vl_base = VL + m * svl_m + h * svl_h + offs_d[None, :] * svl_d
+        for start in tl.range(0, N_LAT, BLOCK_N):
+            rows = start + offs_n
+            m_i, l_i, acc = _perceiver_kv_block(
+                q, m_i, l_i, acc, kl_base + rows[:, None] * skl_n, vl_base + rows[:, None] * svl_n,
+                rows < N_LAT, d_mask, kw, kb, eps, qk_scale, HAS_KNORM, HEAD_DIM, DOT_PRECISION)
 
-    # Every row saw at least the n_lat >= 1 latent keys, so l_i > 0.
+    # Every row saw at least the n_lat >= 1 latent keys, or (no latents) S >= 1 media keys: l_i > 0.
     out = acc / l_i[:, None]
     tl.store(O + m * so_m + h * so_h + offs_q[:, None] * so_n + offs_d[None, :] * so_d,
              out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_mask[None, :])
@@ -205,6 +209,9 @@ def _perceiver_attention_launch(q, k_media, v_media, k_latents, v_latents, q_w, 
     meta = {k: cfg[k] for k in ("BLOCK_Q", "BLOCK_N", "BLOCK_D")}
     grid = (M * H, triton.cdiv(n_lat, meta["BLOCK_Q"]))
     dummy = q  # never read when the matching HAS_* flag is off
+    has_latents = k_latents is not None
+    if not has_latents:  # the media tensors stand in; the HAS_LATENTS=False kernel never reads them
+        k_latents, v_latents = k_media, v_media
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _perceiver_attention_kernel[grid](
             q, k_media, v_media, k_latents, v_latents, out,
@@ -213,7 +220,8 @@ def _perceiver_attention_launch(q, k_media, v_media, k_latents, v_latents, q_w, 
             *q.stride(), *k_media.stride(), *v_media.stride(), *k_latents.stride(), *v_latents.stride(),
             *out.stride(),
             H, n_lat, S, float(scale) * _LOG2E, float(norm_eps),
-            HAS_QNORM=q_w is not None, HAS_KNORM=k_w is not None, HEAD_DIM=dh, NEG_INIT=_NEG_INIT,
+            HAS_QNORM=q_w is not None, HAS_KNORM=k_w is not None, HAS_LATENTS=has_latents, HEAD_DIM=dh,
+            NEG_INIT=_NEG_INIT,
             # fp32 inputs are the accurate path: no TF32 rounding of q.k (the argument only
             # matters for fp32 operands; fp16/bf16 keep the default).
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -226,8 +234,8 @@ def _perceiver_attention_launch(q, k_media, v_media, k_latents, v_latents, q_w, 
 # in a preallocated (or strided) buffer; the functional wrapper below allocates it.
 @torch.library.custom_op("lmmrt::perceiver_attention", mutates_args=("out",))
 def _perceiver_attention_op(
-    q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor,
-    v_latents: torch.Tensor, q_norm_weight: torch.Tensor | None, q_norm_bias: torch.Tensor | None,
+    q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor, k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None, q_norm_weight: torch.Tensor | None, q_norm_bias: torch.Tensor | None,
     k_norm_weight: torch.Tensor | None, k_norm_bias: torch.Tensor | None, out: torch.Tensor,
     norm_eps: float, scale: float,
 ) -> None:
@@ -265,8 +273,12 @@ def _check(q, k_media, v_media, k_latents, v_latents):
     if q.dim() != 4:
         raise ValueError(f"perceiver_attention: q must be (media, latents, heads, head_dim), got {tuple(q.shape)}")
     M, n, H, D = q.shape
-    for name, t, s in (("k_media", k_media, None), ("v_media", v_media, None),
-                       ("k_latents", k_latents, n), ("v_latents", v_latents, n)):
+    if (k_latents is None) != (v_latents is None):
+        raise ValueError("perceiver_attention: k_latents and v_latents must both be given or both be None")
+    if k_latents is None and k_media.dim() == 4 and k_media.shape[1] == 0:
+        raise ValueError("perceiver_attention: without latents the media source needs at least one key")
+    latents = () if k_latents is None else (("k_latents", k_latents, n), ("v_latents", v_latents, n))
+    for name, t, s in (("k_media", k_media, None), ("v_media", v_media, None), *latents):
         if t.dim() != 4 or t.shape[0] != M or t.shape[2] != H or t.shape[3] != D or (s is not None and t.shape[1] != s):
             raise ValueError(f"perceiver_attention: {name} has shape {tuple(t.shape)}, expected "
                              f"({M}, {'S' if s is None else s}, {H}, {D}) to match q {tuple(q.shape)}")
@@ -280,8 +292,8 @@ def perceiver_attention(
     q: torch.Tensor,
     k_media: torch.Tensor,
     v_media: torch.Tensor,
-    k_latents: torch.Tensor,
-    v_latents: torch.Tensor,
+    k_latents: torch.Tensor | None,
+    v_latents: torch.Tensor | None,
     *,
     q_norm: Norm = None,
     k_norm: Norm = None,
@@ -293,8 +305,8 @@ def perceiver_attention(
     """Attention of latent queries over media tokens and latents, per media item and head.
 
     q: (M, n_latents, H, dh); k_media, v_media: (M, S, H, dh) — S = frames * tokens per frame;
-    k_latents, v_latents: (M, n_latents, H, dh). Inputs may be strided views (e.g. halves of a
-    fused kv projection). q_norm, k_norm: optional (weight (dh,), bias (dh,)) LayerNorms.
+    k_latents, v_latents: (M, n_latents, H, dh), or both None for attention over the media keys
+    only (the Q-Former's). Inputs may be strided views (e.g. halves of a fused kv projection). q_norm, k_norm: optional (weight (dh,), bias (dh,)) LayerNorms.
     out: optional (M, n_latents, H, dh) buffer of q's dtype and device (any strides) to write into.
     Returns (M, n_latents, H, dh) (`out` when given).
     """

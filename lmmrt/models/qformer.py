@@ -12,25 +12,20 @@ layer i (BERT-style: post-LayerNorm, every Linear with bias, attention scale 1/s
 out = proj(x)                                        (queries, out_dim): the LM's embedding width
 ```
 No final norm after the last layer. The Q-Former's text branch (ITM/ITC heads) is not used by
-generation and is not built.
+generation and is not built. Both attentions are the perceiver attention op without its latents
+source (lmmrt.kernels.perceiver_attention): queries over one key source, no mask, fused Triton
+kernel on the "triton" backend, reading q/k/v as strided views of the fused projections.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from lmmrt.kernels.perceiver_attention import perceiver_attention
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.connector_config import ConnectorConfig
 from lmmrt.models.layers import LayerNorm, activation
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """q (N, Tq, D), k/v (N, Tk, D) -> (N, Tq, D): unmasked multi-head attention."""
-    n, tq, d = q.shape
-    q, k, v = (t.unflatten(-1, (heads, d // heads)).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, tq, d)
 
 
 class QFormerLayer(nn.Module):
@@ -38,6 +33,7 @@ class QFormerLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_dim
         self.heads = cfg.heads
+        self.backend = "torch"
         self.wqkv = nn.Linear(d, 3 * d)  # q rows, k rows, v rows
         self.wo = nn.Linear(d, d)
         self.ln_attn = LayerNorm(d, cfg.ln_eps)
@@ -52,12 +48,17 @@ class QFormerLayer(nn.Module):
         self.ln_mlp = LayerNorm(d, cfg.ln_eps)
         self.act = activation(cfg.act)
 
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """q (N, Tq, H, dh), k/v (N, Tk, H, dh) -> (N, Tq, H * dh)."""
+        return perceiver_attention(q, k, v, None, None, backend=self.backend).flatten(2)
+
     def forward(self, x: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.wqkv(x).chunk(3, dim=-1)
-        x = self.ln_attn(x + self.wo(_attend(q, k, v, self.heads)))
+        h, d = self.heads, x.shape[-1]
+        q, k, v = self.wqkv(x).unflatten(-1, (3, h, d // h)).unbind(2)
+        x = self.ln_attn(x + self.wo(self._attend(q, k, v)))
         if self.cross:
-            k, v = self.cross_wkv(media).chunk(2, dim=-1)
-            x = self.ln_cross(x + self.cross_wo(_attend(self.cross_wq(x), k, v, self.heads)))
+            k, v = self.cross_wkv(media).unflatten(-1, (2, h, d // h)).unbind(2)
+            x = self.ln_cross(x + self.cross_wo(self._attend(self.cross_wq(x).unflatten(-1, (h, d // h)), k, v)))
         return self.ln_mlp(x + self.fc2(self.act(self.fc1(x))))
 
 
