@@ -14,7 +14,7 @@ from lmmrt.runtime import generate as _gen
 from lmmrt.runtime import text_output
 from lmmrt.runtime.static_decode import DecodeState, check_cuda_graph
 from lmmrt.runtime.tokenizer import Tokenizer
-from lmmrt.runtime.weights import TOKENIZER, load_checkpoint
+from lmmrt.runtime.weights import CHAT_TEMPLATE, TOKENIZER, load_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -70,13 +70,15 @@ class Model:
 
     def save(self, path, *, force: bool = False) -> Path:
         """Write this model as an lmmrt checkpoint directory (config, weights in the model's dtype,
-        tokenizer), atomically. An existing `path` is refused unless force; the directory the model
+        tokenizer, the chat template of the directory it was loaded from), atomically. An existing `path` is refused unless force; the directory the model
         was loaded from is never written. Reloading it gives the same logits (gates already folded
         into the weights are stored so that they are not applied twice; see the README)."""
         from lmmrt.runtime.checkpoint_writer import save_checkpoint, state_for_saving
 
+        template = Path(self.path) / CHAT_TEMPLATE if self.path else None
+        extra = {CHAT_TEMPLATE: template.read_bytes()} if template is not None and template.is_file() else {}
         return save_checkpoint(path, self.config, state_for_saving(self.module), tokenizer=self.tokenizer,
-                               sources=[self.path] if self.path else [], force=force,
+                               sources=[self.path] if self.path else [], force=force, extra_files=extra,
                                metadata={"source": "lmmrt Model.save", "loaded_from": Path(str(self.path)).name})
 
     def __repr__(self):

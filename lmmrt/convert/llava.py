@@ -35,9 +35,9 @@ from lmmrt.models.config import ModelConfig, VisionConfig, XAttnConfig
 from lmmrt.models.connector_config import ConnectorConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
 from lmmrt.runtime.safetensors_file import check_readable
+from lmmrt.runtime.weights import CHAT_TEMPLATE
 
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE = "chat_template.jinja"
 # transformers CLIPVisionConfig's defaults for fields a config.json leaves out
 _HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)

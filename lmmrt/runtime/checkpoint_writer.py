@@ -29,9 +29,9 @@ import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.xattn import GatedCrossAttention
-from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS
+from lmmrt.runtime.weights import CHAT_TEMPLATE, CONFIG, TOKENIZER, WEIGHTS
 
-CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER})
+CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, CHAT_TEMPLATE})
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -186,7 +186,11 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     given, tokenizer.json (`tokenizer`: a tokenizer.json path, a `tokenizers.Tokenizer` or an
     lmmrt Tokenizer). `sources`: the paths it is made from, never overwritten (see
     check_output_path); `force`: replace an existing output; `extra_files`: file name -> bytes
-    written beside them (e.g. the chat template). Returns the output path."""
+    written beside them (only the optional files of the format: chat_template.jinja). Returns the
+    output path."""
+    bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
+    if bad:
+        raise ValueError(f"extra checkpoint files {bad}: the format's optional files are {CHAT_TEMPLATE}")
     out = check_output_path(out_dir, sources=sources, force=force)
     meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
@@ -203,9 +207,6 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
             current = tmp / TOKENIZER
             write_bytes(current, tok_bytes)
         for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in (CONFIG, WEIGHTS, TOKENIZER):
-                raise ValueError(f"extra checkpoint file {name!r}: must be a plain file name other than "
-                                 f"{CONFIG}, {WEIGHTS} and {TOKENIZER}")
             current = tmp / name
             write_bytes(current, data)
         current = tmp

@@ -22,6 +22,7 @@ from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"  # a chat model's template, kept from its source (Jinja, as transformers')
 CHECKPOINT_DIR_HINT = "expected an lmmrt checkpoint directory made by `lmmrt convert`"
 
 

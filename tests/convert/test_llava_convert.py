@@ -60,6 +60,10 @@ def test_cli_adds_image_marker_and_keeps_chat_template(source, pixels, tmp_path)
     got = lmmrt.logits(model, "w1 w5 <image> w7 w8", [pixels[0]])[0]
     ref = hf_prompt_logits(hf, [1, 5, IMAGE_ID, 7, 8], pixels, model.config.media_tokens)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    # the template travels with the checkpoint: model.save, and a forced re-conversion over it
+    model.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "chat_template.jinja").read_text() == TEMPLATE
+    assert main(["convert", "llava", str(src), str(tmp_path / "saved"), "--quiet", "--force"]) == 0
 
 
 def test_sharded_safetensors_and_bin_weights(source, pixels, tmp_path):
