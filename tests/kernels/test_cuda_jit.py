@@ -8,6 +8,9 @@ arrays come back as they went in. The GPU tests are in test_cuda_jit_gpu.py.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import sys
 
 import numpy as np
@@ -400,3 +403,48 @@ def test_public_kernel_functions_take_dlpack_arrays():
     with pytest.raises(ValueError, match="masked_cross_attention_decode: q must be float16"):
         mxa.masked_cross_attention_decode(q.astype(np.float32), q, q, np.zeros(1, np.int32),
                                           np.zeros(1, np.int32), np.zeros(1, np.int32))
+
+
+# ---- the disk cache: written for other users, refused loudly only where storing is the point -----
+
+def _fake_group() -> "nvrtc_build.CompiledGroup":
+    return nvrtc_build.CompiledGroup("norms", 90, b"cubin", {"k": "e"}, {}, "log", False, 0.0)
+
+
+def test_cache_files_are_world_readable_as_umask_allows(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        nvrtc_build._write_cache(tmp_path, tmp_path / "a.cubin", tmp_path / "a.json", _fake_group())
+    finally:
+        os.umask(mask)
+    for name in ("a.cubin", "a.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+    assert (tmp_path / "a.cubin").read_bytes() == b"cubin"
+
+
+def test_failed_cache_write_raises_naming_the_directory_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nvrtc_build.os, "fsync", full_disk)
+    with pytest.raises(nvrtc_build.KernelCacheError, match=f"kernel cache directory {tmp_path}: No space left"):
+        nvrtc_build._write_cache(tmp_path, tmp_path / "a.cubin", tmp_path / "a.json", _fake_group())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "is not a directory"),
+    ("/proc/lmmrt-no-such-dir/sub", "cannot create the kernel cache directory"),  # /proc takes no new entries
+])
+def test_build_kernels_cli_refuses_a_cache_dir_it_cannot_write(tmp_path, where, message, capsys, monkeypatch):
+    path = tmp_path / "red.png" if where == "file" else where
+    if where == "file":
+        path.write_bytes(b"x")
+    monkeypatch.setattr(nvrtc_build, "supported_archs", lambda: (90,))
+    monkeypatch.setattr(nvrtc_build, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setattr(nvrtc_build, "compile_group", lambda *a, **k: pytest.fail("compiled before the check"))
+    assert cli.main(["build-kernels", "--arch", "90", "--cache-dir", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmmrt: error: ") and message in lines[0] and str(path) in lines[0]
+    assert "cubin" not in captured.out

@@ -13,7 +13,9 @@ register/spill report into the NVRTC log, which is kept beside each cubin.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -21,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from lmmrt.kernels.cuda_jit.kernel_params import DECODE_THREADS, DECODE_UNROLL, struct_layout_asserts
@@ -49,6 +52,10 @@ class KernelBuildError(RuntimeError):
 
 class CudaJitUnavailable(ImportError):
     """A package or header the JIT needs is missing; the message says which to install."""
+
+
+class KernelCacheError(OSError):
+    """The kernel cache directory cannot be written (an error only where storing is the point: build-kernels)."""
 
 
 def norm_vec(dtype: str, weight_dtype: str) -> int:
@@ -206,9 +213,11 @@ def parse_ptxas_log(log: str) -> dict:
     return out
 
 
-def compile_group(name: str, arch: int, *, cache_dir: Path | None = None, source: str | None = None) -> CompiledGroup:
+def compile_group(name: str, arch: int, *, cache_dir: Path | None = None, source: str | None = None,
+                  cache_required: bool = False) -> CompiledGroup:
     """The cubin of kernel group `name` for sm_`arch`: from the disk cache, else compiled by NVRTC
-    (and cached). `source` replaces the generated translation unit (tests of the error path)."""
+    (and cached). `source` replaces the generated translation unit (tests of the error path).
+    cache_required: a cache that cannot be written raises KernelCacheError (else: a warning)."""
     group = GROUPS[name]
     nvrtc = _nvrtc()
     version = tuple(nvrtc.getVersion())
@@ -240,29 +249,71 @@ def compile_group(name: str, arch: int, *, cache_dir: Path | None = None, source
     finally:
         nvrtc.destroyProgram(prog)
     result = CompiledGroup(name, arch, cubin, entries, parse_ptxas_log(log), log, False, time.perf_counter() - t0)
-    _write_cache(cache_dir, cubin_path, meta_path, result)
+    try:
+        _write_cache(cache_dir, cubin_path, meta_path, result)
+    except KernelCacheError as e:
+        if cache_required:
+            raise
+        # the cache is an optimisation on first use: a read-only or full disk costs a recompile next run
+        warnings.warn(f"{e}; the kernels will be compiled again next time", stacklevel=2)
     return result
 
 
-def _write_cache(cache_dir: Path, cubin_path: Path, meta_path: Path, r: CompiledGroup) -> None:
-    """Atomic writes (temporary file + rename): a concurrent reader sees a whole entry or none.
-    The cache is an optimisation: a read-only or full disk costs a recompile next time, no error."""
+def make_cache_dir(cache_dir) -> None:
+    """Create the cache directory, or raise KernelCacheError naming it."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise KernelCacheError(f"kernel cache directory {cache_dir} is not a directory")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelCacheError(f"cannot create the kernel cache directory {cache_dir}: {e.strerror or e}") from None
+
+
+@functools.cache
+def _file_mode() -> int:
+    # 0644 under the usual umask, as open() would create it (mkstemp makes 0600): a cache built by one user,
+    # e.g. root in a container image, must be readable by the user who runs the model. Read once: os.umask
+    # can only be read by setting it.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file + fsync + rename: a concurrent reader, or one after a crash, sees a whole file or none."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_cache(cache_dir: Path, cubin_path: Path, meta_path: Path, r: CompiledGroup) -> None:
+    make_cache_dir(cache_dir)
+    try:
         for path, data in ((cubin_path, r.cubin),
                            (meta_path, json.dumps({"entries": r.entries, "resources": r.resources,
                                                    "log": r.log}).encode())):
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-    except OSError:
-        pass
+            _write_atomic(path, data)
+    except OSError as e:
+        raise KernelCacheError(f"cannot write to the kernel cache directory {cache_dir}: {e.strerror or e}") from None
 
 
 def build_all(archs=DEFAULT_ARCHS, *, cache_dir: Path | None = None) -> list:
-    """Every kernel group for every arch (what `lmmrt build-kernels` runs)."""
-    return [compile_group(name, int(arch), cache_dir=cache_dir) for arch in archs for name in GROUPS]
+    """Every kernel group for every arch (what `lmmrt build-kernels` runs); storing them is the point, so a
+    cache directory that cannot be written is an error (KernelCacheError), raised before any compile."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    make_cache_dir(cache_dir)
+    return [compile_group(name, int(arch), cache_dir=cache_dir, cache_required=True)
+            for arch in archs for name in GROUPS]
 
 
 def supported_archs() -> tuple:
