@@ -24,16 +24,21 @@ from lmmrt.models.config import VisionConfig
 _DEEP_MODES = ("I", "F")
 
 
+def check_pil_mode(img, where: str) -> None:
+    """Refuse a PIL image whose conversion to RGB would clip it (see _DEEP_MODES)."""
+    if img.mode in _DEEP_MODES or img.mode.startswith("I;"):
+        raise ValueError(f"{where}: PIL image mode {img.mode!r} (more than 8 bits per pixel) is not supported: "
+                         "converting it to RGB would clip it at 255; scale it to 8 bits first, e.g. "
+                         "Image.fromarray((a * (255 / a.max())).astype(np.uint8)) with a = np.array(img)")
+
+
 def pil_to_rgb(img, *, on_white: bool, where: str):
     """A PIL image in RGB. on_white: composite transparency (an alpha band, or a palette / grey
     image's transparent colour) onto white, as transformers' processors do; else .convert("RGB"),
     which drops the alpha, as open_clip's transform does."""
     from PIL import Image
 
-    if img.mode in _DEEP_MODES or img.mode.startswith("I;"):
-        raise ValueError(f"{where}: PIL image mode {img.mode!r} (more than 8 bits per pixel) is not supported: "
-                         "converting it to RGB would clip it at 255; scale it to 8 bits first, e.g. "
-                         "Image.fromarray((a * (255 / a.max())).astype(np.uint8)) with a = np.array(img)")
+    check_pil_mode(img, where)
     if img.mode == "RGB":
         return img
     try:
