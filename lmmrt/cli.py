@@ -54,6 +54,14 @@ BACKEND_OPTION = dict(default=None, type=str.lower, choices=BACKEND_NAMES, metav
                            "(default: $LMMRT_BACKEND, else auto)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is one `lmmrt: error:` line pointing at the help (argparse
+    prints the whole usage first), like every other lmmrt error; the exit status stays 2."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"lmmrt: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _bool(v: str) -> bool:
     if v.lower() in ("true", "1", "yes"):
         return True
@@ -108,6 +116,7 @@ def _cmd_build_kernels(args) -> int:
     if bad:
         raise ValueError(f"--arch {' '.join(map(str, bad))}: this NVRTC compiles for {' '.join(map(str, supported))}")
     cache_dir = args.cache_dir or nvrtc_build.default_cache_dir()
+    nvrtc_build.make_cache_dir(cache_dir)  # storing the kernels is the point: an unusable directory fails first
     print(f"NVRTC {'.'.join(map(str, nvrtc_build.nvrtc_version()))}, cache {cache_dir}; registers and spills "
           "from ptxas -v (NVRTC -Xptxas=-v log)")
     for r in nvrtc_build.build_all(args.arch, cache_dir=cache_dir):
@@ -137,44 +146,14 @@ def _load_image(path: str):
     input_file(path, "image file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im.load()
+            image = im.copy()  # unconverted: the library makes it RGB as the checkpoint's family does (alpha)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, DecompressionBombError, ...)
         raise ValueError(f"cannot read image {path}: {e}") from None
+    from lmmrt.runtime.processor import check_pil_mode
 
-
-def _cmd_generate(args) -> int:
-    # Everything that can be checked without the model is checked first.
-    if args.video and args.image:
-        raise ValueError("--video and --image cannot be combined; pass one or the other")
-    if args.video:
-        input_file(args.video, "video file")
-    images = [_load_image(p) for p in args.image]
-
-    import lmmrt
-    from lmmrt.api import parse_device
-
-    parse_device(args.device, option="--device")
-    prompt = args.prompt.replace("\\n", "\n")  # a shell gives "\\n" for \n inside double quotes
-    cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
-    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                       progress=not args.quiet, cuda_graph=cuda_graph)
-    if args.video:
-        prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
-                                            max_frames=args.max_frames)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-              stop=args.stop or None, ignore_eos=args.ignore_eos)
-    if args.stream:
-        for piece in lmmrt.generate(model, prompt, images, stream=True, **kw):
-            print(piece, end="", flush=True)
-        print()
-    else:
-        out = lmmrt.generate(model, prompt, images, **kw)
-        print(out[0].text)
-    s = model.last_stats
-    if s is not None and not args.quiet:
-        print(f"[{s.summary()}]", file=sys.stderr)
-    return 0
+    check_pil_mode(image, f"image {path}")  # e.g. 16-bit: refused as the API refuses it, before the load
+    return image
 
 
 def _cmd_demo(args) -> int:
@@ -182,6 +161,9 @@ def _cmd_demo(args) -> int:
     from lmmrt.demo import run_demo, save_demo
 
     if args.save:
+        from lmmrt.runtime.checkpoint_writer import check_output_path
+
+        check_output_path(args.save, force=args.force)  # an existing DIR is refused before any work is shown
         print(f"building the demo model and writing it to {args.save} ...", flush=True)
         print(f"wrote {save_demo(args.save, force=args.force)}")
         return 0
@@ -359,65 +341,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_generate(s):
-    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`), or a transformers IDEFICS "
-                   "directory (converted in memory)")
-    s.add_argument("--prompt", "-p", required=True,
-                   help="prompt text; write <image> where each image goes; \\n is a newline")
-    s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
-    s.add_argument("--video", default=None, help="a video file (PyAV); write {video} in the prompt where it goes "
-                   "(default: at the start)")
-    s.add_argument("--fps", type=_number(float, "> 0", lambda v: v > 0), default=1.0,
-                   help="video frames sampled per second")
-    s.add_argument("--max-frames", type=POSITIVE_INT, default=8, help="at most this many video frames")
-    s.add_argument("--video-mode", choices=["frames", "clip"], default=None,
-                   help="frames: one media item per frame; clip: one item of F frames (checkpoints with frame "
-                        "embeddings); default: clip when supported")
-    g = s.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=COUNT, default=64,
-                   help="generate at most this many tokens (fewer when an end-of-sequence token or a --stop "
-                        "string ends the text)")
-    g.add_argument("--temperature", type=_number(float, ">= 0", lambda v: v >= 0), default=0.0,
-                   help="divide the scores by this before sampling; 0 = greedy (always the most likely token)")
-    g.add_argument("--top-k", type=COUNT, default=0,
-                   help="sample only among the k most likely tokens; 0 = no limit (sampling only: --temperature > 0)")
-    g.add_argument("--top-p", type=_number(float, "in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
-                   help="nucleus sampling: sample only among the most likely tokens whose probabilities add up to "
-                        "p; 1 = no limit (sampling only: --temperature > 0)")
-    g.add_argument("--repetition-penalty", type=_number(float, "> 0", lambda v: v > 0), default=1.0,
-                   help="make tokens already in the prompt or the output less likely (> 1) or more likely (< 1), "
-                        "as in CTRL and transformers; 1 = off")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the output contains TEXT, which is cut off (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="do not stop at the end-of-sequence token (nor the checkpoint's stop tokens)")
-    g.add_argument("--seed", type=_number(int, "in [0, 2**63)", lambda v: 0 <= v < 2**63), default=None,
-                   help="seed for sampling, for a reproducible output (default: a different draw every run)")
-    g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    r = s.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
-    r.add_argument("--dtype", **DTYPE_OPTION, help="compute in this dtype (default: as stored)")
-    r.add_argument("--backend", **BACKEND_OPTION)
-    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
-                        "step's ops allow it, else eager)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for "
-                                "Flamingo-style multimodal models (IDEFICS, OpenFlamingo).",
+    p = Parser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for multimodal models: "
+               "Flamingo-style (IDEFICS, OpenFlamingo), splice models (LLaVA-1.5, BLIP-2 with OPT, MiniGPT-4) and "
+               "CLIP. `lmmrt convert --help` lists the checkpoint formats it reads.",
                                 epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
                                 "unexpected one.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses",
+                       description="print what was built (the CUDA extension, the NVRTC kernels), the versions of "
+                       "python, torch and triton, the GPU, and which implementation each op uses",
                        formatter_class=HelpFormatter)
     s.add_argument("--backend", **BACKEND_OPTION)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_info)
 
-    s = sub.add_parser("convert", help="convert a public checkpoint into lmmrt's format")
+    s = sub.add_parser("convert", help="convert a public checkpoint into lmmrt's format",
+                       description="convert a public checkpoint into lmmrt's format (a directory: config.json, "
+                       "model.safetensors, tokenizer.json); `lmmrt convert FORMAT --help` for each format's options")
     csub = s.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for name, (help_, add_args, fn) in CONVERTERS.items():
         c = csub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
@@ -428,17 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--quiet", action="store_true", help="no progress bar")
         c.set_defaults(fn=fn)
 
-    s = sub.add_parser("generate", help="generate text from a prompt with interleaved images",
-                       description="generate text from a prompt with interleaved images or a video",
-                       formatter_class=HelpFormatter)
-    _add_generate(s)
-    s.set_defaults(fn=_cmd_generate)
+    from lmmrt.cli_clip import add_classify  # imported here: these read this module's options
+    from lmmrt.cli_generate import add_generate
 
-    from lmmrt.cli_clip import add_classify  # imported here: it reads this module's options
-
+    add_generate(sub)
     add_classify(sub)
 
     s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)",
+                       description="run the embedded demo model - a small IDEFICS-style model with random weights "
+                       "and a character-level tokenizer, built in code - end to end on two images made in code; its "
+                       "text is meaningless. --save writes it as a checkpoint for the other commands",
                        formatter_class=HelpFormatter)
     s.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
     s.add_argument("--backend", **BACKEND_OPTION)
@@ -449,13 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("build-kernels", help="compile the CUDA kernels with NVRTC into the kernel cache (no GPU "
-                       "needed), reporting cubin sizes, registers and spills", formatter_class=HelpFormatter)
+                       "needed), reporting cubin sizes, registers and spills",
+                       description="compile lmmrt's CUDA kernels with NVRTC (through CuPy: pip install "
+                       "\"lmmrt[cupy]\" first) into the kernel cache, for a machine without nvcc; no GPU needed. "
+                       "Prints each cubin's size and each kernel's registers, spills and shared memory",
+                       formatter_class=HelpFormatter)
     s.add_argument("--arch", type=POSITIVE_INT, nargs="+", default=[80, 90], metavar="SM",
                    help="compute capabilities to compile for, e.g. 80 90")
     s.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="kernel cache to fill (default: $LMMRT_KERNEL_CACHE, else ~/.cache/lmmrt/kernels)")
     s.set_defaults(fn=_cmd_build_kernels)
     return p
+
+
+def cli_wording(e: BaseException) -> str:
+    """An lmmrt error's message, with the Python API's keyword for an existing output said as the option."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, FileExistsError):
+        text = text.replace("pass force=True (--force)", "pass --force").replace("even with force", "even with --force")
+    return text
 
 
 def describe_error(e: BaseException) -> str:
@@ -483,7 +436,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         if show_traceback:
             raise
-        print(f"lmmrt: error: {str(e) or type(e).__name__}", file=sys.stderr)
+        print(f"lmmrt: error: {cli_wording(e)}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:
         if show_traceback:

@@ -69,26 +69,31 @@ def demo_images() -> list[np.ndarray]:
 def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) -> None:
     import lmmrt
 
-    t0 = time.perf_counter()
-    model = demo_model(device=device, backend=backend)
-    build_s = time.perf_counter() - t0
     print("lmmrt demo - an embedded IDEFICS-style model with RANDOM weights (no download):")
     print("  the pipeline is real (vision encoder, perceiver, gated cross-attention, KV and media caches),")
     print("  the text is not meaningful.")
-    print(f"  {model}  built in {build_s:.2f}s")
+    print("building the demo model ...", flush=True)  # several seconds on a CPU: say so before the wait
+    t0 = time.perf_counter()
+    model = demo_model(device=device, backend=backend)
+    print(f"  {model}  built in {time.perf_counter() - t0:.2f}s")
     prompt = "User: What is in these pictures?<image><image>\nAssistant:"
     images = demo_images()
-    print(f"\nprompt: {prompt!r} with {len(images)} images made in code {[im.shape for im in images]}")
-    out = lmmrt.generate(model, prompt, images, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50,
-                         seed=0, ignore_eos=True)
+    print(f"\nprompt: {prompt!r} with {len(images)} images made in code {[im.shape for im in images]}", flush=True)
+    request = dict(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=0, ignore_eos=True)
+    out = lmmrt.generate(model, prompt, images, **request)[0]
     s = model.last_stats
-    print(f"generated ({out[0].finish_reason}, {len(out[0].token_ids)} tokens): {out[0].text!r}")
+    # Random weights draw special tokens too (<unk>, the padding id, <image>, ...): they decode to no text.
+    n_special = sum(1 for t in out.token_ids if t < len(SPECIALS))
+    print(f"generated ({out.finish_reason}, {len(out.token_ids)} tokens, {n_special} of them special tokens "
+          f"that print as nothing): {out.text!r}")
     print(f"\ntimings: prompt of {s.prompt_tokens} tokens with {len(images)} images; {s.summary()}")
-    print("\nstreaming the same request:")
-    pieces = list(lmmrt.generate(model, prompt, images, max_new_tokens=min(12, max_new_tokens), temperature=0.8,
-                                 top_k=50, seed=0,
-                                 ignore_eos=True, stream=True))
-    print(f"  {len(pieces)} pieces: {pieces}")
+    print("\nstreaming the same request (same seed), each piece printed as it arrives, separated by |:")
+    streamed = []
+    for piece in lmmrt.generate(model, prompt, images, stream=True, **request):
+        streamed.append(piece)
+        print(piece, end="|", flush=True)
+    same = "the same text as above" if "".join(streamed) == out.text else "DIFFERENT from the text above"
+    print(f"\n  {len(streamed)} pieces, {same}")
 
 
 def save_demo(out_dir, dtype=torch.float32, *, force: bool = False):

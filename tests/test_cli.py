@@ -318,3 +318,145 @@ def test_demo_save_refuses_an_existing_dir_unless_force(ckpt, tmp_path, capsys):
     assert (out / "model.safetensors").stat().st_mtime_ns == before
     assert main(["demo", "--save", str(out), "--force"]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns != before
+
+
+# -- what a new user following the README hit ---------------------------------------------------------
+
+def test_parser_error_is_one_line_pointing_at_the_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "m", "-p", "x", "--top-p", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "see `lmmrt generate --help`" in err and "usage:" not in err, err
+
+
+def _no_load(monkeypatch):
+    def fail(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(lmmrt, "load", fail)
+
+
+@pytest.mark.parametrize("prompt, n_images", [("<image>a<image>b", 1), ("no marker", 1), ("<image>x", 0)])
+def test_image_markers_are_counted_against_the_files_before_loading(ckpt, tmp_path, monkeypatch, capsys, prompt,
+                                                                    n_images):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    _no_load(monkeypatch)
+    assert main(["generate", str(ckpt), "-p", prompt, *["-i", str(tmp_path / "a.png")] * n_images]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"{prompt.count('<image>')} <image> marker(s) but {n_images} image(s)" in err, err
+    assert "pass one -i per <image>" in err
+
+
+def test_markers_of_a_transformers_idefics_directory_are_counted(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "idefics"}')
+    _no_load(monkeypatch)
+    assert main(["generate", str(tmp_path), "-p", "<image>x"]) == cli.EXIT_ERROR
+    assert "pass one -i per <image>" in capsys.readouterr().err
+
+
+def test_video_without_pyav_is_reported_before_loading(ckpt, tmp_path, monkeypatch, capsys):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` fails as if PyAV were not installed
+    _no_load(monkeypatch)
+    assert main(["generate", str(ckpt), "-p", "x", "--video", str(video)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "--video needs PyAV" in err and "pip install av" in err and "EXTRAS=video" in err, err
+
+
+def test_video_mode_errors_speak_cli_not_python(ckpt, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lmmrt.cli_generate import video_cli_wording
+    from lmmrt.runtime.video import resolve_mode
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\0" * 16)
+    _no_load(monkeypatch)
+    # the demo checkpoint has no frame embeddings: refused from config.json, before the load
+    assert main(["generate", str(ckpt), "-p", "x", "--video", str(video), "--video-mode", "clip"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "--video-mode frames" in err and "mode=" not in err, err
+    # a clip longer than the frame embeddings is only known after decoding: the library's message, reworded
+    model = SimpleNamespace(config=SimpleNamespace(perceiver=SimpleNamespace(max_frames=4)))
+    with pytest.raises(ValueError) as e:
+        resolve_mode(model, "clip", n_frames=8)
+    text = video_cli_wording(str(e.value))
+    assert "--video-mode frames" in text and "--max-frames" in text and "=" not in text.split("max_frames=4")[1], text
+
+
+def test_frames_without_timestamps_error_shows_both_ways():
+    import numpy as np
+
+    frames = np.full((3, 8, 8, 3), 7, np.uint8)
+    with pytest.raises(ValueError) as e:
+        lmmrt.load_video(frames, fps=1, max_frames=8)
+    assert "source_fps=" in str(e.value) and "leave fps out" in str(e.value)
+    assert len(lmmrt.load_video(frames, fps=1, source_fps=2, max_frames=8)) == 2  # the forms the message gives
+    assert len(lmmrt.load_video(frames, max_frames=8)) == 3
+
+
+def test_demo_save_refuses_before_building_and_names_the_option(ckpt, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    assert main(["demo", "--save", str(out)]) == cli.EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "building" not in captured.out, captured.out
+    assert "pass --force" in captured.err and "force=True" not in captured.err, captured.err
+
+
+def test_summary_says_why_generation_ended(ckpt, capsys):
+    assert main(["generate", str(ckpt), "-p", "hi", "--max-new-tokens", "2", "--device", "cpu", "--quiet"]) == 0
+    assert main(["generate", str(ckpt), "-p", "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "[length: 2 tokens (--max-new-tokens 2); " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token_ids, reason, stop, expected", [
+    ([2], "stop", [], "stop: end-of-sequence after 1 token"),
+    ([], "stop", ["x"], "stop: a --stop string after 0 tokens"),
+    ([5, 6, 7], "length", [], "length: 3 tokens"),
+])
+def test_finish_note(token_ids, reason, stop, expected):
+    from types import SimpleNamespace
+
+    from lmmrt.cli_generate import finish_note
+    from lmmrt.runtime.generate import GenerationResult
+
+    model = SimpleNamespace(config=SimpleNamespace(eos_token_id=2, stop_token_ids=[]))
+    args = SimpleNamespace(max_new_tokens=3, ignore_eos=False, stop=stop)
+    assert finish_note(model, args, GenerationResult("", token_ids, reason)).startswith(expected)
+    model.last_stats = SimpleNamespace(new_tokens=len(token_ids))  # --stream: told from the count
+    assert finish_note(model, args).startswith(expected.replace("a --stop string", "end-of-sequence or a --stop "
+                                                                "string"))
+
+
+def test_every_command_has_a_description_and_the_families_are_listed():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "cmd").choices
+    for names in [(c,) for c in commands] + [("convert", f) for f in cli.CONVERTERS]:
+        assert _subparser(*names).description, names
+    described = parser.description.lower().replace("-", "")  # "BLIP-2" -> "blip2"
+    for family in cli.CONVERTERS:
+        assert family in described, family
+
+
+def test_build_kernels_without_cupy_says_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)  # as if CuPy were not installed
+    assert main(["build-kernels", "--arch", "90"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "needs CuPy, which is not installed" in err and 'pip install "lmmrt[cupy]"' in err, err
+
+
+def test_demo_prints_its_header_first_and_streams_the_same_request(capsys):
+    assert main(["demo", "--max-new-tokens", "5", "--device", "cpu", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("RANDOM weights") < out.index("building the demo model") < out.index("built in")
+    assert "special tokens that print as nothing" in out
+    assert "5 tokens" in out and "the same text as above" in out, out

@@ -67,8 +67,9 @@ def sample_frames(timed, fps: float | None, max_frames: int | None):
     for item in timed:
         t = item[1]
         if t is None:
-            raise ValueError("sampling at fps= needs frame timestamps: pass source_fps= for frames given "
-                             "as arrays, lists or iterators")
+            raise ValueError("sampling at fps= needs frame timestamps, and frames given as an array, a list or an "
+                             "iterator have none: either say their rate, e.g. load_video(frames, fps=1, "
+                             "source_fps=30), or leave fps out to take every frame (up to max_frames)")
         if not math.isfinite(t):
             raise ValueError(f"frame {item[0]} has timestamp {t}: sampling at fps= needs finite timestamps")
         k_last = _last_target(t, fps)

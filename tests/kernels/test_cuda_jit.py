@@ -147,7 +147,7 @@ def test_build_kernels_cli_without_nvrtc_names_the_package(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)  # import fails
     assert cli.main(["build-kernels", "--arch", "90"]) == 2
     err = capsys.readouterr().err
-    assert "NVRTC is not usable (ModuleNotFoundError" in err and 'pip install "lmmrt[cupy]"' in err
+    assert "needs CuPy, which is not installed" in err and 'pip install "lmmrt[cupy]"' in err
 
 
 # ---- CPU: argument checks are the extension's ---------------------------------------------------

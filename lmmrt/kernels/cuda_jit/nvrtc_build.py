@@ -150,11 +150,17 @@ def cuda_include_dir() -> Path:
 def _nvrtc():
     try:
         nvrtc = importlib.import_module("cupy_backends.cuda.libs.nvrtc")
+    except ImportError as e:  # cupy_backends is part of CuPy
+        raise CudaJitUnavailable(
+            "compiling lmmrt's CUDA kernels with NVRTC needs CuPy, which is not installed: install it first with "
+            "pip install \"lmmrt[cupy]\" (CUDA 13 driver) or \"lmmrt[cupy-cuda12]\" (CUDA 12 driver); in the venv "
+            "`make demo` made: make install EXTRAS=cupy") from e
+    try:
         nvrtc.getVersion()  # loads libnvrtc: fails here when no NVRTC library is installed
     except Exception as e:
         raise CudaJitUnavailable(
-            f"NVRTC is not usable ({type(e).__name__}: {e}): pip install \"lmmrt[cupy]\" "
-            "(cupy-cuda13x and nvidia-cuda-nvrtc; cupy-cuda12x for a CUDA 12 driver)") from e
+            f"CuPy is installed but cannot load NVRTC ({type(e).__name__}: {e}): pip install nvidia-cuda-nvrtc "
+            "(nvidia-cuda-nvrtc-cu12 for a CUDA 12 driver), or reinstall with pip install \"lmmrt[cupy]\"") from e
     return nvrtc
 
 
