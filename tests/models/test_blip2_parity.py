@@ -106,3 +106,13 @@ def test_opt_variants(tmp_path, opt):
     images = [[_image(5)], [_image(6)]]
     for ids, imgs, g in zip(prompts, images, lmmrt.logits(model, prompts, images)):
         assert _rel_err(g, _ref_logits(ref, ids, imgs[0])) < 1e-4
+
+
+def test_float16_load_runs_close_to_float32(blip2):
+    """The whole model in float16 (the CPU runs fp16 matmuls): finite and near the float32 logits."""
+    ref, model = blip2
+    half = lmmrt.load(model.path, device="cpu", dtype="float16", backend="torch")
+    prompts, images = [[IMAGE_TOKEN_ID, 2, 10, 11, 12], [2, 20, 21]], [[_image(8)], []]
+    for got, want in zip(lmmrt.logits(half, prompts, images), lmmrt.logits(model, prompts, images)):
+        assert torch.isfinite(got).all()
+        assert _rel_err(got, want) < 2e-2
