@@ -153,6 +153,8 @@ def read_blip2_config(src: Path, *, any_lm: bool = False) -> dict:
     Q-Former), its LM must be OPT."""
     cfg_path = source_config_path(src, "a transformers Blip2ForConditionalGeneration directory")
     hf = read_source_json(cfg_path, "a transformers BLIP-2 config (a JSON object)")
+    if "decoder" in hf and "model_type" not in hf:
+        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
     if hf.get("model_type") != "blip-2":
         raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'blip-2'")
     t = hf.get("text_config") or {}

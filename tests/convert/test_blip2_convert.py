@@ -90,6 +90,13 @@ def test_q_bias_v_bias_files_convert_alike(source, tmp_path):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+def test_lmmrt_checkpoint_is_not_a_source(source, tmp_path):
+    _, src = source
+    out = convert_blip2(src, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="already an lmmrt checkpoint"):
+        convert_blip2(out, tmp_path / "again", progress=False)
+
+
 def test_flan_t5_refused(tmp_path):
     src = tmp_path / "t5"
     src.mkdir()
