@@ -217,7 +217,8 @@ def _image_strategy():
     odd = st.sampled_from([(np.zeros((5, 5), np.uint8), EITHER), (np.zeros((5, 5, 4), np.uint8), EITHER),
                            (np.zeros((5, 5, 3), np.int64), EITHER), (np.zeros((3, 0, 5), np.float32), INVALID),
                            (torch.zeros(3, 0, 5), INVALID), ("cat.jpg", INVALID), (None, INVALID), (3, INVALID),
-                           ([1, 2, 3], INVALID), (np.zeros((0, 5, 3), np.uint8), INVALID)])
+                           ([1, 2, 3], INVALID), (np.zeros((0, 5, 3), np.uint8), INVALID),
+                           (torch.full((3, 5, 5), 1e30), INVALID), (torch.full((3, 5, 5), 255.0), INVALID)])
     return st.one_of(uint8, uint8, float_px, odd)
 
 
@@ -287,6 +288,20 @@ def test_prompt_and_image_layouts(model, data):
             torch.testing.assert_close(got[i], alone, rtol=1e-4, atol=1e-4)
 
 
+# token-id prompts in the forms they arrive in: lists, numpy arrays, torch tensors (1-D per prompt)
+PROMPT_FORMS = [([5, 6, 7], VALID), ([np.array([5, 6, 7])], VALID), ([torch.tensor([5, 6]), [7, 8, 9]], VALID),
+                (np.array([5, 6]), VALID), (torch.tensor([[5, 6], [7, 8]]), VALID), ([np.array([[5, 6]])], INVALID),
+                ([np.array([5.0, 6.0])], INVALID), ([torch.tensor([True, False])], INVALID),
+                ([np.array([5, 10**6])], INVALID)]
+
+
+@pytest.mark.parametrize("prompts,expect", PROMPT_FORMS, ids=lambda x: repr(x)[:30])
+def test_token_id_prompt_forms(model, prompts, expect):
+    got = outcome(lambda: lmmrt.generate(model, prompts, max_new_tokens=2), expect, repr(prompts))
+    if got is not None:
+        assert all(len(r.token_ids) <= 2 for r in got)
+
+
 # --- sampling arguments --------------------------------------------------------------------------
 # name -> [(value, validity)]; EITHER where a runtime may accept it (None meaning "the default").
 ARGS = {
@@ -302,9 +317,10 @@ ARGS = {
                            (float("nan"), INVALID)],
     "seed": [(None, VALID), (0, VALID), (7, VALID), (np.int64(3), VALID), (-1, EITHER), (2**63, INVALID),
              (2**70, INVALID), (2.5, INVALID), ("7", INVALID)],
-    "stop": [(None, VALID), ("a", VALID), (["a", "b"], VALID), (["x" * 300], VALID), ("", EITHER), ([""], EITHER),
+    "stop": [(None, VALID), ("a", VALID), (["a", "b"], VALID), (["x" * 300], VALID), ("", INVALID), ([""], INVALID),
              (5, INVALID), ([5], INVALID)],
     "stop_token_ids": [(None, VALID), (2, VALID), ([2, 3], VALID), (np.int64(2), VALID), ([], VALID),
+                       (np.array([44]), VALID), (torch.tensor([2, 3]), VALID), (np.array([2.5]), INVALID),
                        ("44", INVALID), ([10**9], INVALID), ([-1], INVALID), ([2.5], INVALID)],
     "ignore_eos": [(False, VALID), (True, VALID), ("yes", INVALID), (None, EITHER)],
 }

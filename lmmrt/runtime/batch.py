@@ -67,9 +67,17 @@ def _integer_dtype(x) -> bool:
     return x.dtype.kind in "iu"
 
 
+def _array_prompt(p, where: str) -> list:
+    if p.ndim != 1 or not _integer_dtype(p):
+        raise TypeError(f"{where}: a token-id tensor or array in a list of prompts must be 1-D with an integer "
+                        f"dtype, got shape {tuple(p.shape)} and dtype {p.dtype}")
+    return p.tolist()
+
+
 def normalize_prompts(prompts) -> list:
     """A string, a list of strings, a list of token ids (one tokenized prompt), a list of token-id
-    lists, or a 1-D / 2-D integer tensor or array of token ids. Token ids come back as Python ints."""
+    lists (or 1-D integer tensors / arrays), or a 1-D / 2-D integer tensor or array of token ids.
+    Token ids come back as Python ints."""
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (torch.Tensor, np.ndarray)):
@@ -82,6 +90,8 @@ def normalize_prompts(prompts) -> list:
                         f"got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty")
+    prompts = [_array_prompt(p, f"prompts[{i}]") if isinstance(p, (torch.Tensor, np.ndarray)) and p.ndim else p
+               for i, p in enumerate(prompts)]  # a 1-D token-id array or tensor per prompt: a list of ids
     if not isinstance(prompts[0], (str, list, tuple)):  # one tokenized prompt
         return [_token_ids(prompts, "prompts")]
     for i, p in enumerate(prompts):

@@ -11,6 +11,9 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 _SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
@@ -53,7 +56,16 @@ def _stop_strings(stop) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
-    return tuple(s for s in stop if s)
+    if not all(stop):  # "" is found everywhere: it would cut every answer to nothing
+        raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
+    return tuple(stop)
+
+
+def _is_integer_array(x) -> bool:
+    """A 0-D or 1-D numpy array or torch tensor of integers (the form token ids often arrive in)."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() <= 1 and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    return isinstance(x, np.ndarray) and x.ndim <= 1 and x.dtype.kind in "iu"
 
 
 def _stop_token_ids(stop_token_ids, vocab: int) -> list[int]:
@@ -61,6 +73,8 @@ def _stop_token_ids(stop_token_ids, vocab: int) -> list[int]:
         return []
     if _is_int(stop_token_ids):
         stop_token_ids = [stop_token_ids]
+    if _is_integer_array(stop_token_ids):
+        stop_token_ids = stop_token_ids.reshape(-1).tolist()
     if not isinstance(stop_token_ids, (list, tuple)) or not all(_is_int(t) for t in stop_token_ids):
         raise TypeError(f"stop_token_ids must be an int or a list of ints (token ids), got {stop_token_ids!r}; "
                         "to stop at a piece of text use stop=")

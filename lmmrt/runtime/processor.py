@@ -6,7 +6,7 @@ normalized with the checkpoint's mean/std. On the CPU the resize is PIL's, exact
 processors do it; on the GPU it is torch's antialiased bicubic on the device, batched over frames
 (within about 1% of the PIL result on natural images; PIL's uint8 rounding is not reproduced).
 PIL images become RGB as each family's reference processor makes them (see pil_to_rgb); float
-pixels must be finite.
+pixels must be finite and plausibly normalized (|x| <= FLOAT_PIXEL_BOUND).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from lmmrt.models.config import VisionConfig
 # High-bit-depth PIL modes: PIL's conversion to RGB (which the reference processors use) clips them
 # at 255, so most such images would come out all white. lmmrt refuses them instead.
 _DEEP_MODES = ("I", "F")
+# Normalized pixels are (x - mean) / std with x in [0, 1]: a few units at most for any real mean/std.
+# Far beyond that the input is not normalized pixels (0-255 values, garbage) and would give NaN logits.
+FLOAT_PIXEL_BOUND = 100.0
 
 
 def check_pil_mode(img, where: str) -> None:
@@ -58,6 +61,11 @@ def _check_float_pixels(img: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: empty image of shape {tuple(img.shape)}")
     if not bool(torch.isfinite(img).all()):
         raise ValueError(f"{where}: the float image holds NaN or inf pixels")
+    peak = float(img.abs().max())
+    if peak > FLOAT_PIXEL_BOUND:
+        raise ValueError(f"{where}: a float image holds normalized pixels, which lie within a few units of 0 "
+                         f"(|x| <= {FLOAT_PIXEL_BOUND:g} accepted), got |x| up to {peak:.3g}; pass 0-255 pixel "
+                         "values as uint8 (H, W, 3)")
 
 
 def _to_uint8_hwc(img, cfg: VisionConfig, where: str) -> torch.Tensor | None:

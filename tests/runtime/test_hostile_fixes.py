@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from lmmrt import cli
@@ -26,3 +28,23 @@ def test_cli_refuses_a_16_bit_image_naming_it(tmp_path, capsys):
     assert cli.main(["generate", str(tmp_path / "no-model"), "-p", "<image>x", "-i", str(path)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("lmmrt: error: ") and str(path) in err and "more than 8 bits per pixel" in err, err
+
+
+# -- float pixels far outside the normalized range are refused by name, not turned into NaN logits ----------
+
+@pytest.fixture(scope="module")
+def model():
+    from lmmrt.demo import demo_model
+
+    return demo_model(device="cpu", backend="torch")
+
+
+@pytest.mark.parametrize("value", [1e30, -300.0])
+def test_absurd_float_pixels_are_refused_naming_the_image(model, value):
+    import lmmrt
+
+    good = torch.randn(3, 9, 11, generator=torch.Generator().manual_seed(3))
+    bad = good.clone()
+    bad[1, 4, 5] = value
+    with pytest.raises(ValueError, match=r"images\[1\]\[1\]: .*\|x\| <= 100 accepted"):
+        lmmrt.generate(model, ["<image>a", "<image>b<image>c"], [[good], [good, bad]], max_new_tokens=1)
