@@ -99,8 +99,8 @@ def _open_file(path) -> Iterator[tuple[int, float | None, torch.Tensor]]:
     try:
         import av
     except ImportError:  # pragma: no cover - an optional dependency
-        raise ImportError("reading video files needs PyAV: pip install av (or lmmrt[video]); "
-                          "or pass the frames as arrays") from None
+        raise ImportError("reading video files needs PyAV: pip install av (or lmmrt[video]; in the venv `make` "
+                          "made: make install EXTRAS=video); or pass the frames as arrays") from None
     try:
         container = av.open(str(p))
     except av.error.FFmpegError as e:
