@@ -4,7 +4,6 @@ and checking the result against the model lmmrt will build, naming every bad key
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.splice import build_model
+from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.safetensors_file import check_readable, why_missing
 from lmmrt.runtime.weights import (
     CheckpointError,
@@ -27,10 +27,7 @@ def read_source_json(path: Path, what: str = "a JSON object") -> dict:
     that name the file: missing, unreadable, not JSON, or not an object."""
     path = Path(path)
     check_readable(path)
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} holds {type(d).__name__}, expected {what}")
     return d

@@ -19,6 +19,7 @@ import torch
 from lmmrt.errors import CheckpointError
 from lmmrt.models.clip import ClipModel
 from lmmrt.models.clip_config import CLIP_FAMILY, ClipConfig
+from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.processor import preprocess_images
 from lmmrt.runtime.safetensors_file import SafetensorsFile
 from lmmrt.runtime.tokenizer import Tokenizer
@@ -79,9 +80,9 @@ def load_clip(path, *, device: torch.device, dtype: torch.dtype | None = None, p
     tok_path = path / TOKENIZER
     tok = Tokenizer.from_file(tok_path) if tok_path.exists() or tok_path.is_symlink() else None
     try:
-        cfg_json = json.loads((path / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / CONFIG}: {e}") from None
+        cfg_json = read_json(path / CONFIG)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path / CONFIG}: {e.strerror or e}") from None
     cfg = ClipConfig.from_dict(cfg_json, where=str(path / CONFIG))
     weights = SafetensorsFile(path / WEIGHTS)
     weights.check_float()

@@ -7,7 +7,6 @@ unexpected or misshapen key. Only safetensors are read here: nothing is ever unp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
 from lmmrt.models.splice import SpliceModel, build_model
 from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
+from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_missing
 
 WEIGHTS = "model.safetensors"
@@ -78,11 +78,9 @@ def _read_config_json(path: Path) -> dict:
     if reason is not None:
         raise FileNotFoundError(f"no {CONFIG} in {path}" if reason.endswith("does not exist") else reason)
     try:
-        cfg_json = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {cfg_path}: {getattr(e, 'strerror', None) or e}") from None
+        cfg_json = read_json(cfg_path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {cfg_path}: {e.strerror or e}") from None
     if not isinstance(cfg_json, dict):
         raise CheckpointError(f"{cfg_path}: must hold a JSON object of config fields, not {type(cfg_json).__name__}")
     return cfg_json

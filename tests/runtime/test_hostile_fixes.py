@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +51,38 @@ def test_absurd_float_pixels_are_refused_naming_the_image(model, value):
     bad[1, 4, 5] = value
     with pytest.raises(ValueError, match=r"images\[1\]\[1\]: .*\|x\| <= 100 accepted"):
         lmmrt.generate(model, ["<image>a", "<image>b<image>c"], [[good], [good, bad]], max_new_tokens=1)
+
+
+# -- config.json values Python's json cannot convert name the file ------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from lmmrt.demo import save_demo
+
+    return save_demo(tmp_path_factory.mktemp("hostile") / "demo")
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(saved, dst)
+    return dst
+
+
+def _set_config(ckpt, **fields):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(fields)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_5000_digit_integer_in_config_json_is_a_checkpoint_error_naming_it(copy, tmp_path):
+    import lmmrt
+    from lmmrt.convert.common import read_source_json
+    from lmmrt.errors import CheckpointError
+
+    text = (copy / "config.json").read_text()
+    (copy / "config.json").write_text(text.replace("{", '{"huge": ' + "7" * 5000 + ", ", 1))
+    with pytest.raises(CheckpointError, match=f"{copy / 'config.json'}.*4300 digits"):
+        lmmrt.load(copy, device="cpu")
+    with pytest.raises(CheckpointError, match="config.json.*4300 digits"):
+        read_source_json(copy / "config.json")  # the converters' reader
