@@ -9,7 +9,8 @@ number of new tokens with no EOS. Timed runs alternate lmmrt / transformers pair
 greedy tokens must be identical in every pair. Reported per batch: median decode tokens/s of each
 engine and the median of the per-pair ratios.
 
-    python -m bench.bench_llava_cpu [--pairs 3] [--new-tokens 32] [--out bench/results/llava-cpu.json]
+    python -m bench.bench_llava_cpu [--pairs 3] [--new-tokens 32] [--out bench/results/llava-cpu.json] [--quick]
+    python -m bench.run --only llava_cpu    # the same through bench.run: bench-llava_cpu.json and the report
 """
 
 from __future__ import annotations
@@ -32,17 +33,24 @@ TEXT = dict(model_type="llama", vocab_size=32064, hidden_size=512, intermediate_
             eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 IMAGE_ID = 32000  # llava-hf's <image>
 BATCHES = (1, 4)
+ENGINES = ("lmmrt", "transformers")  # the key prefixes of measure's results
+# --quick / bench.run --smoke: a tiny LLaVA (16 feature tokens), 1 pair, 4 tokens, to prove the script runs
+QUICK_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=7)
+QUICK_TEXT = dict(TEXT, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
 
 
-def build(seed: int = 0):
-    """(transformers model, lmmrt model) with the same random weights."""
+def build(seed: int = 0, *, quick: bool = False):
+    """(transformers model, lmmrt model) with the same random weights; quick: the tiny shapes."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     import lmmrt
     from lmmrt.convert.llava import convert_llava
 
     torch.manual_seed(seed)
-    cfg = LlavaConfig(vision_config=VISION, text_config=TEXT, image_token_id=IMAGE_ID, vision_feature_layer=-2,
+    vision, text = (QUICK_VISION, QUICK_TEXT) if quick else (VISION, TEXT)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, vision_feature_layer=-2,
                       vision_feature_select_strategy="default", pad_token_id=0)
     hf = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them matter
@@ -84,14 +92,50 @@ def measure(hf, model, B: int, *, pairs: int, new_tokens: int) -> dict:
             "transformers_ttft_ms": statistics.median(r["ttft_ms"] for r in ref), "tokens_equal": True}
 
 
+def run(*, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool, budget_s: float,
+        ceilings: dict | None = None, use_compile: bool = True) -> dict:
+    """bench.run's entry point (device, dtype, ceilings and use_compile do not apply: always the CPU,
+    float32, one thread, with CPU ceilings measured here). smoke: the --quick shapes and lengths.
+    Per batch two rows (lmmrt, transformers) in bench_generate's row format; a token mismatch makes
+    the batch's rows errors."""
+    del device, dtype, ceilings, use_compile
+    from bench.harness import BenchRun, short_error
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b = BenchRun("llava_cpu", device=torch.device("cpu"), dtype=torch.float32, smoke=smoke, out_dir=out_dir,
+                     budget_s=budget_s, description=__doc__.split("\n\n")[0])
+        group = "llava-tiny" if smoke else "llava-cpu-proxy"
+        hf, model = build(quick=smoke)
+        for B in BATCHES:
+            base = {"bench": "llava_cpu", "group": group, "case": f"{group} B={B}", "batch": B}
+            if b.elapsed > b.budget_s:
+                b.rows += [dict(base, engine=e, status="skipped", note="time budget spent") for e in ENGINES]
+            else:
+                try:
+                    r = measure(hf, model, B, pairs=1 if smoke else 3, new_tokens=4 if smoke else 32)
+                    b.rows += [dict(base, engine=e, status="ok", ttft_ms=r[f"{e}_ttft_ms"],
+                                    decode_tok_s=r[f"{e}_decode_tok_s"], pairs=r["pairs"], new_tokens=r["new_tokens"],
+                                    prompt_positions=r["prompt_positions"], tokens_equal=True) for e in ENGINES]
+                    b.rows[-2]["speedup_vs_hf"] = r["speedup_vs_hf"]
+                except Exception as e:
+                    b.rows += [dict(base, engine=name, status="error", error=short_error(e)) for name in ENGINES]
+            b.save()
+        return b.finish()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--quick", action="store_true", help="a tiny LLaVA (proves the script runs; not a measurement)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    hf, model = build()
+    hf, model = build(quick=args.quick)
     rows = []
     for B in BATCHES:
         row = measure(hf, model, B, pairs=args.pairs, new_tokens=args.new_tokens)

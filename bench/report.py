@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 
 SCHEMA = "lmmrt-bench/1"
+# benchmarks whose rows are end-to-end generate runs (model, engine, batch): one table and one plot each
+END_TO_END = ("generate", "splice_generate", "llava_cpu")
 IMPL_ORDER = ["eager", "triton", "cuda", "sdpa-concat", "sdpa-dense-mask", "compile"]
 MODE_SHORT = {"cuda-events": "events", "cuda-graph": "graph", "perf_counter": "cpu"}
 
@@ -170,7 +172,7 @@ def markdown(merged: dict, plots: list[str]) -> str:
             lines += [f"- wall time {data['wall_s']:.1f} s (budget {data.get('budget_s')} s)"]
         lines += [""]
         rows = data.get("rows") or []
-        if name == "generate":
+        if name in END_TO_END:
             lines += generate_table(rows) + [""]
         elif name == "cpu_proxy":
             lines += cpu_proxy_tables(rows) + [""]
@@ -284,9 +286,9 @@ def merge(out_dir: Path, *, echo: bool = True) -> dict:
     for name, data in benches.items():
         rows = data.get("rows") or []
         try:
-            if name == "generate":
-                if plot_generate(rows, data.get("key") or key, out_dir / "generate.png"):
-                    plots.append("generate.png")
+            if name in END_TO_END:
+                if plot_generate(rows, data.get("key") or key, out_dir / f"{name}.png"):
+                    plots.append(f"{name}.png")
             elif name == "cpu_proxy":
                 if plot_generate(rows, data.get("key") or key, out_dir / "cpu_proxy.png",
                                  title="CPU proxy, one thread"):

@@ -1,14 +1,16 @@
 """Run the benchmarks and write JSON + a markdown table + plots.
 
-    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,cpu_proxy] [--no-compile]
+    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,splice_generate,
+                        cpu_proxy,llava_cpu] [--no-compile]
                         [--budget-s SECONDS] [--merge-only]
 
 --smoke: tiny shapes on the CPU (torch backend and baselines only), for CI and `make bench`.
 Without --smoke: real model shapes on the GPU (bf16). --out defaults to $OUT when set, else
 bench/results/<gpu-or-cpu>-<date>/. Each benchmark is isolated: one that fails is recorded as
 such and the others still run; the report merges whatever bench-*.json files the directory holds.
-cpu_proxy (lmmrt vs transformers on a small IDEFICS, one CPU thread) always runs on the CPU: it is in
-the default set of --smoke runs (its quick mode) and runs in full runs only when named in --only.
+cpu_proxy and llava_cpu (lmmrt vs transformers on a small IDEFICS / LLaVA, one CPU thread) always run on
+the CPU: they are in the default set of --smoke runs (their quick modes) and run in full runs only when
+named in --only.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ from bench import (
     bench_cpu_proxy,
     bench_decode_attention,
     bench_generate,
+    bench_llava_cpu,
     bench_perceiver,
+    bench_splice_generate,
     bench_xattn,
     report,
 )
 from bench.harness import default_out_dir, jsonable, measure_ceilings, run_key
 
 BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "decode_attention": bench_decode_attention,
-           "generate": bench_generate,
-           "cpu_proxy": bench_cpu_proxy}
+           "generate": bench_generate, "splice_generate": bench_splice_generate,
+           "cpu_proxy": bench_cpu_proxy, "llava_cpu": bench_llava_cpu}
+CPU_ONLY = ("cpu_proxy", "llava_cpu")  # full (GPU) runs include them only when named in --only
 # Seconds per benchmark (each also stops starting new cases when its budget is spent).
-BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "decode_attention": 60.0, "generate": 150.0, "cpu_proxy": 1800.0}
+BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "decode_attention": 60.0, "generate": 150.0, "splice_generate": 90.0,
+            "cpu_proxy": 1800.0, "llava_cpu": 600.0}
 SMOKE_BUDGET_S = 60.0
 
 
@@ -58,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI, make bench)")
     ap.add_argument("--out", help="output directory (default: $OUT, else bench/results/<gpu-or-cpu>-<date>/)")
     ap.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES) + " (default: all with --smoke, "
-                    "all but cpu_proxy otherwise)")
+                    "all but " + " and ".join(CPU_ONLY) + " otherwise)")
     ap.add_argument("--device", help="cuda | cpu (default: cpu with --smoke, else cuda)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--budget-s", type=float, help="seconds per benchmark (default: per-benchmark values)")
     ap.add_argument("--merge-only", action="store_true", help="only rebuild results.json/.md and plots in --out")
     args = ap.parse_args(argv)
 
-    only = args.only or ",".join(n for n in BENCHES if args.smoke or n != "cpu_proxy")
+    only = args.only or ",".join(n for n in BENCHES if args.smoke or n not in CPU_ONLY)
     names = [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:

@@ -158,3 +158,52 @@ def test_ops_per_step_counts_only_the_decode_loop():
     assert counts["aten"] > 2  # linear dispatches nested aten ops
     with pytest.raises(ValueError, match="n1"):
         per_decode_step(fake_generate, n1=3, n2=3)
+
+
+@pytest.fixture(scope="module")
+def splice_out(tmp_path_factory):
+    from bench import run
+
+    out = tmp_path_factory.mktemp("splice")
+    rc = run.main(["--smoke", "--no-compile", "--out", str(out), "--budget-s", "300",
+                   "--only", "splice_generate,llava_cpu"])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_splice_generate_pairs_both_families(splice_out):
+    merged, out = splice_out
+    data = merged["benches"]["splice_generate"]
+    assert data["status"] == "ok", data.get("notes")
+    rows = data["rows"]
+    # batch 1 of both families before batch 2, lmmrt then transformers in each case
+    assert [(r["group"], r["batch"], r["engine"]) for r in rows] == [
+        (g, B, e) for B in (1, 2) for g in ("llava-tiny", "blip2-tiny") for e in ("lmmrt[auto]", "hf")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        for field in ("ttft_ms", "decode_tok_s", "ms_per_step", "bytes_per_step", "gbps", "roofline_frac",
+                      "weights_gib"):
+            assert _finite_positive(r[field]), (r["case"], r["engine"], field, r.get(field))
+        n_features = 16 if r["group"] == "llava-tiny" else 5  # 28 px / patch 7, class token dropped; 5 queries
+        assert r["prompt_positions"] == 64 - 1 + n_features
+    for r in (r for r in rows if r["engine"] == "lmmrt[auto]"):
+        ag = r["agreement"]
+        assert ag["rows"] == r["batch"] and ag["steps_compared"] > 0  # reported, not asserted
+        assert _finite_positive(r["speedup_vs_hf"]) and _finite_positive(r["ttft_speedup_vs_hf"])
+    table = [[c.strip() for c in ln.split("|")[1:4]] for ln in (out / "results.md").read_text().splitlines()]
+    assert ["blip2-tiny", "hf", "2"] in table and ["llava-tiny", "lmmrt[auto]", "1"] in table
+    assert (out / "splice_generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_llava_cpu_proxy_registered(splice_out):
+    merged, out = splice_out
+    data = merged["benches"]["llava_cpu"]
+    assert data["status"] == "ok" and data["key"]["smoke"] is True
+    rows = data["rows"]
+    assert sorted((r["batch"], r["engine"]) for r in rows) == [(1, "lmmrt"), (1, "transformers"),
+                                                               (4, "lmmrt"), (4, "transformers")]
+    for r in rows:
+        assert r["status"] == "ok" and r["tokens_equal"] is True, r  # the bench asserts equality
+        assert _finite_positive(r["ttft_ms"]) and _finite_positive(r["decode_tok_s"])
+    assert all(_finite_positive(r["speedup_vs_hf"]) for r in rows if r["engine"] == "lmmrt")
+    assert (out / "llava_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
