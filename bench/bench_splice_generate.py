@@ -142,6 +142,9 @@ def lmmrt_from_hf(family: str, hf_model, backend: str = "auto"):
     with tempfile.TemporaryDirectory() as d, mock.patch.object(SourceWeights, "open", staticmethod(lambda src: weights)):
         hf_model.config.to_json_file(Path(d) / "config.json")
         cfg, state = read_state(d, progress=False)[:2]
+    # tensors the converter makes itself (BLIP-2's zero biases where the source has none) are CPU float32
+    param = next(hf_model.parameters())
+    state = {k: v.to(device=param.device, dtype=param.dtype) for k, v in state.items()}
     with torch.device("meta"):
         module = build_model(cfg)
     module.load_state_dict(state, assign=True)
