@@ -13,8 +13,8 @@ from lmmrt.models.splice import SpliceModel
 from lmmrt.runtime import generate as _gen
 from lmmrt.runtime import text_output
 from lmmrt.runtime.static_decode import DecodeState, check_cuda_graph
-from lmmrt.runtime.tokenizer import Tokenizer
-from lmmrt.runtime.weights import CHAT_TEMPLATE, TOKENIZER, load_checkpoint
+from lmmrt.runtime.tokenizer import Tokenizer, check_image_token
+from lmmrt.runtime.weights import CHAT_TEMPLATE, CONFIG, TOKENIZER, load_checkpoint
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -138,6 +138,8 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     # a dangling link is broken, not absent
     tok = Tokenizer.from_file(tok_path) if tok_path.exists() or tok_path.is_symlink() else None
     cfg, module = load_checkpoint(path, device=device, dtype=parse_dtype(dtype), progress=progress)
+    if tok is not None:
+        check_image_token(tok, cfg, tokenizer_path=tok_path, config_path=Path(path) / CONFIG)
     return Model(module, cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph)
 
 

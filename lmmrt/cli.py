@@ -12,7 +12,9 @@ import math
 import os
 import stat
 import sys
+import warnings
 
+_PYTHON_SHOWWARNING = warnings.showwarning
 # Errors that lmmrt raises on purpose (CheckpointError is a ValueError, an existing output a
 # FileExistsError, a missing optional package an ImportError): their message is the whole story.
 USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
@@ -418,13 +420,24 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e} (unexpected; set {TRACEBACK_ENV}=1 to see where)"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """lmmrt's own warnings as one `lmmrt: warning:` line, not Python's `file:line: UserWarning:` and the
+    source line; other libraries' warnings as Python shows them."""
+    if os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+        print(f"lmmrt: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
     """Run the command; every error is one `lmmrt: error:` line on stderr and an exit status, never a traceback
     (unless $LMMRT_TRACEBACK is set)."""
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
-        status = args.fn(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards (tests call main repeatedly)
+            warnings.showwarning = _show_warning
+            status = args.fn(args)
         sys.stdout.flush()  # here, so that a closed pipe is reported below, not at interpreter exit
         return status
     except KeyboardInterrupt:

@@ -97,6 +97,9 @@ class VisionConfig:
                                            hi=self.layers, max_len=self.layers + 1)
         if not self.feature_layers:
             raise ConfigError("vision.feature_layers: must name at least one hidden state")
+        states = [i % (self.layers + 1) for i in self.feature_layers]  # -1 and `layers` are the same state
+        if len(set(states)) != len(states):
+            raise ConfigError(f"vision.feature_layers = {self.feature_layers}: names a hidden state twice")
         if self.n_tokens > MAX_MEDIA_TOKENS:
             raise ConfigError(f"vision: {self.n_tokens} tokens per image (image_size {self.image_size}, "
                               f"patch_size {self.patch_size}); at most {MAX_MEDIA_TOKENS} are supported")
@@ -310,6 +313,11 @@ class ModelConfig:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "end_of_chunk_token_id"):
             setattr(self, name, optional_integer(getattr(self, name), name, lo=0, hi=vocab - 1))
         self.stop_token_ids = integer_list(self.stop_token_ids, "stop_token_ids", lo=0, hi=vocab - 1, max_len=vocab)
+        clash = [name for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                 if getattr(self, name) == self.image_token_id]
+        if clash:  # every such token in a prompt would be taken for an image
+            raise ConfigError(f"image_token_id = {self.image_token_id} is also {' and '.join(clash)}: the image "
+                              "marker needs a token id of its own")
         boolean(self.reset_media_after_eos, "reset_media_after_eos")
         text(self.image_prompt_template, "image_prompt_template")
         if self.image_prompt_template.count("{image}") != 1:
@@ -326,10 +334,12 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"xattn.layers = {self.xattn.layers}: layers {bad} are past the last decoder layer "
                               f"(decoder.layers = {self.decoder.layers})")
+        features = self.vision.feature_dim  # vision.width per hidden state in vision.feature_layers
         media_dim, media_from = ((self.perceiver.dim, "perceiver.dim") if self.perceiver is not None
-                                 else (self.vision.width, "vision.width"))
-        if self.perceiver is not None and self.perceiver.dim != self.vision.width:
-            raise ConfigError(f"perceiver.dim = {self.perceiver.dim} differs from vision.width = {self.vision.width}")
+                                 else (features, "the vision features' width"))
+        if self.perceiver is not None and self.perceiver.dim != features:
+            raise ConfigError(f"perceiver.dim = {self.perceiver.dim} differs from the vision features' width "
+                              f"{features} (vision.width x len(vision.feature_layers))")
         if self.xattn.media_dim != media_dim:
             raise ConfigError(f"xattn.media_dim = {self.xattn.media_dim} differs from {media_from} = {media_dim}")
 

@@ -71,8 +71,12 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
-    it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError."""
+    it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError, or NotADirectoryError
+    when a file stands where a directory above `out` should be."""
     out = Path(os.path.abspath(out))  # "." and ".." resolved lexically: a link at `out` stays a link
+    parent = next(p for p in out.parents if p.exists())  # the directory the output would be created in
+    if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
+        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
     target = _resolved(out)
     for src in sources:
         if src is None:

@@ -51,3 +51,19 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+
+
+def check_image_token(tok: Tokenizer, cfg, *, tokenizer_path, config_path) -> None:
+    """The config's image marker id must be the token the tokenizer makes of the marker text: else every
+    prompt written with the marker holds no image position, found only at generate ("0 media markers").
+    MiniGPT-4 is the exception: its prompts are split at the marker text, whose id is the tokenizer's <unk>
+    (lmmrt.runtime.splice_prompts)."""
+    if cfg.family == "minigpt4":
+        return
+    tid = tok.token_to_id(cfg.image_token)
+    if tid is None:
+        raise CheckpointError(f"{config_path} image_token_id {cfg.image_token_id}, but {tokenizer_path} has no "
+                              f"{cfg.image_token!r} token")
+    if tid != cfg.image_token_id:
+        raise CheckpointError(f"{config_path} image_token_id {cfg.image_token_id}, but {tokenizer_path} maps "
+                              f"{cfg.image_token!r} to {tid}")

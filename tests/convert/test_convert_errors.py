@@ -215,3 +215,17 @@ def test_source_paths_say_what_is_wrong(tmp_path, kind):
         for read in (open_vision, read_openflamingo_checkpoint):
             with pytest.raises(FileNotFoundError, match=want):
                 read(src)
+
+
+def test_cli_prints_a_converter_warning_as_one_lmmrt_line(single, tmp_path, capsys):
+    import warnings
+
+    from lmmrt import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # over this module's filter, which silences the warning for the others
+        assert cli.main(["convert", "idefics", str(single), str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lmmrt: warning: ") and "has no tokenizer.json" in lines[0], err
+    assert "UserWarning" not in err and "warnings.warn" not in err

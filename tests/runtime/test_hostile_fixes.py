@@ -86,3 +86,60 @@ def test_a_5000_digit_integer_in_config_json_is_a_checkpoint_error_naming_it(cop
         lmmrt.load(copy, device="cpu")
     with pytest.raises(CheckpointError, match="config.json.*4300 digits"):
         read_source_json(copy / "config.json")  # the converters' reader
+
+
+# -- config.json must agree with tokenizer.json and with itself at load, not at the first generate ----------
+
+def test_image_token_id_that_the_tokenizer_maps_elsewhere_is_refused_naming_both_files(copy):
+    import lmmrt
+
+    marker = json.loads((copy / "config.json").read_text())["image_token_id"]
+    _set_config(copy, image_token_id=50)  # an ordinary character of the demo vocabulary
+    with pytest.raises(ValueError, match=rf"{copy / 'config.json'} image_token_id 50, but "
+                                         rf"{copy / 'tokenizer.json'} maps '<image>' to {marker}"):
+        lmmrt.load(copy, device="cpu")
+
+
+def test_image_token_the_tokenizer_lacks_is_refused(copy):
+    import lmmrt
+
+    _set_config(copy, image_token="<picture>")
+    with pytest.raises(ValueError, match=rf"{copy / 'tokenizer.json'} has no '<picture>' token"):
+        lmmrt.load(copy, device="cpu")
+
+
+@pytest.mark.parametrize("special", ["eos_token_id", "bos_token_id", "pad_token_id"])
+def test_image_token_id_equal_to_a_special_token_is_refused(copy, special):
+    import lmmrt
+
+    cfg = json.loads((copy / "config.json").read_text())
+    _set_config(copy, image_token_id=cfg[special])
+    with pytest.raises(ValueError, match=f"config.json: image_token_id = {cfg[special]} is also {special}"):
+        lmmrt.load(copy, device="cpu")
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([-1, -1], r"vision.feature_layers = \[-1, -1\]: names a hidden state twice"),
+    ([1, -1], r"vision.feature_layers = \[1, -1\]: names a hidden state twice"),  # with 1 block, state 1 is -1
+    ([-1, -2], r"perceiver.dim = \d+ differs from the vision features' width \d+"),
+])
+def test_vision_feature_layers_that_do_not_fit_are_refused_at_load(copy, layers, message):
+    import lmmrt
+
+    vision = json.loads((copy / "config.json").read_text())["vision"]
+    if layers == [1, -1]:
+        layers = [vision["layers"], -1]
+        message = rf"vision.feature_layers = \[{vision['layers']}, -1\]: names a hidden state twice"
+    _set_config(copy, vision={**vision, "feature_layers": layers})
+    with pytest.raises(ValueError, match=message):
+        lmmrt.load(copy, device="cpu")
+
+
+# -- an output path under a file says so, not "[Errno 17] File exists" --------------------------------------
+
+def test_demo_save_under_a_file_says_the_file_is_not_a_directory(tmp_path, capsys):
+    (tmp_path / "red.png").write_bytes(b"x")
+    out = tmp_path / "red.png" / "sub" / "demo"
+    assert cli.main(["demo", "--save", str(out)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.strip() == f"lmmrt: error: cannot write {out}: {tmp_path / 'red.png'} is a file, not a directory", err
