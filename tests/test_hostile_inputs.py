@@ -161,6 +161,29 @@ def test_config_fields(ckpt, tmp_path_factory, data):
         assert torch.isfinite(logits).all(), f"{'.'.join(map(str, path))}={value!r} loaded but gives non-finite logits"
 
 
+# fields that pass a type-and-range check yet contradict the rest of the checkpoint: refused at load
+CONFIG_CASES = [(("image_token_id",), 2, INVALID),  # the demo's eos
+                (("image_token_id",), 50, INVALID),  # tokenizer.json maps <image> elsewhere
+                (("image_token",), "<picture>", INVALID),  # not in tokenizer.json
+                (("vision", "feature_layers"), [-1, -1], INVALID), (("vision", "feature_layers"), [-1, -2], INVALID),
+                (("image_prompt_template",), "{foo}{image}", INVALID),
+                (("image_prompt_template",), "<fake_token_around_image>{image}", VALID)]
+
+
+@pytest.mark.parametrize("path,value,expect", CONFIG_CASES, ids=lambda x: repr(x)[:24])
+def test_config_cases(ckpt, tmp_path, path, value, expect):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    node = cfg
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    for f in ckpt.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    outcome(lambda: lmmrt.load(tmp_path, device="cpu", backend="torch"), expect, f"{'.'.join(path)}={value!r}")
+
+
 # --- safetensors headers -------------------------------------------------------------------------
 @FUZZ
 @given(data=st.data())

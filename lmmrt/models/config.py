@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,10 @@ class ModelConfig:
         if self.image_prompt_template.count("{image}") != 1:
             raise ConfigError(f"image_prompt_template = {self.image_prompt_template!r}: must contain \"{{image}}\" "
                               f"exactly once (where the image marker goes)")
+        others = sorted(set(re.findall(r"\{[^{}]*\}", self.image_prompt_template)) - {"{image}"})
+        if others:  # the rest of the template is literal text: a {field} there is a mistake, never filled in
+            raise ConfigError(f"image_prompt_template = {self.image_prompt_template!r}: {', '.join(others)} is "
+                              "not a field; {image} is the only one (the rest is inserted as written)")
         text(self.image_token, "image_token")
         if self.media_feed == "splice":
             self._validate_splice()

@@ -23,7 +23,7 @@ from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.processor import preprocess_images
 from lmmrt.runtime.safetensors_file import SafetensorsFile
 from lmmrt.runtime.tokenizer import Tokenizer
-from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS, check_state
+from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS, FiniteCheck, check_state
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -95,8 +95,12 @@ def load_clip(path, *, device: torch.device, dtype: torch.dtype | None = None, p
         from tqdm import tqdm
 
         keys = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
+    finite = FiniteCheck()
     with open(path / WEIGHTS, "rb", buffering=0) as fh:
         state = {k: weights.read(fh, k, device=device, dtype=dtype) for k in keys}
+    for k, t in state.items():
+        finite.add(k, t)
+    finite.check(path / WEIGHTS, dtype)
     module.load_state_dict(state, assign=True)
     return ClipRuntime(module, cfg, tok, path=str(path))
 

@@ -49,6 +49,31 @@ def check_state(state_shapes: dict[str, tuple], model: torch.nn.Module, where: s
         raise CheckpointError(describe_key_problems(missing, unexpected, misshapen, where))
 
 
+class FiniteCheck:
+    """Whether every tensor read is finite: one reduction per tensor, queued on its device and read back
+    once at the end (no synchronisation per tensor), so that a damaged checkpoint is refused at load,
+    naming its keys, not found as NaN logits at the first generate."""
+
+    def __init__(self):
+        self._keys: list[str] = []
+        self._flags: list[torch.Tensor] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self._keys.append(key)
+        self._flags.append(torch.isfinite(tensor).all())
+
+    def check(self, path: Path, dtype: torch.dtype) -> None:
+        if not self._flags:
+            return
+        finite = torch.stack(self._flags).cpu().tolist()
+        bad = [k for k, ok in zip(self._keys, finite) if not ok]
+        if bad:
+            raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values as loaded in "
+                                  f"{str(dtype).removeprefix('torch.')}: {', '.join(bad[:10])}"
+                                  f"{' ...' if len(bad) > 10 else ''} (a damaged checkpoint, or values beyond "
+                                  "the dtype's range)")
+
+
 def open_safetensors(path: Path):
     """safe_open with errors that say which file is broken and how."""
     from safetensors import safe_open
@@ -121,14 +146,17 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
         fh = open(wpath, "rb", buffering=0)
     except OSError as e:
         raise CheckpointError(f"cannot read {wpath}: {e.strerror or e}") from None
+    finite = FiniteCheck()
     with fh:
         for k in keys:
             owner, _, name = k.rpartition(".")
             tensor = weights.read(fh, k, device=device, dtype=dtype)
+            finite.add(k, tensor)
             module = model.get_submodule(owner)
             if name in module._parameters:
                 tensor = torch.nn.Parameter(tensor, requires_grad=False)
             setattr(module, name, tensor)
+    finite.check(wpath, dtype)
     unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unfilled:  # a tensor the checkpoint format does not hold would otherwise stay without storage
         raise RuntimeError(f"lmmrt cannot initialise {unfilled} from {wpath}: they are not in the checkpoint format")

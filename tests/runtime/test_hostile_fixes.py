@@ -143,3 +143,34 @@ def test_demo_save_under_a_file_says_the_file_is_not_a_directory(tmp_path, capsy
     assert cli.main(["demo", "--save", str(out)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert err.strip() == f"lmmrt: error: cannot write {out}: {tmp_path / 'red.png'} is a file, not a directory", err
+
+
+# -- NaN / inf weights are refused at load, naming the tensors -----------------------------------------------
+
+def test_nonfinite_weights_are_refused_at_load_naming_the_keys(copy):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import lmmrt
+    from lmmrt.errors import CheckpointError
+
+    path = copy / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    keys = sorted(k for k, t in sd.items() if t.dim() == 2)[:2]
+    sd[keys[0]][1, 2] = float("nan")
+    sd[keys[1]][0, -1] = float("-inf")
+    save_file(sd, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: 2 tensor\(s\) hold NaN or inf values as loaded "
+                                              rf"in float32: {keys[0]}, {keys[1]} "):
+        lmmrt.load(copy, device="cpu")
+
+
+@pytest.mark.parametrize("template", ["{foo}{image}", "<x>{image}{}", "{image}{ image }"])
+def test_image_prompt_template_fields_other_than_image_are_refused(copy, template):
+    import lmmrt
+
+    _set_config(copy, image_prompt_template=template)
+    with pytest.raises(ValueError, match=r"image_prompt_template = .*: \{.*\} is not a field; \{image\} is the only"):
+        lmmrt.load(copy, device="cpu")
