@@ -11,8 +11,9 @@ GQA: H query heads share KV key/value heads, query head h reading kv head h // (
 ALiBi (MPT): slope_h * (key slot - query slot) is added to the scores, the query sitting at slot
 key_end - 1; the slot stands in for the position, since left padding shifts keys and queries alike.
 
-File layout: reference (also the CPU path), launch configurations, the Triton split-K kernel and
-its combine kernel, their launcher and torch.library op, then the public dispatching op.
+File layout: reference (also the CPU path), launch configurations, the Triton split-K kernel, its
+launcher (the combine kernel, shared with cross-attention decode, is in triton_common) and
+torch.library op, then the public dispatching op.
 Accumulation is fp32; the output is q's dtype.
 """
 
@@ -77,6 +78,10 @@ from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E40
 from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
 from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
 from lmmrt.kernels.triton_common import sm_count as _sm_count  # noqa: E402
+
+# a module global of its own name, so tests can spy on the launches of this op's combine step
+from lmmrt.kernels.triton_common import split_softmax_combine_kernel as _decode_attention_combine_kernel  # noqa: E402
+from lmmrt.kernels.triton_common import split_workspaces as _split_workspaces  # noqa: E402
 from lmmrt.kernels.triton_common import tl, triton  # noqa: E402
 
 # Pipelined K+V tiles stay within this many bytes of shared memory: well under sm_80's 163 KiB
@@ -183,32 +188,6 @@ def _decode_attention_kernel(
         tl.store(WS_ACC + ws[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
-@_jit
-def _decode_attention_combine_kernel(
-    WS_ACC, WS_M, WS_L, O, so_b, so_h, so_d, H,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    NEG_INIT: tl.constexpr,
-):
-    # grid: (batch * heads,). Log-sum-exp merge of the split partials.
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    ws = pid.to(tl.int64) * NUM_SPLITS + offs_s
-    m_s = tl.load(WS_M + ws, mask=s_ok, other=NEG_INIT)
-    l_s = tl.load(WS_L + ws, mask=s_ok, other=0.0)
-    acc_s = tl.load(WS_ACC + ws[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    m = tl.max(m_s, 0)
-    w = tl.exp2(m_s - m)  # empty splits have l = 0 and acc = 0, whatever their weight
-    l_tot = tl.sum(w * l_s, 0)
-    acc = tl.sum(w[:, None] * acc_s, 0)
-    out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
-    tl.store(O + b.to(tl.int64) * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-
-
 def _decode_attention_launch(q, k_cache, v_cache, key_start, key_end, alibi_slopes, out,
                              scale: float, num_splits: int) -> None:
     B, H, dh = q.shape
@@ -223,10 +202,7 @@ def _decode_attention_launch(q, k_cache, v_cache, key_start, key_end, alibi_slop
     dev_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with dev_ctx:
         if splits > 1:
-            # through torch's allocator: inside a CUDA-graph capture this is the graph's pool
-            ws_acc = torch.empty((B * H * splits, cfg["BLOCK_D"]), dtype=torch.float32, device=q.device)
-            ws_m = torch.empty((B * H * splits,), dtype=torch.float32, device=q.device)
-            ws_l = torch.empty_like(ws_m)
+            ws_acc, ws_m, ws_l = _split_workspaces(B * H * splits, cfg["BLOCK_D"], q.device)
         else:
             ws_acc = ws_m = ws_l = out  # never touched
         _decode_attention_kernel[(B * KV, splits)](

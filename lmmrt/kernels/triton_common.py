@@ -1,5 +1,6 @@
 """What the Triton kernel files share: the guarded import (the package and its torch paths work
-without triton), online-softmax constants, and launch-heuristic helpers."""
+without triton), online-softmax constants, launch-heuristic helpers, and the flash-decoding
+split workspaces with their combine kernel."""
 
 from __future__ import annotations
 
@@ -61,3 +62,38 @@ def interpreted(device) -> bool:
 
 def jit(fn):
     return triton.jit(fn) if triton is not None else fn
+
+
+def split_workspaces(rows: int, block_d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 (acc, max, sum) partials of `rows` (program, split) slots for split_softmax_combine_kernel.
+    Allocated through torch's allocator: inside a CUDA-graph capture this is the graph's pool."""
+    ws_acc = torch.empty((rows, block_d), dtype=torch.float32, device=device)
+    ws_m = torch.empty((rows,), dtype=torch.float32, device=device)
+    return ws_acc, ws_m, torch.empty_like(ws_m)
+
+
+@jit
+def split_softmax_combine_kernel(
+    WS_ACC, WS_M, WS_L, O, so_b, so_h, so_d, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    NEG_INIT: tl.constexpr,
+):
+    # grid: (batch * heads,). Log-sum-exp merge of the split partials (decode attention and the
+    # cross-attention decode kernel write the same layout: slot (b * H + h) * NUM_SPLITS + split).
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    ws = pid.to(tl.int64) * NUM_SPLITS + offs_s
+    m_s = tl.load(WS_M + ws, mask=s_ok, other=NEG_INIT)
+    l_s = tl.load(WS_L + ws, mask=s_ok, other=0.0)
+    acc_s = tl.load(WS_ACC + ws[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(m_s, 0)
+    w = tl.exp2(m_s - m)  # empty splits have l = 0 and acc = 0, whatever their weight
+    l_tot = tl.sum(w * l_s, 0)
+    acc = tl.sum(w[:, None] * acc_s, 0)
+    out = tl.where(l_tot > 0, acc / tl.where(l_tot > 0, l_tot, 1.0), 0.0)
+    tl.store(O + b.to(tl.int64) * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
