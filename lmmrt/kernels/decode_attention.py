@@ -79,7 +79,7 @@ from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
 from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
 from lmmrt.kernels.triton_common import sm_count as _sm_count  # noqa: E402
 
-# a module global of its own name, so tests can spy on the launches of this op's combine step
+# (the shared split combine under this op's own name: tests spy on its launches here)
 from lmmrt.kernels.triton_common import split_softmax_combine_kernel as _decode_attention_combine_kernel  # noqa: E402
 from lmmrt.kernels.triton_common import split_workspaces as _split_workspaces  # noqa: E402
 from lmmrt.kernels.triton_common import tl, triton  # noqa: E402

@@ -11,8 +11,9 @@ The tanh gate is not applied here: it is folded into the output projection at lo
 Media K/V of all sequences are packed along the first axis; sequence b owns media
 `media_start[b] : media_start[b] + media_count[b]`.
 
-File layout: reference (also the CPU path), then launch configurations, the Triton kernels, their
-launcher and torch.library op, then the public dispatching op.
+File layout: reference (also the CPU path), then launch configurations, the launcher of the Triton
+kernels (in masked_cross_attention_kernels.py) and its torch.library op, then the public
+dispatching op.
 
 Kernels (backend "triton"), chosen by T:
 - prefill (T > 1): one program per (query block, batch, head); the key range of the block is
@@ -89,22 +90,22 @@ def masked_cross_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton launch
 # ---------------------------------------------------------------------------------------------
+# The kernels (and the shared split combine, under this op's own name) are module globals of this
+# file: the launcher looks them up here, so tests can spy on each launch.
+from lmmrt.kernels.masked_cross_attention_kernels import _xattn_decode_kernel, _xattn_prefill_kernel  # noqa: E402
 from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa: E402
 from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
 from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
 from lmmrt.kernels.triton_common import NEG_INIT as _NEG_INIT  # noqa: E402
 from lmmrt.kernels.triton_common import attention_tiles as _attention_tiles  # noqa: E402
 from lmmrt.kernels.triton_common import interpreted as _interpreted  # noqa: E402
-from lmmrt.kernels.triton_common import jit as _jit  # noqa: E402
 from lmmrt.kernels.triton_common import next_pow2 as _next_pow2  # noqa: E402
 from lmmrt.kernels.triton_common import sm_count as _sm_count  # noqa: E402
-
-# a module global of its own name, so tests can spy on the launches of this op's combine step
 from lmmrt.kernels.triton_common import split_softmax_combine_kernel as _xattn_decode_combine_kernel  # noqa: E402
 from lmmrt.kernels.triton_common import split_workspaces as _split_workspaces  # noqa: E402
-from lmmrt.kernels.triton_common import tl, triton  # noqa: E402
+from lmmrt.kernels.triton_common import triton  # noqa: E402
 
 
 def _prefill_config(T: int, dh: int, dtype: torch.dtype, device) -> dict:
@@ -140,166 +141,6 @@ def _decode_config(BH: int, N: int, L: int, dh: int, cumulative: bool, device) -
     n_splits = max(1, min(target, triton.cdiv(key_bound, min_keys), 128))
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=n_splits,
                 num_warps=4 if block_d <= 64 else 8, num_stages=1 if _interpreted(device) else 3)
-
-
-@_jit
-def _xattn_row_ranges(tt, valid_row, cnt, CUMULATIVE: tl.constexpr):
-    """Per-row media ordinal range [lo, hi] (1-based, inclusive; empty when hi < lo) and whether
-    the row is an OpenFlamingo cumulative no-media row (uniform average: all scores 0)."""
-    if CUMULATIVE:
-        uniform = valid_row & (tt == 0)
-        hi = tl.where(uniform, cnt, tl.minimum(tt, cnt))
-        hi = tl.where(valid_row & (tt >= 0), hi, 0)
-        lo = tl.where(hi >= 1, 1, cnt + 1)
-    else:
-        uniform = valid_row & (tt < 0)  # never true; keeps both modes' return types alike
-        ok = valid_row & (tt >= 1) & (tt <= cnt)
-        lo = tl.where(ok, tt, cnt + 1)
-        hi = tl.where(ok, tt, 0)
-    return lo, hi, uniform
-
-
-@_jit
-def _xattn_prefill_kernel(
-    Q, K, V, TT, MS, MC, O,
-    sq_b, sq_t, sq_h, sq_d,
-    sk_n, sk_l, sk_h, sk_d,
-    sv_n, sv_l, sv_h, sv_d,
-    stt_b, stt_t, sms_b, smc_b,
-    so_b, so_t, so_h, so_d,
-    T, H, L, qk_scale,
-    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # grid: (query blocks, batch * heads). The key range is derived here from text_time: the keys
-    # of the sequence's media are addressed as one flat index g = (ordinal - 1) * L + l, and the
-    # block loops over the union [min lo, max hi] of its rows' media, masking per row. Rows of one
-    # block may see different media (immediate) or different prefixes (cumulative).
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < T
-    d_mask = offs_d < HEAD_DIM
-
-    tt = tl.load(TT + b * stt_b + offs_m * stt_t, mask=row_ok, other=0).to(tl.int32)
-    start = tl.load(MS + b * sms_b).to(tl.int64)
-    cnt = tl.load(MC + b * smc_b).to(tl.int32)
-    lo, hi, uniform = _xattn_row_ranges(tt, row_ok, cnt, CUMULATIVE)
-    g_start = (tl.min(lo, 0) - 1) * L
-    g_end = tl.max(hi, 0) * L  # <= g_start when no row of the block sees any media
-
-    b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
-                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for g0 in tl.range(g_start, g_end, BLOCK_N):
-        g = g0 + offs_n
-        key_ok = g < g_end
-        media = g // L  # 0-based ordinal within the sequence
-        lat = g - media * L
-        row = start + media  # packed media index (int64)
-        kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
-        ordinal = media + 1
-        allowed = key_ok[None, :] & (ordinal[None, :] >= lo[:, None]) & (ordinal[None, :] <= hi[:, None])
-        if CUMULATIVE:
-            s = tl.where(uniform[:, None], 0.0, s)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # rows that saw no key (immediate: no media; padding) have l_i == 0: zero output
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    tl.store(O + b64 * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-
-
-@_jit
-def _xattn_decode_kernel(
-    Q, K, V, TT, MS, MC, O, WS_ACC, WS_M, WS_L,
-    sq_b, sq_h, sq_d,
-    sk_n, sk_l, sk_h, sk_d,
-    sv_n, sv_l, sv_h, sv_d,
-    stt_b, sms_b, smc_b,
-    so_b, so_h, so_d,
-    H, L, qk_scale,
-    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NEG_INIT: tl.constexpr,
-):
-    # grid: (batch * heads, splits). One query row: a tl.dot would need >= 16 rows, so scores are
-    # an elementwise product + row sum (decode is bound by reading K/V anyway). Split s handles the
-    # s-th BLOCK_N-aligned chunk of the row's key range; with NUM_SPLITS == 1 it writes the output,
-    # otherwise its (max, sum, acc) partial goes to the workspace for _xattn_decode_combine_kernel.
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    one = tl.arange(0, 1)
-
-    tt = tl.load(TT + b * stt_b + one).to(tl.int32)  # (1,) keeps every per-row value a tensor
-    start = tl.load(MS + b * sms_b).to(tl.int64)
-    cnt = tl.load(MC + b * smc_b).to(tl.int32)
-    lo, hi, uniform = _xattn_row_ranges(tt, one == 0, cnt, CUMULATIVE)
-    lo = tl.max(lo, 0)
-    hi = tl.max(hi, 0)
-    g_lo = (lo - 1) * L
-    g_hi = tl.maximum(hi * L, g_lo)
-    chunk = tl.cdiv(tl.cdiv(g_hi - g_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    s_lo = tl.minimum(g_lo + split * chunk, g_hi)
-    s_hi = tl.minimum(s_lo + chunk, g_hi)
-
-    b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sq_b + h * sq_h + offs_d * sq_d, mask=d_mask, other=0.0).to(tl.float32)
-    m_i = tl.full([1], NEG_INIT, tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for g0 in tl.range(s_lo, s_hi, BLOCK_N):
-        g = g0 + offs_n
-        key_ok = g < s_hi
-        media = g // L
-        lat = g - media * L
-        row = start + media
-        kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], 1) * qk_scale
-        if CUMULATIVE:
-            s = tl.where(uniform, 0.0, s)
-        s = tl.where(key_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m_i = m_new
-
-    if NUM_SPLITS == 1:
-        out = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
-        tl.store(O + b64 * so_b + h * so_h + offs_d * so_d, out.to(O.dtype.element_ty), mask=d_mask)
-    else:
-        ws = pid_bh.to(tl.int64) * NUM_SPLITS + split
-        tl.store(WS_M + ws + one, m_i)
-        tl.store(WS_L + ws + one, l_i)
-        tl.store(WS_ACC + ws * BLOCK_D + offs_d, acc)
 
 
 def _masked_cross_attention_launch(q, k, v, text_time, media_start, media_count, out,
