@@ -7,20 +7,22 @@ connector, only the two encoders whose pooled outputs are compared.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from lmmrt.errors import ConfigError
-from lmmrt.models.config import ACTIVATIONS, FORMAT_VERSION, VisionConfig
+from lmmrt.models.config import FORMAT_VERSION
 from lmmrt.models.config_fields import (
     MAX_DIM,
     MAX_LAYERS,
     MAX_SEQ_LEN,
     MAX_VOCAB,
+    JsonConfig,
+    check_known_fields,
     choice,
     integer,
     real,
 )
+from lmmrt.models.part_configs import ACTIVATIONS, VisionConfig
 
 CLIP_FAMILY = "clip"
 # Where the text tower pools, as transformers' CLIPTextTransformer decides it from the config's
@@ -65,7 +67,7 @@ class ClipTextConfig:
 
 
 @dataclass
-class ClipConfig:
+class ClipConfig(JsonConfig):
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(output="all_tokens", resize="resize_crop_hf",
                                                                       act="quick_gelu"))
     text: ClipTextConfig = field(default_factory=ClipTextConfig)
@@ -89,33 +91,15 @@ class ClipConfig:
         choice(self.family, "family", (CLIP_FAMILY,))
         self.format_version = integer(self.format_version, "format_version", lo=1, hi=FORMAT_VERSION)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d, *, where: str = "config.json") -> ClipConfig:
-        """A config from parsed config.json; every problem is a ConfigError that starts with `where`."""
-        try:
-            return cls._from_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-
-    @classmethod
-    def _from_dict(cls, d) -> ClipConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"must hold a JSON object of config fields, not {type(d).__name__}")
-        d = dict(d)
+    def _from_dict(cls, d: dict) -> ClipConfig:
         kw = {}
         for name, klass in (("vision", VisionConfig), ("text", ClipTextConfig)):
             sub = d.pop(name, None)
             if not isinstance(sub, dict):
                 raise ConfigError(f"{name}: must be a JSON object of {klass.__name__} fields"
                                   + ("" if sub is None else f", not {type(sub).__name__}"))
-            unknown = set(sub) - {f.name for f in dataclasses.fields(klass)}
-            if unknown:
-                raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
+            check_known_fields(sub, klass, part=name)
             kw[name] = klass(**sub)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown fields {sorted(unknown)}")
+        check_known_fields(d, cls)
         return cls(**kw, **d)

@@ -7,6 +7,7 @@ is more likely broken than meant, and every later use assumes the exact type.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -88,3 +89,29 @@ def real_triple(value, name: str, *, positive: bool) -> tuple[float, float, floa
         raise ConfigError(f"{name} = {_show(value)}: must be three numbers (one per RGB channel)")
     return tuple(real(v, f"{name}[{i}]", lo=0.0 if positive else None, lo_open=positive)
                  for i, v in enumerate(value))
+
+
+def check_known_fields(d: dict, klass, *, part: str | None = None) -> None:
+    """A ConfigError naming the keys of `d` that are not fields of the dataclass `klass` (a typo must not
+    be silently dropped); `part` names the sub-config they were found in."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(klass)}
+    if unknown:
+        raise ConfigError(f"unknown {part + ' ' if part else ''}fields {sorted(unknown)}")
+
+
+class JsonConfig:
+    """to_dict / from_dict of a top-level config dataclass (ModelConfig, ClipConfig); each subclass builds
+    itself from a copy of the parsed JSON object in `_from_dict`."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, *, where: str = "config.json"):
+        """A config from parsed config.json; every problem is a ConfigError that starts with `where`."""
+        try:
+            if not isinstance(d, dict):
+                raise ConfigError(f"must hold a JSON object of config fields, not {type(d).__name__}")
+            return cls._from_dict(dict(d))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
