@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmmrt.kernels.cpu_linear import linear
 from lmmrt.kernels.decode_attention import decode_attention
 from lmmrt.models.config import DecoderConfig
 from lmmrt.models.layers import activation, make_norm
@@ -248,7 +249,7 @@ class Decoder(nn.Module):
             x = self.norm(x)
         if self.edges is not None:
             x = self.edges.layer_output(x)
-        return F.linear(x, w)
+        return linear(x, w)
 
     def _cached(self, name: str, device, build):
         # Per-device constants (RoPE inverse frequencies, ALiBi slopes), built on first use: not

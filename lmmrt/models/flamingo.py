@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lmmrt.kernels.cpu_linear import use_cpu_linears
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.decoder import Decoder, StepContext
 from lmmrt.models.perceiver import PerceiverResampler
@@ -36,20 +37,16 @@ class FlamingoModel(nn.Module):
             if hasattr(m, "backend"):
                 m.backend = backend
 
-    @torch.no_grad()
     def use_decode_weight_layout(self) -> None:
-        """On the CPU, hold the decoder's and cross-attention blocks' linear weights input-major:
-        the (in, out) transpose is contiguous and the parameter, still (out, in), a strided view of
-        it. A decode step multiplies one row per sequence by each weight, and the CPU BLAS streams
-        an input-major matrix through that product faster: about 1.8x for the LM head, 1.35x
-        decode tokens/s at batch 1 on the CPU proxy (bench/bench_cpu_proxy.py's model). Values
-        and shapes are unchanged; checkpoint writers store them contiguous. On CUDA: nothing."""
+        """On the CPU, the decoder's and cross-attention blocks' linear layers run through oneDNN,
+        each weight in the layout oneDNN streams fastest for its shape (lmmrt/kernels/cpu_linear.py):
+        a decode step multiplies one row per sequence by each weight, so the step is bound by how
+        fast the weights stream. Values and shapes are unchanged; checkpoint writers store them
+        contiguous. On CUDA: nothing."""
         if self.device.type != "cpu":
             return
         for part in (self.decoder, self.xattn):
-            for m in part.modules():
-                if isinstance(m, nn.Linear) and m.weight.is_contiguous():
-                    m.weight.data = m.weight.data.t().contiguous().t()
+            use_cpu_linears(part)
 
     def fold_gates(self) -> None:
         for blk in self.xattn:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from lmmrt.kernels.cpu_linear import use_cpu_linears
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.decoder import Decoder, StepContext
 from lmmrt.models.flamingo import FlamingoModel
@@ -82,15 +83,12 @@ class SpliceModel(nn.Module):
             if hasattr(m, "backend"):
                 m.backend = backend
 
-    @torch.no_grad()
     def use_decode_weight_layout(self) -> None:
-        """On the CPU, the decoder's linear weights input-major, as FlamingoModel does (same
+        """On the CPU, the decoder's linear layers through oneDNN, as FlamingoModel does (same
         values and shapes; the decode step's one-row products run faster). On CUDA: nothing."""
         if self.device.type != "cpu":
             return
-        for m in self.decoder.modules():
-            if isinstance(m, nn.Linear) and m.weight.is_contiguous():
-                m.weight.data = m.weight.data.t().contiguous().t()
+        use_cpu_linears(self.decoder)
 
     def fold_gates(self) -> None:
         """Nothing to fold: splice models have no gated blocks."""
