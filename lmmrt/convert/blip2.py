@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmmrt.convert.common import SourceWeights, convert_state, read_source_json, source_config_path
+from lmmrt.convert.common import SourceWeights, convert_state, read_hf_source_config, read_source_json
 from lmmrt.convert.llava import CHAT_TEMPLATE
 from lmmrt.convert.llava import _chat_template as chat_template
 from lmmrt.convert.llava import _tokenizer as marker_tokenizer
@@ -151,12 +151,7 @@ def opt_map(prefix: str, d: DecoderConfig) -> dict[str, list[str]]:
 def read_blip2_config(src: Path, *, any_lm: bool = False) -> dict:
     """config.json of a BLIP-2 directory; unless `any_lm` (MiniGPT-4 reads only the ViT and the
     Q-Former), its LM must be OPT."""
-    cfg_path = source_config_path(src, "a transformers Blip2ForConditionalGeneration directory")
-    hf = read_source_json(cfg_path, "a transformers BLIP-2 config (a JSON object)")
-    if "decoder" in hf and "model_type" not in hf:
-        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
-    if hf.get("model_type") != "blip-2":
-        raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'blip-2'")
+    hf = read_hf_source_config(src, architecture="Blip2ForConditionalGeneration", model="BLIP-2", model_type="blip-2")
     t = hf.get("text_config") or {}
     if any_lm:
         return hf

@@ -47,6 +47,19 @@ def source_config_path(src: Path, what: str) -> Path:
     return src / "config.json"
 
 
+def read_hf_source_config(src: Path, *, architecture: str, model: str, model_type: str,
+                          expected_note: str = "") -> dict:
+    """The config.json of a transformers `architecture` directory as a dict, refusing an
+    lmmrt checkpoint given as the source (no conversion needed) and a config of another model_type."""
+    cfg_path = source_config_path(src, f"a transformers {architecture} directory")
+    hf = read_source_json(cfg_path, f"a transformers {model} config (a JSON object)")
+    if "decoder" in hf and "model_type" not in hf:
+        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
+    if hf.get("model_type") != model_type:
+        raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected {model_type!r}{expected_note}")
+    return hf
+
+
 def torch_load_weights_only(path: Path) -> dict:
     """A torch pickle file, read with weights_only=True: tensors and plain containers only."""
     check_readable(path)

@@ -17,8 +17,7 @@ from lmmrt.convert.common import (
     convert_state,
     find_tokenizer_json,
     llama_layers_map,
-    read_source_json,
-    source_config_path,
+    read_hf_source_config,
 )
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
@@ -119,12 +118,7 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
                   progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None]:
     """Read a transformers IDEFICS directory: (lmmrt config, lmmrt state dict, tokenizer.json or None)."""
     src = Path(src_dir)
-    cfg_path = source_config_path(src, "a transformers IdeficsForVisionText2Text directory")
-    hf = read_source_json(cfg_path, "a transformers IDEFICS config (a JSON object)")
-    if "decoder" in hf and "model_type" not in hf:
-        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
-    if hf.get("model_type") != "idefics":
-        raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'idefics'")
+    hf = read_hf_source_config(src, architecture="IdeficsForVisionText2Text", model="IDEFICS", model_type="idefics")
     tok_json = find_tokenizer_json(src)
     tok_image_id = None
     fake_id = None

@@ -26,8 +26,8 @@ from lmmrt.convert.common import (
     convert_state,
     find_tokenizer_json,
     llama_layers_map,
+    read_hf_source_config,
     read_source_json,
-    source_config_path,
 )
 from lmmrt.convert.hf_lm import lm_spec
 from lmmrt.errors import CheckpointError
@@ -169,13 +169,8 @@ def _chat_template(src: Path) -> bytes | None:
 def llava_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, progress: bool = True):
     """Read a LLaVA directory: (lmmrt config, lmmrt state dict, tokenizer or None, chat template or None)."""
     src = Path(src_dir)
-    cfg_path = source_config_path(src, "a transformers LlavaForConditionalGeneration directory")
-    hf = read_source_json(cfg_path, "a transformers LLaVA config (a JSON object)")
-    if "decoder" in hf and "model_type" not in hf:
-        raise ValueError(f"{src} is already an lmmrt checkpoint: load it with lmmrt.load, no conversion needed")
-    if hf.get("model_type") != "llava":
-        raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'llava' "
-                         f"(LlavaForConditionalGeneration)")
+    hf = read_hf_source_config(src, architecture="LlavaForConditionalGeneration", model="LLaVA", model_type="llava",
+                               expected_note=" (LlavaForConditionalGeneration)")
     vocab = _section(hf, "text_config").get("vocab_size", 32000)
     tok, image_id = _tokenizer(src, hf.get("image_token_id", hf.get("image_token_index")), vocab)
     pre_path = src / "preprocessor_config.json"
