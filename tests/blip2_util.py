@@ -4,22 +4,10 @@ the BLIP-2 and MiniGPT-4 tests."""
 from __future__ import annotations
 
 import torch
+from random_init import randomize  # also imported from here by the BLIP-2 / MiniGPT-4 tests
 
 IMAGE_TOKEN_ID = 3  # an id of the tiny vocabulary, as processors add "<image>" to the tokenizer
 N_QUERIES = 5
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random and non-zero: norms near 1, biases and weights small."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def tiny_blip2(seed: int = 0, *, opt: dict | None = None, cross_attention_frequency: int = 2):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from random_init import randomize_parameters
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "car", "red", "big", "small", ".", "picture", "on", "table",
          "blue", "tiny", "very"]
@@ -44,18 +45,15 @@ def tiny_clip(seed: int = 0, *, legacy_eos: bool = False, open_clip_shapes: bool
                            image_size=28, patch_size=7, hidden_act="quick_gelu" if open_clip_shapes else "gelu"),
         projection_dim=24)
     model = CLIPModel(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "logit_scale":
-                p.fill_(1.7)
-            elif name.endswith("weight") and p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomize_parameters(model, torch.Generator().manual_seed(seed + 1), special=_fixed_logit_scale)
     return model
+
+
+def _fixed_logit_scale(name: str, p: torch.nn.Parameter) -> bool:
+    if name != "logit_scale":
+        return False
+    p.fill_(1.7)
+    return True
 
 
 def save_tiny_clip(path: Path, seed: int = 0, *, legacy_eos: bool = False):

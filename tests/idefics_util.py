@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from random_init import randomize_parameters
 
 
 def tiny_idefics_config(*, qk_layer_norms=False, alpha_type="float", cross_layer_interval=1,
@@ -31,17 +32,15 @@ def tiny_idefics(seed=0, **kw):
     cfg = tiny_idefics_config(**kw)
     model = IdeficsForVisionText2Text(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                # zeros at construction (alpha_initializer="normal" crashes), then non-zero gates
-                p.copy_((torch.rand(p.shape, generator=g) * 0.8 + 0.4) * torch.sign(torch.randn(p.shape, generator=g)))
-            elif name.endswith("weight") and p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+    def nonzero_gates(name: str, p: torch.nn.Parameter) -> bool:
+        if not name.endswith(("alpha_cross_attn", "alpha_dense")):
+            return False
+        # zeros at construction (alpha_initializer="normal" crashes), then non-zero gates
+        p.copy_((torch.rand(p.shape, generator=g) * 0.8 + 0.4) * torch.sign(torch.randn(p.shape, generator=g)))
+        return True
+
+    randomize_parameters(model, g, special=nonzero_gates)
     return model
 
 

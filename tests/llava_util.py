@@ -4,6 +4,7 @@ biases, LLaMA with grouped-query attention; every weight, norm and bias non-zero
 from __future__ import annotations
 
 import torch
+from random_init import randomize
 
 IMAGE_ID = 90  # inside the LM's vocabulary of 96, as llava-hf's <image> (32000 of 32064)
 VOCAB = 96
@@ -30,15 +31,7 @@ def tiny_llava(seed=0, **kw):
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_llava_config(**kw)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomize(model, seed + 1)
     return model
 
 
