@@ -12,14 +12,16 @@ from lmmrt.cli_options import DTYPE_OPTION, POSITIVE_INT, TOKEN_ID, HelpFormatte
 
 # name -> (help, function adding the arguments, handler); converters for other formats add here.
 CONVERTERS: dict = {}
+OUT_HELP = "output directory (lmmrt format); must not exist unless --force"
+DTYPE_AS_SOURCE_HELP = "store weights in this dtype (default: as in the source)"
 
 
 def _add_idefics(p):
     p.add_argument("src", help="a transformers IdeficsForVisionText2Text directory: config.json, the safetensors "
                    "weights (one file or sharded) and tokenizer.json. The tokenizer.json is copied into the output; "
                    "without one the converted model takes prompts as token ids only (the Python API), not text")
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
-    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+    p.add_argument("out", help=OUT_HELP)
+    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
     p.add_argument("--image-token-id", type=TOKEN_ID, default=None,
                    help="id of the <image> marker, needed only without tokenizer.json "
                         "(default: IDEFICS's convention, the last additional token)")
@@ -39,7 +41,7 @@ CONVERTERS["idefics"] = ("convert a transformers IDEFICS checkpoint", _add_idefi
 
 
 def _add_openflamingo(p):
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("out", help=OUT_HELP)
     p.add_argument("--checkpoint", required=True, help="OpenFlamingo checkpoint.pt (read with weights_only=True)")
     p.add_argument("--lm", required=True, help="the base language model: a transformers directory "
                    "(MptForCausalLM, GPTNeoXForCausalLM or LlamaForCausalLM). Its tokenizer.json is copied into "
@@ -85,13 +87,13 @@ def _add_clip(p):
                    "sharded, or pytorch_model*.bin), tokenizer.json and preprocessor_config.json when present; or an "
                    "open_clip CLIP state dict file (.safetensors, .bin, .pt). Without a tokenizer the converted model "
                    "embeds images only")
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("out", help=OUT_HELP)
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to put in the output (open_clip files have "
                    "none: e.g. the one of openai/clip-vit-base-patch32); default: the source directory's")
     p.add_argument("--act", default=None, choices=["quick_gelu", "gelu"],
                    help="open_clip files only, which do not record it: the activation (default: quick_gelu, as "
                         "OpenAI's weights use)")
-    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
 
 
 def _cmd_convert_clip(args) -> int:
@@ -127,8 +129,8 @@ def _add_llava(p):
     p.add_argument("src", help="a transformers LlavaForConditionalGeneration directory (LLaVA-1.5): config.json, "
                    "the weights (safetensors, one file or sharded, or pytorch_model*.bin), tokenizer.json (given an "
                    "<image> token when it has none) and, when present, the chat template (kept)")
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
-    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+    p.add_argument("out", help=OUT_HELP)
+    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
 
 
 CONVERTERS["llava"] = ("convert a transformers LLaVA-1.5 checkpoint (LlavaForConditionalGeneration)", _add_llava,
@@ -140,8 +142,8 @@ def _add_blip2(p):
                    "(Flan-T5 ones are refused): config.json, the weights (safetensors, one file or sharded, or "
                    "pytorch_model*.bin), tokenizer.json (given an <image> token when it has none) and "
                    "preprocessor_config.json (image mean/std) when present")
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
-    p.add_argument("--dtype", **DTYPE_OPTION, help="store weights in this dtype (default: as in the source)")
+    p.add_argument("out", help=OUT_HELP)
+    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
 
 
 CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2ForConditionalGeneration)",
@@ -149,7 +151,7 @@ CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2
 
 
 def _add_minigpt4(p):
-    p.add_argument("out", help="output directory (lmmrt format); must not exist unless --force")
+    p.add_argument("out", help=OUT_HELP)
     p.add_argument("--blip2", required=True, help="a transformers Blip2ForConditionalGeneration directory: its ViT "
                    "and Q-Former (any BLIP-2 LM; the LM itself is not used)")
     p.add_argument("--checkpoint", required=True, help="MiniGPT-4's .pth checkpoint (read with weights_only=True): "
