@@ -114,12 +114,11 @@ class LlamaLayer(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.wqkv(self.attn_norm(x))
-        q, k, v = qkv.split([cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim], -1)
-        q = q.view(b, t, cfg.heads, cfg.head_dim)
-        k = k.view(b, t, cfg.kv_heads, cfg.head_dim)
+        qk, v = qkv.split([(cfg.heads + cfg.kv_heads) * cfg.head_dim, cfg.kv_heads * cfg.head_dim], -1)
+        # q and k rotated together: one apply_rope per layer (its ops are per call, not per head)
+        q, k = apply_rope(qk.view(b, t, cfg.heads + cfg.kv_heads, cfg.head_dim), *ctx.rope).split(
+            [cfg.heads, cfg.kv_heads], 2)
         v = v.view(b, t, cfg.kv_heads, cfg.head_dim)
-        cos, sin = ctx.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         h, x = self.mlp_norm.add(self.wo(cached_attention(q, k, v, ctx, k_cache, v_cache)), x)
         g, u = self.w13(h).chunk(2, dim=-1)
         return x + self.w2(self.act(g) * u)
