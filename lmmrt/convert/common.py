@@ -5,6 +5,9 @@ and checking the result against the model lmmrt will build, naming every bad key
 from __future__ import annotations
 
 import math
+import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -63,14 +66,17 @@ def read_hf_source_config(src: Path, *, architecture: str, model: str, model_typ
 def torch_load_weights_only(path: Path) -> dict:
     """A torch pickle file, read with weights_only=True: tensors and plain containers only."""
     check_readable(path)
+    # mmap needs the zip format; older files (and a zip cut short) get a plain, still weights_only read
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # mmap needs the zip format; older files fall back to a plain (still weights_only) read
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as a weights-only torch file "
-                              f"(lmmrt never unpickles arbitrary objects): {e}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        found = isinstance(e, pickle.UnpicklingError) and re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # torch's own message suggests weights_only=False, which lmmrt never does
+            raise CheckpointError(f"{path} holds a pickled object ({found.group(1)}), not only tensors and "
+                                  f"plain containers: lmmrt refuses to unpickle objects") from None
+        raise CheckpointError(f"{path}: truncated or corrupted torch file ({first})") from None
 
 
 class SourceWeights:

@@ -229,3 +229,22 @@ def test_cli_prints_a_converter_warning_as_one_lmmrt_line(single, tmp_path, caps
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("lmmrt: warning: ") and "has no tokenizer.json" in lines[0], err
     assert "UserWarning" not in err and "warnings.warn" not in err
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["truncated zip", "truncated legacy", "pickled object"])
+def test_bad_torch_file_is_one_checkpoint_error(tmp_path, kind):
+    from lmmrt.convert.common import torch_load_weights_only
+
+    path = tmp_path / "pytorch_model.bin"
+    obj = {"w": _NotATensor()} if kind == "pickled object" else {"w": torch.randn(5, 3)}
+    torch.save(obj, str(path), _use_new_zipfile_serialization=kind != "truncated legacy")
+    if kind != "pickled object":
+        path.write_bytes(path.read_bytes()[:-40])
+    want = "refuses to unpickle objects" if kind == "pickled object" else "truncated or corrupted torch file"
+    with pytest.raises(CheckpointError, match=f"{path}.*{want}") as e:
+        torch_load_weights_only(path)
+    assert "weights_only=False" not in str(e.value)  # torch's hint to unpickle anyway is not passed on
