@@ -6,6 +6,8 @@ one marker id per image, which the batch builder then expands to the connector's
   markers right after BOS move before it.
 - minigpt4: MiniGPT-4's get_context_emb splits the prompt at "<ImageHere>", tokenizes each piece
   on its own, with BOS on the first piece only, and puts one image between consecutive pieces.
+  Its marker id is the tokenizer's <unk>, so text that itself tokenizes to <unk> (an unknown word,
+  a literal "<unk>") cannot be told from an image slot: such a prompt is refused, naming the text.
 Other families tokenize the prompt as it is.
 """
 
@@ -25,7 +27,12 @@ def _pieces(tokenizer, text: str, marker_text: str, marker: int) -> list[int]:
     ids: list[int] = []
     pieces = text.split(marker_text)
     for i, piece in enumerate(pieces):
-        ids += tokenizer.encode(piece, add_special_tokens=i == 0)
+        piece_ids = tokenizer.encode(piece, add_special_tokens=i == 0)
+        if marker in piece_ids:
+            raise ValueError(f"the prompt text {piece.strip()!r} has a token the tokenizer reads as its image "
+                             f"marker id {marker} (unknown to the vocabulary, or the marker token itself); "
+                             f"only {marker_text!r} may stand for an image: reword it")
+        ids += piece_ids
         if i < len(pieces) - 1:
             ids.append(marker)
     return ids

@@ -143,3 +143,12 @@ def test_checkpoint_without_llama_proj(minigpt4, tmp_path):
 
     with pytest.raises(CheckpointError, match="llama_proj.weight, llama_proj.bias"):
         convert_minigpt4(root / "blip2", tmp_path / "bad.pth", root / "vicuna", tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("prompt, images", [("###human: <image> describe", 1), ("zzzz cat", 0),
+                                            ("<img><ImageHere></img> what is <unk>", 1)])
+def test_text_that_tokenizes_to_the_marker_is_refused(minigpt4, prompt, images):
+    """<unk> is the marker id: only <ImageHere> may become an image slot, never unknown words."""
+    _, model, _ = minigpt4
+    with pytest.raises(ValueError, match="reads as its image marker id 0.*only '<ImageHere>'"):
+        lmmrt.logits(model, [prompt], [[_image(8)] * images])
