@@ -28,7 +28,7 @@ from lmmrt.models.clip_config import ClipConfig, ClipTextConfig
 from lmmrt.models.config import VisionConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
 from lmmrt.runtime.tokenizer import Tokenizer
-from lmmrt.runtime.weights import describe_key_problems
+from lmmrt.runtime.weights import FiniteCheck, describe_key_problems
 
 # Source tensors lmmrt does not need: position-id buffers (arange) and open_clip's causal mask, which
 # some files carry.
@@ -126,12 +126,15 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[st
 
         items = tqdm(items, desc="converting", unit="tensor")
     out = {}
+    finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if name in transposed:
             t = t.T
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
+        finite.add(" + ".join(srcs), out[name])
+    finite.check(where, dtype or out[name].dtype)
     return out
 
 

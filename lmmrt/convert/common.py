@@ -18,6 +18,7 @@ from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.safetensors_file import check_readable, why_missing
 from lmmrt.runtime.weights import (
     CheckpointError,
+    FiniteCheck,
     check_state,
     describe_key_problems,
     open_safetensors,
@@ -250,6 +251,7 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
         from tqdm import tqdm
 
         items = tqdm(items, desc="converting", unit="tensor")
+    finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -258,6 +260,8 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
         if name in reshape:
             t = t.reshape(reshape[name])
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
+        finite.add(" + ".join(srcs), out[name])
+    finite.check("the source checkpoint", dtype or out[name].dtype)
     check_state({k: tuple(v.shape) for k, v in out.items()}, model, "the converted state")
     return out
 

@@ -184,3 +184,18 @@ def test_open_clip_file_without_text_tower_is_refused(tmp_path):
     save_file(sd, str(tmp_path / "visual.safetensors"))
     with pytest.raises(CheckpointError, match="no token_embedding.weight: an open_clip CLIP state dict"):
         convert_clip(tmp_path / "visual.safetensors", tmp_path / "out", progress=False)
+
+
+def test_non_finite_source_weights_are_refused(source, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (src / f).write_bytes((source / f).read_bytes())
+    sd = load_file(str(source / "model.safetensors"))
+    sd["text_model.final_layer_norm.bias"][2] = float("inf")
+    save_file(sd, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="1 tensor.* NaN or inf .*text_model.final_layer_norm.bias"):
+        convert_clip(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

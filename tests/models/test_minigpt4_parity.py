@@ -152,3 +152,15 @@ def test_text_that_tokenizes_to_the_marker_is_refused(minigpt4, prompt, images):
     _, model, _ = minigpt4
     with pytest.raises(ValueError, match="reads as its image marker id 0.*only '<ImageHere>'"):
         lmmrt.logits(model, [prompt], [[_image(8)] * images])
+
+
+def test_non_finite_source_weights_are_refused_at_convert(minigpt4, tmp_path, capsys):
+    ref, _, root = minigpt4
+    weight = ref.proj.weight.data.clone()
+    weight[3, 5] = float("nan")
+    torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": ref.proj.bias.data}}, tmp_path / "nan.pth")
+    rc = main(["convert", "minigpt4", "--blip2", str(root / "blip2"), "--checkpoint", str(tmp_path / "nan.pth"),
+               "--lm", str(root / "vicuna"), str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert "NaN or inf" in err and "checkpoint:llama_proj.weight" in err
