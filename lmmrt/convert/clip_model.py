@@ -10,6 +10,7 @@ preprocessor_config.json when the directory has one, else CLIP's defaults.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -179,5 +180,8 @@ def convert_clip(src: str | Path, out_dir: str | Path, *, tokenizer: str | Path 
     if tokenizer is not None:
         Tokenizer.from_file(tokenizer)  # a broken file is reported before the conversion
     cfg, state, tok_json = clip_state(src, dtype=dtype, act=act, progress=progress)
+    if tokenizer is None and tok_json is None:
+        warnings.warn(f"{src} has no tokenizer.json: the model will embed images only. Give a tokenizer.json "
+                      f"(--tokenizer) to embed texts too.", stacklevel=2)
     return save_checkpoint(out_dir, cfg, state, tokenizer=tokenizer or tok_json, sources=sources, force=force,
                            metadata={"source": "clip", "source_path": Path(src).name})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -160,6 +161,13 @@ class SourceWeights:
 def find_tokenizer_json(src: Path) -> Path | None:
     p = Path(src) / "tokenizer.json"
     return p if p.exists() else None
+
+
+def warn_no_tokenizer(src: Path, marker: str, marker_id: int) -> None:
+    """A conversion without tokenizer.json succeeds, but its model takes no text: said at convert time."""
+    warnings.warn(f"{src} has no tokenizer.json: the model will take prompts as token ids only, not text, and "
+                  f"{marker} is taken to be token id {marker_id}. Copy the model's tokenizer.json into {src} "
+                  f"(or into the converted checkpoint) to use text prompts.", stacklevel=3)
 
 
 def _dry_run_shape(shapes: list[tuple], transform, reshape_to) -> tuple:

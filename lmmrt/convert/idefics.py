@@ -6,7 +6,6 @@ one matrix each, the decoupled extra-token embedding and head are concatenated o
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from lmmrt.convert.common import (
     find_tokenizer_json,
     llama_layers_map,
     read_hf_source_config,
+    warn_no_tokenizer,
 )
 from lmmrt.models.config import DecoderConfig, ModelConfig, PerceiverConfig, VisionConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
@@ -134,9 +134,7 @@ def idefics_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, imag
         # IDEFICS's convention: <image> is the last additional token.
         image_id = hf.get("vocab_size", 32000) + hf.get("additional_vocab_size", 0) - 1
     if tok_json is None:
-        warnings.warn(f"{src} has no tokenizer.json: the model will take prompts as token ids only, not text, and "
-                      f"<image> is taken to be token id {image_id}. Copy the model's tokenizer.json into {src} "
-                      f"(or into the converted checkpoint) to use text prompts.", stacklevel=2)
+        warn_no_tokenizer(src, "<image>", image_id)
     cfg = config_from_hf(hf, image_id)
     if fake_id is not None:
         cfg.image_prompt_template = "<fake_token_around_image>{image}<fake_token_around_image>"

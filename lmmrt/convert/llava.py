@@ -28,6 +28,7 @@ from lmmrt.convert.common import (
     llama_layers_map,
     read_hf_source_config,
     read_source_json,
+    warn_no_tokenizer,
 )
 from lmmrt.convert.hf_lm import lm_spec
 from lmmrt.errors import CheckpointError
@@ -134,6 +135,7 @@ def _tokenizer(src: Path, image_token_id: int | None, vocab: int):
         if image_token_id is None:
             raise CheckpointError(f"{src} has no tokenizer.json and config.json no image_token_id: the id of "
                                   f"the {IMAGE_TOKEN} marker is unknown")
+        warn_no_tokenizer(src, IMAGE_TOKEN, image_token_id)
         return None, image_token_id
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer

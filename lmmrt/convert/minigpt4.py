@@ -29,7 +29,13 @@ from lmmrt.convert.blip2 import (
     vision_map,
     vision_qformer_reshapes,
 )
-from lmmrt.convert.common import SourceWeights, convert_state, find_tokenizer_json, torch_load_weights_only
+from lmmrt.convert.common import (
+    SourceWeights,
+    convert_state,
+    find_tokenizer_json,
+    torch_load_weights_only,
+    warn_no_tokenizer,
+)
 from lmmrt.convert.hf_lm import lm_spec, read_hf_config
 from lmmrt.convert.llava import CHAT_TEMPLATE
 from lmmrt.convert.llava import _chat_template as chat_template
@@ -116,7 +122,10 @@ def minigpt4_state(blip2_dir, checkpoint, lm_dir, *, dtype: torch.dtype | None =
     connector = qformer_config(hf.get("qformer_config") or {}, queries=hf.get("num_query_tokens", 32),
                                vision_width=vision.width, out_dim=spec.cfg.dim)
     proj = read_llama_proj(checkpoint)
-    image_id = _marker_id(find_tokenizer_json(lm_dir), lm_hf.get("unk_token_id", 0), spec.cfg.vocab_size)
+    tok_json = find_tokenizer_json(lm_dir)
+    image_id = _marker_id(tok_json, lm_hf.get("unk_token_id", 0), spec.cfg.vocab_size)
+    if tok_json is None:
+        warn_no_tokenizer(lm_dir, IMAGE_TOKEN, image_id)
     # left padding must not read as image positions: LLaMA configs often pad with <unk> (0)
     pad_id = spec.pad_token_id if spec.pad_token_id not in (None, image_id) else spec.eos_token_id
     cfg = ModelConfig(

@@ -5,6 +5,7 @@ BLIP-2's resize without crop on a non-square image."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,3 +123,11 @@ def test_bad_keys_named(source, tmp_path):
     for key in ("qformer.encoder.layer.0.crossattention.attention.key.weight", "qformer.extra.weight",
                 "language_model.model.decoder.layers.0.fc1.weight"):
         assert key in msg
+
+
+def test_source_without_tokenizer_warns_at_convert(source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source[1], src)
+    (src / "tokenizer.json").unlink()
+    with pytest.warns(UserWarning, match="has no tokenizer.json: .*token ids only"):
+        convert_blip2(src, tmp_path / "out", progress=False)

@@ -199,3 +199,12 @@ def test_non_finite_source_weights_are_refused(source, tmp_path):
     with pytest.raises(CheckpointError, match="1 tensor.* NaN or inf .*text_model.final_layer_norm.bias"):
         convert_clip(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_source_without_tokenizer_warns_at_convert(source, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (src / f).symlink_to(source / f)
+    with pytest.warns(UserWarning, match="has no tokenizer.json: the model will embed images only"):
+        convert_clip(src, tmp_path / "out", progress=False)

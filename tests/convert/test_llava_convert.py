@@ -123,3 +123,10 @@ def test_source_errors(source, tmp_path):
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")).save(str(src / "tokenizer.json"))
     with pytest.raises(CheckpointError, match=rf"<image> is token {VOCAB}, outside the LM's vocabulary of {VOCAB}"):
         convert_llava(src, tmp_path / "out", progress=False)
+
+
+def test_source_without_tokenizer_warns_at_convert(source, tmp_path):
+    _, src = source  # the fixture's source has no tokenizer.json
+    with pytest.warns(UserWarning, match=f"has no tokenizer.json: .*token ids only.*<image> is taken to be token id "
+                                         f"{IMAGE_ID}"):
+        convert_llava(src, tmp_path / "out", progress=False)

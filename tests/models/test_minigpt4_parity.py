@@ -164,3 +164,16 @@ def test_non_finite_source_weights_are_refused_at_convert(minigpt4, tmp_path, ca
     assert rc == 2 and not (tmp_path / "out").exists()
     err = capsys.readouterr().err
     assert "NaN or inf" in err and "checkpoint:llama_proj.weight" in err
+
+
+def test_lm_without_tokenizer_warns_at_convert(minigpt4, tmp_path):
+    _, _, root = minigpt4
+    lm = tmp_path / "vicuna"
+    lm.mkdir()
+    for f in (root / "vicuna").iterdir():
+        if f.name != "tokenizer.json":
+            (lm / f.name).symlink_to(f)
+    from lmmrt.convert.minigpt4 import convert_minigpt4
+
+    with pytest.warns(UserWarning, match="has no tokenizer.json: .*<ImageHere> is taken to be token id 0"):
+        convert_minigpt4(root / "blip2", root / "ckpt.pth", lm, tmp_path / "out", progress=False)
