@@ -166,6 +166,18 @@ def expand_feature_markers(ids: list[int], marker: int, n: int) -> list[int]:
     return out
 
 
+def _expanded_markers_hint(ids: list[int], cfg) -> str:
+    """Why a splice prompt may have too many markers: a processor's output, one per feature."""
+    run = longest = 0
+    for t in ids:
+        run = run + 1 if t == cfg.image_token_id else 0
+        longest = max(longest, run)
+    if longest < 2:
+        return ""
+    return (f"; {longest} of them stand in a row, as markers a processor has already expanded do: write one "
+            f"marker per image (lmmrt expands each to the {cfg.media_tokens} feature positions itself)")
+
+
 def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     cfg = model.config
     prompts = normalize_prompts(prompts)
@@ -190,6 +202,14 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     # one marker per image as written; a splice model's markers then become feature positions
     markers = [ids.count(cfg.image_token_id) for ids in ids_list]
     splice = cfg.media_feed == "splice"
+    # the marker count is checked before the context: processor-expanded markers are named as such,
+    # not reported as a prompt too long
+    per_prompt_images = normalize_images(images, markers)
+    for i, (ids, imgs) in enumerate(zip(ids_list, per_prompt_images)):
+        if markers[i] != len(imgs):
+            raise ValueError(f"prompt {i} has {markers[i]} media marker(s) ({cfg.image_token!r}, id "
+                             f"{cfg.image_token_id}) but {len(imgs)} image(s) were given for it"
+                             f"{_expanded_markers_hint(ids, cfg) if splice else ''}")
     if splice:
         ids_list = [expand_feature_markers(ids, cfg.image_token_id, cfg.media_tokens) for ids in ids_list]
     limit = cfg.decoder.max_seq_len
@@ -199,15 +219,10 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
             raise ValueError(f"prompt {i} has {len(ids)} tokens{each}; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + max_new_tokens}, beyond the model's context of {limit} tokens")
 
-    per_prompt_images = normalize_images(images, markers)
     media: list[torch.Tensor] = []
     media_time: list[int] = []
     starts, counts, text_times = [], [], []
     for i, (ids, imgs) in enumerate(zip(ids_list, per_prompt_images)):
-        n_markers = markers[i]
-        if n_markers != len(imgs):
-            raise ValueError(f"prompt {i} has {n_markers} media marker(s) ({cfg.image_token!r}, id "
-                             f"{cfg.image_token_id}) but {len(imgs)} image(s) were given for it")
         starts.append(len(media))
         counts.append(len(imgs))
         for j, img in enumerate(imgs):

@@ -100,3 +100,13 @@ def test_marker_and_image_count_errors(pair, pixels):
     many = [1] + [IMAGE_ID] * 16
     with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens \(each image counting \d+\)"):
         lmmrt.generate(model, [many], [[pixels[0]] * 16], max_new_tokens=4)
+
+
+def test_processor_expanded_markers_are_named_before_the_context(pair, pixels):
+    _, out = pair
+    model = lmmrt.load(out, device="cpu", backend="torch")
+    n = model.config.media_tokens
+    ids = expanded([1, IMAGE_ID, 5, 6], n)  # what LLaVA's processor gives for one image
+    with pytest.raises(ValueError, match=f"prompt 0 has {n} media marker.* but 1 image.*{n} of them stand in a "
+                                         f"row.*already expanded.*one marker per image"):
+        lmmrt.generate(model, [ids], [[pixels[0]]], max_new_tokens=4)
