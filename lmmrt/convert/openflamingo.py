@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from lmmrt.convert.clip import open_vision, vision_config, vision_weight_map
-from lmmrt.convert.common import SourceWeights, convert_state, read_source_json
+from lmmrt.convert.common import SourceWeights, convert_state, read_source_json, torch_load_weights_only
 from lmmrt.convert.hf_lm import LMSpec, lm_spec, read_hf_config
 from lmmrt.models.config import ModelConfig, PerceiverConfig, XAttnConfig
 from lmmrt.runtime.checkpoint_writer import check_output_path, save_checkpoint
-from lmmrt.runtime.safetensors_file import check_readable, why_missing
+from lmmrt.runtime.safetensors_file import why_missing
 from lmmrt.runtime.weights import CheckpointError
 
 EOC_TOKEN, IMAGE_TOKEN, PAD_TOKEN = "<|endofchunk|>", "<image>", "<PAD>"
@@ -65,14 +65,7 @@ def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         w.add_safetensors(path)  # a truncated or corrupted file is named, not a raw SafetensorError
         sd = {k: w.get(k) for k in w.keys()}
     else:
-        check_readable(path)
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"{path} cannot be loaded with torch.load(weights_only=True): it holds something other than "
-                f"tensors and plain containers, and lmmrt never unpickles arbitrary objects. "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        sd = torch_load_weights_only(path)  # a truncated file and a pickled object are told apart
     if isinstance(sd, dict) and isinstance(sd.get("model_state_dict"), dict):
         sd = sd["model_state_dict"]
     elif isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

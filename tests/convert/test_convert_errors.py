@@ -153,13 +153,17 @@ def test_every_missing_vision_tensor_named(tiny_mpt, tmp_path):
         vision_weight_map(src, vision_config(src))
 
 
-@pytest.mark.parametrize("kind", ["truncated safetensors", "directory"])
+@pytest.mark.parametrize("kind", ["truncated safetensors", "truncated pt", "directory"])
 def test_unreadable_openflamingo_checkpoint_is_named(tmp_path, kind):
     from lmmrt.convert.openflamingo import read_openflamingo_checkpoint
 
     if kind == "directory":
         path = tmp_path / "checkpoint.pt"
         path.mkdir()
+    elif kind == "truncated pt":
+        path = tmp_path / "checkpoint.pt"
+        torch.save({"perceiver.latents": torch.randn(4, 8)}, str(path))
+        path.write_bytes(path.read_bytes()[:-16])
     else:
         path = tmp_path / "checkpoint.safetensors"
         save_file({"perceiver.latents": torch.randn(4, 8)}, str(path))
