@@ -177,3 +177,12 @@ def test_lm_without_tokenizer_warns_at_convert(minigpt4, tmp_path):
 
     with pytest.warns(UserWarning, match="has no tokenizer.json: .*<ImageHere> is taken to be token id 0"):
         convert_minigpt4(root / "blip2", root / "ckpt.pth", lm, tmp_path / "out", progress=False)
+
+
+def test_truncated_checkpoint_exits_2_naming_it(minigpt4, tmp_path, capsys):
+    _, _, root = minigpt4
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((root / "ckpt.pth").read_bytes()[:-64])
+    rc = main(["convert", "minigpt4", "--blip2", str(root / "blip2"), "--checkpoint", str(cut),
+               "--lm", str(root / "vicuna"), str(tmp_path / "out"), "--quiet"])
+    assert rc == 2 and f"{cut}: truncated or corrupted torch file" in capsys.readouterr().err
