@@ -14,20 +14,11 @@ from lmmrt.models.vision import VisionEncoder
 from lmmrt.models.xattn import GatedCrossAttention, MediaContext
 
 
-class FlamingoModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.vision = VisionEncoder(cfg.vision)
-        self.perceiver = PerceiverResampler(cfg.perceiver) if cfg.perceiver is not None else None
-        self.decoder = Decoder(cfg.decoder)
-        bad = [i for i in cfg.xattn.layers if not 0 <= i < cfg.decoder.layers]
-        if bad:
-            raise ValueError(f"cross-attention placed before decoder layers {bad}, but the decoder has "
-                             f"{cfg.decoder.layers} layers")
-        self.xattn = nn.ModuleList(GatedCrossAttention(cfg) for _ in cfg.xattn.layers)
-        self.xattn_at = {layer: j for j, layer in enumerate(cfg.xattn.layers)}
-        self.backend = "torch"
+class MediaLanguageModel(nn.Module):
+    """What every model the decode engine runs shares, whatever feeds the media to the LM
+    (cross-attention blocks here, embeddings spliced into the prompt in lmmrt.models.splice):
+    subclasses set `decoder`, `xattn` (empty when there are no gated blocks) and `xattn_at`
+    (decoder layer -> block index)."""
 
     # --- setup ----------------------------------------------------------------------------------
     def set_backend(self, backend: str) -> None:
@@ -60,6 +51,37 @@ class FlamingoModel(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.embed.weight.device
 
+    def run_decoder(self, x: torch.Tensor, ctx: StepContext, kv_cache, media: MediaContext,
+                    logits_for: str) -> torch.Tensor:
+        """Input embeddings x (B, T, D) through the decoder layers, each gated block before its
+        layer -> float32 logits (B, T, V) ("all") or (B, V) ("last"), filling kv_cache."""
+        x = self.decoder.layer_input(x, ctx)
+        for i, layer in enumerate(self.decoder.layers):
+            j = self.xattn_at.get(i)
+            if j is not None:
+                x = self.xattn[j](x, media, j)
+            x = layer(x, ctx, kv_cache.k[i], kv_cache.v[i])
+        if logits_for == "last":
+            x = x[:, -1]
+        logits = self.decoder.head(x)
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+
+class FlamingoModel(MediaLanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.perceiver = PerceiverResampler(cfg.perceiver) if cfg.perceiver is not None else None
+        self.decoder = Decoder(cfg.decoder)
+        bad = [i for i in cfg.xattn.layers if not 0 <= i < cfg.decoder.layers]
+        if bad:
+            raise ValueError(f"cross-attention placed before decoder layers {bad}, but the decoder has "
+                             f"{cfg.decoder.layers} layers")
+        self.xattn = nn.ModuleList(GatedCrossAttention(cfg) for _ in cfg.xattn.layers)
+        self.xattn_at = {layer: j for j, layer in enumerate(cfg.xattn.layers)}
+        self.backend = "torch"
+
     # --- media ----------------------------------------------------------------------------------
     def encode_media(self, pixels: torch.Tensor, media_time: torch.Tensor | None = None) -> torch.Tensor:
         """pixels (M, F, 3, S, S) normalized -> media latents (M, L, media_dim)."""
@@ -78,13 +100,4 @@ class FlamingoModel(nn.Module):
     def forward(self, tokens: torch.Tensor, ctx: StepContext, kv_cache, media: MediaContext,
                 logits_for: str = "all") -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) ("all") or (B, V) ("last"), filling kv_cache."""
-        x = self.decoder.layer_input(self.decoder.embed(tokens), ctx)
-        for i, layer in enumerate(self.decoder.layers):
-            j = self.xattn_at.get(i)
-            if j is not None:
-                x = self.xattn[j](x, media, j)
-            x = layer(x, ctx, kv_cache.k[i], kv_cache.v[i])
-        if logits_for == "last":
-            x = x[:, -1]
-        logits = self.decoder.head(x)
-        return logits if logits.dtype == torch.float32 else logits.float()
+        return self.run_decoder(self.decoder.embed(tokens), ctx, kv_cache, media, logits_for)

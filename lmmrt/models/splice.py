@@ -22,10 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from lmmrt.kernels.cpu_linear import use_cpu_linears
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.decoder import Decoder, StepContext
-from lmmrt.models.flamingo import FlamingoModel
+from lmmrt.models.flamingo import FlamingoModel, MediaLanguageModel
 from lmmrt.models.layers import activation
 from lmmrt.models.qformer import QFormer
 from lmmrt.models.vision import VisionEncoder
@@ -63,7 +62,7 @@ CONNECTORS: dict[str, Callable[[ModelConfig], nn.Module]] = {"mlp": MlpConnector
                                                               "qformer": QFormer}
 
 
-class SpliceModel(nn.Module):
+class SpliceModel(MediaLanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.media_feed != "splice":
@@ -73,33 +72,8 @@ class SpliceModel(nn.Module):
         self.connector = CONNECTORS[cfg.connector.kind](cfg)
         self.decoder = Decoder(cfg.decoder)
         self.xattn = nn.ModuleList()  # no cross-attention blocks: the engine's media gathering skips them
+        self.xattn_at: dict[int, int] = {}
         self.backend = "torch"
-
-    # --- setup ----------------------------------------------------------------------------------
-    def set_backend(self, backend: str) -> None:
-        """Hand the backend name to every module that dispatches an op."""
-        self.backend = backend
-        for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
-
-    def use_decode_weight_layout(self) -> None:
-        """On the CPU, the decoder's linear layers through oneDNN, as FlamingoModel does (same
-        values and shapes; the decode step's one-row products run faster). On CUDA: nothing."""
-        if self.device.type != "cpu":
-            return
-        use_cpu_linears(self.decoder)
-
-    def fold_gates(self) -> None:
-        """Nothing to fold: splice models have no gated blocks."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed.weight.device
 
     # --- media ----------------------------------------------------------------------------------
     def encode_media(self, pixels: torch.Tensor, media_time: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,13 +102,7 @@ class SpliceModel(nn.Module):
             features = media.kv[0][0]
             marks = tokens == self.cfg.image_token_id
             x = x.masked_scatter(marks[..., None], features.to(x.dtype))
-        x = self.decoder.layer_input(x, ctx)
-        for i, layer in enumerate(self.decoder.layers):
-            x = layer(x, ctx, kv_cache.k[i], kv_cache.v[i])
-        if logits_for == "last":
-            x = x[:, -1]
-        logits = self.decoder.head(x)
-        return logits if logits.dtype == torch.float32 else logits.float()
+        return self.run_decoder(x, ctx, kv_cache, media, logits_for)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
