@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 
 from lmmrt.models.config import DecoderConfig
-from lmmrt.models.decoder import LAYERS, StepContext, cached_attention
-from lmmrt.models.layers import activation, make_norm
+from lmmrt.models.decoder import LAYERS, NeoxLayer, StepContext, cached_attention
 
 # transformers' OPTLearnedPositionalEmbedding: rows 0 and 1 were the padding index's in fairseq
 POSITION_OFFSET = 2
@@ -43,21 +42,12 @@ class OptEdges(nn.Module):
         return x if self.project_out is None else self.project_out(x)
 
 
-class OptLayer(nn.Module):
-    """One OPT decoder layer; `edges` builds the family's parts around the layers (Decoder)."""
+class OptLayer(NeoxLayer):
+    """One OPT decoder layer: NeoX's parameters (LayerNorm with bias, fused q/k/v rows, biased
+    linears) with its own forward (no rotary, sequential residual, optional post-norm); `edges`
+    builds the family's parts around the layers (Decoder)."""
 
     edges = OptEdges
-
-    def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.attn_norm = make_norm("ln", cfg.dim, cfg.norm_eps, True)
-        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.heads * cfg.head_dim, bias=True)  # q rows, k rows, v rows
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=True)
-        self.mlp_norm = make_norm("ln", cfg.dim, cfg.norm_eps, True)
-        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=True)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=True)
-        self.act = activation(cfg.act)
 
     def forward(self, x, ctx: StepContext, k_cache, v_cache):
         cfg = self.cfg
