@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmmrt.runtime.mllama_prompts import encode_mllama_prompt, image_spans, mllama_media
 from lmmrt.runtime.processor import preprocess_images
 from lmmrt.runtime.splice_prompts import encode_prompt
 
@@ -27,6 +28,11 @@ class Batch:
     media_start: torch.Tensor  # (B,) int32
     media_count: torch.Tensor  # (B,) int32
     media_time: torch.Tensor  # (N,) 0-based index of each media item in its prompt
+    # Mllama only (None for other families): media are (max_num_tiles, 3, S, S) tiled images
+    aspect_ratio_ids: torch.Tensor | None = None  # (N,) long, 1-based into supported_aspect_ratios
+    aspect_ratio_mask: torch.Tensor | None = None  # (N, max_num_tiles) long, 1 = a real tile
+    media_len: torch.Tensor | None = None  # (N,) int32 cross-attention keys of each image's real tiles
+    text_time_first: torch.Tensor | None = None  # (B, T) int32 first image each token sees (see mllama_prompts)
 
     @property
     def size(self) -> int:
@@ -188,7 +194,8 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
                 raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): put the "
                                  "checkpoint's tokenizer.json there, or pass prompts as lists of token ids "
                                  "(Python API)")
-            ids = encode_prompt(model.tokenizer, expand_image_markers(p, cfg), cfg)
+            ids = (encode_mllama_prompt(model.tokenizer, p, cfg) if cfg.family == "mllama"
+                   else encode_prompt(model.tokenizer, expand_image_markers(p, cfg), cfg))
         else:
             ids = p
         if len(ids) == 0:
@@ -219,33 +226,47 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
             raise ValueError(f"prompt {i} has {len(ids)} tokens{each}; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + max_new_tokens}, beyond the model's context of {limit} tokens")
 
-    media: list[torch.Tensor] = []
+    mllama = mllama_media(per_prompt_images, cfg.vision, model.device) if cfg.family == "mllama" else None
+    media: list[torch.Tensor] = [] if mllama is None else mllama.pixels
     media_time: list[int] = []
-    starts, counts, text_times = [], [], []
+    starts, counts, text_times, firsts = [], [], [], []
     for i, (ids, imgs) in enumerate(zip(ids_list, per_prompt_images)):
-        starts.append(len(media))
+        starts.append(sum(counts))
         counts.append(len(imgs))
         for j, img in enumerate(imgs):
-            media.append(media_item_pixels(img, cfg.vision, model.device, where=f"images[{i}][{j}]"))
+            if mllama is None:
+                media.append(media_item_pixels(img, cfg.vision, model.device, where=f"images[{i}][{j}]"))
             media_time.append(j)
         # media ordinals drive cross-attention masks; a splice model has none
-        text_times.append([0] * len(ids) if splice else
-                          media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
+        if mllama is not None:
+            tt, first = image_spans(ids, cfg.image_token_id)
+            text_times.append(tt)
+            firsts.append(first)
+        else:
+            text_times.append([0] * len(ids) if splice else
+                              media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
 
     B, T = len(ids_list), max(len(x) for x in ids_list)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     tt = torch.zeros((B, T), dtype=torch.int32)
     pad = torch.zeros(B, dtype=torch.long)
+    first = torch.zeros((B, T), dtype=torch.int32) if mllama is not None else None
     for b, (ids, t) in enumerate(zip(ids_list, text_times)):
         p = T - len(ids)
         pad[b] = p
         tokens[b, p:] = torch.tensor(ids)
         tt[b, p:] = torch.tensor(t, dtype=torch.int32)
+        if first is not None:
+            first[b, p:] = torch.tensor(firsts[b], dtype=torch.int32)
     dev = model.device
-    return Batch(
+    batch = Batch(
         tokens=tokens.to(dev), pad=pad.to(dev), lengths=[len(x) for x in ids_list], text_time=tt.to(dev),
         media=media, media_start=torch.tensor(starts, dtype=torch.int32, device=dev),
         media_count=torch.tensor(counts, dtype=torch.int32, device=dev),
         media_time=torch.tensor(media_time, dtype=torch.long, device=dev),
     )
+    if mllama is not None:
+        batch.aspect_ratio_ids, batch.aspect_ratio_mask = mllama.aspect_ratio_ids, mllama.aspect_ratio_mask
+        batch.media_len, batch.text_time_first = mllama.media_len, first.to(dev)
+    return batch

@@ -65,6 +65,11 @@ def encode_batch_media(model, batch: Batch) -> tuple[torch.Tensor | None, list]:
     module = model.module
     if not batch.media:
         return None, []
+    if batch.aspect_ratio_ids is not None:  # Mllama: every image is max_num_tiles tiles, one launch
+        px = torch.stack(batch.media).to(model.device)
+        latents = module.encode_media(px, batch.media_time, aspect_ratio_ids=batch.aspect_ratio_ids,
+                                      aspect_ratio_mask=batch.aspect_ratio_mask)
+        return latents, module.project_media(latents)
     n = len(batch.media)
     by_frames: dict[int, list[int]] = {}
     for i, px in enumerate(batch.media):
@@ -106,15 +111,19 @@ def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", m
         latents, kv = precomputed_media(model, batch, media_latents)
     if clock is not None and stats is not None:
         stats.extra["_media_marks"] = (before, clock.mark())
-    media = MediaContext(kv=kv, text_time=batch.text_time, media_start=batch.media_start,
-                         media_count=batch.media_count, any_media=bool(batch.media))
+    media = _media_context(batch, kv, slice(None))
     ctx = DecodePlan(module, batch).prefill_context(batch.tokens.shape[1])
     logits = module(batch.tokens, ctx, cache, media, logits_for=logits_for)
     # Decode tokens keep the media of the last prompt token (as the reference implementations do).
-    decode_media = MediaContext(kv=kv, text_time=batch.text_time[:, -1:].contiguous(),
-                                media_start=batch.media_start, media_count=batch.media_count,
-                                any_media=bool(batch.media))
-    return logits, decode_media
+    return logits, _media_context(batch, kv, slice(-1, None))
+
+
+def _media_context(batch: Batch, kv: list, tokens: slice) -> MediaContext:
+    """The MediaContext of the batch's `tokens` (all of the prompt, or its last token for decode)."""
+    mllama = {} if batch.text_time_first is None else dict(
+        text_time_first=batch.text_time_first[:, tokens].contiguous(), media_len=batch.media_len)
+    return MediaContext(kv=kv, text_time=batch.text_time[:, tokens].contiguous(), media_start=batch.media_start,
+                        media_count=batch.media_count, any_media=bool(batch.media), **mllama)
 
 
 class _Clock:
