@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmmrt.errors import ConfigError
 from lmmrt.runtime.processor import _to_uint8_hwc, pil_to_rgb
 
 RESAMPLERS = ("auto", "pil", "torch")
@@ -93,7 +94,7 @@ def _check_vision_config(vcfg) -> None:
     if declared is not None and [tuple(r) for r in declared] != list(tile_arrangements(vcfg.max_num_tiles)):
         # transformers' processor numbers the arrangements itself from max_num_tiles, whatever the model
         # config lists; a checkpoint whose list differs would read other tile embeddings than it expects
-        raise ValueError(f"vision.supported_aspect_ratios = {declared} is not the tile arrangement list that "
+        raise ConfigError(f"vision.supported_aspect_ratios = {declared} is not the tile arrangement list that "
                          f"Mllama's image processor numbers for max_num_tiles = {vcfg.max_num_tiles}: "
                          f"{[list(r) for r in tile_arrangements(vcfg.max_num_tiles)]}")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lmmrt.errors import ConfigError
 from lmmrt.runtime.mllama_image import (
     fit_to_canvas,
     optimal_canvas,
@@ -159,7 +160,7 @@ def test_bad_configs_and_options_are_refused():
     images = [np.ones((9, 9, 3), np.uint8)]
     with pytest.raises(ValueError, match="kind 'mllama'"):
         preprocess_mllama_images(images, SimpleNamespace(kind="clip", image_size=28), where="images")
-    with pytest.raises(ValueError, match="supported_aspect_ratios"):
+    with pytest.raises(ConfigError, match="supported_aspect_ratios"):
         preprocess_mllama_images(images, _vcfg(2, 28, supported_aspect_ratios=[[1, 1], [2, 1], [1, 2]]),
                                  where="images")
     with pytest.raises(ValueError, match="resampler"):
