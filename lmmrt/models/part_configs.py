@@ -31,8 +31,10 @@ ROPE_FAMILIES = ("llama", "neox")
 
 @dataclass
 class VisionConfig:
-    """CLIP ViT. `output`: "all_tokens" (IDEFICS: class + patches, no post-LN) or
-    "patch_tokens" (OpenFlamingo: patches only, no ln_post)."""
+    """The vision tower. `kind` "clip": a CLIP ViT; `output`: "all_tokens" (IDEFICS: class + patches,
+    no post-LN) or "patch_tokens" (OpenFlamingo: patches only, no ln_post). `kind` "mllama": Llama 3.2
+    Vision's tiled encoder (lmmrt.models.mllama_vision), which uses the common ViT fields and the
+    Mllama ones below; output, resize, feature_layers, patch_bias, ln_pre and ln_post are CLIP's only."""
 
     image_size: int = 224
     patch_size: int = 14
@@ -56,12 +58,23 @@ class VisionConfig:
     patch_bias: bool = False
     ln_pre: bool = True
     ln_post: bool = False
+    kind: str = "clip"
+    # Mllama only (0 / empty for CLIP): an image is up to max_num_tiles tiles of image_size, laid out as
+    # one of supported_aspect_ratios (tile grids; aspect_ratio_id i + 1 names entry i); global_layers
+    # gated layers follow the `layers` local ones; the features are the last global layer's output and
+    # the local layers' outputs at intermediate_layers (0-based), output_dim wide in all (0 -> derived).
+    max_num_tiles: int = 0
+    supported_aspect_ratios: list[list[int]] = field(default_factory=list)
+    global_layers: int = 0
+    intermediate_layers: list[int] = field(default_factory=list)
+    output_dim: int = 0
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Every field's type and range, and that the patches tile the image and heads split the width."""
+        choice(self.kind, "vision.kind", ("clip", "mllama"))
         self.image_size = integer(self.image_size, "vision.image_size", lo=1, hi=MAX_IMAGE_SIZE)
         self.patch_size = integer(self.patch_size, "vision.patch_size", lo=1, hi=self.image_size)
         if self.image_size % self.patch_size:
@@ -89,24 +102,78 @@ class VisionConfig:
         states = [i % (self.layers + 1) for i in self.feature_layers]  # -1 and `layers` are the same state
         if len(set(states)) != len(states):
             raise ConfigError(f"vision.feature_layers = {self.feature_layers}: names a hidden state twice")
+        if self.kind == "mllama":
+            self._validate_mllama()
+        else:
+            used = [name for name in _MLLAMA_FIELDS if getattr(self, name)]
+            if used:
+                raise ConfigError(f"vision.{used[0]} = {getattr(self, used[0])!r}: a Mllama field, but "
+                                  f"vision.kind = {self.kind!r} (leave it 0 / empty, or set kind \"mllama\")")
         if self.n_tokens > MAX_MEDIA_TOKENS:
             raise ConfigError(f"vision: {self.n_tokens} tokens per image (image_size {self.image_size}, "
                               f"patch_size {self.patch_size}); at most {MAX_MEDIA_TOKENS} are supported")
+
+    def _validate_mllama(self) -> None:
+        """The tile count, the tile grids (each fits in max_num_tiles, none twice), the layer indices,
+        and output_dim = width x (1 + len(intermediate_layers)): the features' width by construction."""
+        self.max_num_tiles = integer(self.max_num_tiles, "vision.max_num_tiles", lo=1, hi=MAX_MEDIA_TOKENS)
+        ratios = self.supported_aspect_ratios
+        if not isinstance(ratios, (list, tuple)) or not ratios:
+            raise ConfigError(f"vision.supported_aspect_ratios = {ratios!r}: must be a non-empty list of "
+                              f"[tiles, tiles] grids")
+        grids = []
+        for i, r in enumerate(ratios):
+            name = f"vision.supported_aspect_ratios[{i}]"
+            if not isinstance(r, (list, tuple)) or len(r) != 2:
+                raise ConfigError(f"{name} = {r!r}: must be a pair of tile counts")
+            a, b = (integer(n, f"{name}[{j}]", lo=1, hi=self.max_num_tiles) for j, n in enumerate(r))
+            if a * b > self.max_num_tiles:
+                raise ConfigError(f"{name} = {[a, b]}: {a * b} tiles, more than vision.max_num_tiles = "
+                                  f"{self.max_num_tiles}")
+            if [a, b] in grids:
+                raise ConfigError(f"{name} = {[a, b]}: listed twice")
+            grids.append([a, b])
+        self.supported_aspect_ratios = grids
+        self.global_layers = integer(self.global_layers, "vision.global_layers", lo=0, hi=MAX_LAYERS)
+        self.intermediate_layers = integer_list(self.intermediate_layers, "vision.intermediate_layers", lo=0,
+                                                hi=self.layers - 1, max_len=self.layers)
+        if not self.intermediate_layers:
+            raise ConfigError("vision.intermediate_layers: must name at least one local layer")
+        if len(set(self.intermediate_layers)) != len(self.intermediate_layers):
+            raise ConfigError(f"vision.intermediate_layers = {self.intermediate_layers}: names a layer twice")
+        width = self.width * (1 + len(self.intermediate_layers))
+        self.output_dim = integer(self.output_dim, "vision.output_dim", lo=0, hi=MAX_DIM) or width
+        if self.output_dim != width:
+            raise ConfigError(f"vision.output_dim = {self.output_dim}: the features are vision.width x "
+                              f"(1 + len(vision.intermediate_layers)) = {width} wide")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
     @property
+    def tile_tokens(self) -> int:
+        """Mllama: tokens per tile (the class token and the patches)."""
+        return self.grid * self.grid + 1
+
+    @property
     def feature_dim(self) -> int:
-        """Width of the features handed on: vision.width per selected hidden state."""
+        """Width of the features handed on: vision.width per selected hidden state (Mllama: output_dim)."""
+        if self.kind == "mllama":
+            return self.output_dim
         return self.width * len(self.feature_layers)
 
     @property
     def n_tokens(self) -> int:
-        """Tokens per frame handed to the perceiver (or straight to cross-attention)."""
+        """Tokens per frame handed to the perceiver (or straight to cross-attention); Mllama: per image,
+        every tile's (padding tiles included)."""
+        if self.kind == "mllama":
+            return self.max_num_tiles * self.tile_tokens
         n = self.grid * self.grid
         return n + 1 if self.output == "all_tokens" else n
+
+
+_MLLAMA_FIELDS = ("max_num_tiles", "supported_aspect_ratios", "global_layers", "intermediate_layers", "output_dim")
 
 
 @dataclass
