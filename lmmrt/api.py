@@ -10,6 +10,7 @@ from lmmrt.kernels.backend import requested_backend
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.flamingo import FlamingoModel
 from lmmrt.models.splice import SpliceModel
+from lmmrt.parallel.group import TensorParallel, check_tp
 from lmmrt.runtime import generate as _gen
 from lmmrt.runtime import text_output
 from lmmrt.runtime.static_decode import DecodeState, check_cuda_graph
@@ -36,12 +37,19 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 class Model:
-    """A loaded model: the torch module, its config, tokenizer, device, dtype and backend."""
+    """A loaded model: the torch module, its config, tokenizer, device, dtype and backend.
+
+    Under tensor parallelism (`tp`, this process's rank and the group size) `module` is this rank's
+    shard and `config` its per-rank config (heads and feed-forward widths divided by the group
+    size, which sizes the KV and media caches); the checkpoint's own config is `global_config`."""
 
     def __init__(self, module: FlamingoModel | SpliceModel, config: ModelConfig, tokenizer: Tokenizer | None,
-                 backend: str = "auto", path: str | None = None, cuda_graph: bool | str = "auto"):
+                 backend: str = "auto", path: str | None = None, cuda_graph: bool | str = "auto", *,
+                 tp: TensorParallel | None = None, global_config: ModelConfig | None = None):
         self.module = module.eval().requires_grad_(False)
         self.config = config
+        self.tp = tp
+        self.global_config = config if global_config is None else global_config
         self.tokenizer = tokenizer
         self.path = path
         self.backend = requested_backend(backend)
@@ -75,6 +83,12 @@ class Model:
         into the weights are stored so that they are not applied twice; see the README)."""
         from lmmrt.runtime.checkpoint_writer import save_checkpoint, state_for_saving
 
+        if self.tp is not None:
+            from lmmrt.parallel import TensorParallelError
+
+            raise TensorParallelError(f"this model is rank {self.tp.rank}'s shard of a tp={self.tp.size} model: "
+                                      f"save the checkpoint it was loaded from ({self.path}) or a model loaded "
+                                      f"without tp")
         template = Path(self.path) / CHAT_TEMPLATE if self.path else None
         extra = {CHAT_TEMPLATE: template.read_bytes()} if template is not None and template.is_file() else {}
         return save_checkpoint(path, self.config, state_for_saving(self.module), tokenizer=self.tokenizer,
@@ -85,8 +99,9 @@ class Model:
         c = self.config
         media = (f"splice {c.connector.kind} connector" if c.media_feed == "splice"
                  else f"xattn={len(c.xattn.layers)} blocks")
+        tp = "" if self.tp is None else f", tp rank {self.tp.rank} of {self.tp.size}"
         return (f"lmmrt.Model({c.family}, decoder={c.decoder.family} {c.decoder.layers}x{c.decoder.dim}, "
-                f"{media}, device={self.device}, dtype={self.dtype}, backend={self.backend})")
+                f"{media}, device={self.device}, dtype={self.dtype}, backend={self.backend}{tp})")
 
 
 def default_device() -> str:
@@ -115,7 +130,7 @@ def parse_device(device, *, option: str = "device") -> torch.device:
 
 
 def load(path, device=None, dtype=None, *, backend: str | None = None, progress: bool = False,
-         cuda_graph: bool | str = "auto") -> Model:
+         cuda_graph: bool | str = "auto", tp: int = 1) -> Model:
     """Load an lmmrt checkpoint directory (made by `lmmrt convert`), or a transformers IDEFICS
     directory, which is then converted in memory at every load (convert once to skip that).
     A CLIP checkpoint (`lmmrt convert clip`) loads as a ClipRuntime, for lmmrt.embed and
@@ -126,9 +141,17 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     (default: $LMMRT_BACKEND, else auto); cuda_graph: "auto" (default) decodes on CUDA with a
     fixed-shape step captured as a CUDA graph once per batch size and cache-length bucket (when
     every op of the step runs a kernel; eager elsewhere, and after a failed capture, with one
-    warning); True forces the fixed-shape step, False the eager step."""
+    warning); True forces the fixed-shape step, False the eager step.
+
+    tp: split the language model over this many processes (tensor parallelism, docs/tensor-parallel.md):
+    run one process per rank (`torchrun --nproc-per-node N`), each calling load, then generate / logits
+    with the same arguments; each rank reads only its slices of an lmmrt checkpoint, on CUDA GPU <local
+    rank> (NCCL), on the CPU with gloo. When any rank fails to load, every rank raises that error."""
     device = parse_device(device)
     backend = requested_backend(backend)
+    if check_tp(tp) > 1:
+        return _load_tensor_parallel(path, device, parse_dtype(dtype), backend=backend, progress=progress,
+                                     cuda_graph=cuda_graph, tp=tp)
     from lmmrt.runtime.embed import is_clip_checkpoint, load_clip
 
     if is_clip_checkpoint(path):  # embeddings only: see lmmrt.embed / lmmrt.zero_shot
@@ -141,6 +164,27 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     if tok is not None:
         check_image_token(tok, cfg, tokenizer_path=tok_path, config_path=Path(path) / CONFIG)
     return Model(module, cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph)
+
+
+def _load_tensor_parallel(path, device: torch.device, dtype: torch.dtype | None, *, backend: str, progress: bool,
+                          cuda_graph: bool | str, tp: int) -> Model:
+    """This rank's shard (lmmrt.parallel), or, when any rank failed, that failure raised on every rank."""
+    from lmmrt.parallel import agree_on_load, join_group, load_shard
+
+    group, device = join_group(tp, device)
+    model = error = None
+    try:
+        tok_path = Path(path) / TOKENIZER
+        tok = Tokenizer.from_file(tok_path) if tok_path.exists() or tok_path.is_symlink() else None
+        cfg, rank_cfg, module = load_shard(path, group, device=device, dtype=dtype, progress=progress)
+        if tok is not None:
+            check_image_token(tok, cfg, tokenizer_path=tok_path, config_path=Path(path) / CONFIG)
+        model = Model(module, rank_cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph, tp=group,
+                      global_config=cfg)
+    except Exception as e:
+        error = e
+    agree_on_load(group, error)
+    return model
 
 
 def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -161,6 +205,10 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     (prompt index, str) for several). Timings of the last call are in model.last_stats.
     """
     _check_generative(model)
+    if getattr(model, "tp", None) is not None and temperature > 0:
+        from lmmrt.parallel import broadcast_seed
+
+        seed = broadcast_seed(model.tp, seed)  # every rank must draw the same tokens
     return text_output.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,

@@ -176,21 +176,28 @@ def _fallback():
     return triton_impl if triton_impl is not None else masked_cross_attention_reference
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether the CUDA kernel takes this query (else the op falls back)."""
-    return q.dim() == 4 and q.shape[1] == 1 and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
+def supports(q: torch.Tensor, k: torch.Tensor, *, mode: str = "immediate",
+             media_len: torch.Tensor | None = None) -> bool:
+    """Whether the CUDA kernel takes this call (else the op falls back). The kernel implements the
+    immediate and cumulative modes with one kv head per query head and whole media items; Mllama's
+    options (mode "range", media_len, grouped-query k/v) go to the Triton kernel."""
+    return (q.dim() == 4 and q.shape[1] == 1 and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS
+            and mode in ("immediate", "cumulative") and media_len is None and k.shape[2] == q.shape[2])
 
 
 def masked_cross_attention_cuda(q, k, v, text_time, media_start, media_count, *, mode: str = "immediate",
+                                text_time_first: torch.Tensor | None = None, media_len: torch.Tensor | None = None,
                                 scale: float | None = None) -> torch.Tensor:
-    """The "cuda" backend entry: decode (T == 1, fp16/bf16, dh 64/96/128) on the kernel; prefill and
-    other dtypes / head dims on the Triton kernel when registered, else the torch reference."""
-    if supports(q):
+    """The "cuda" backend entry: decode (T == 1, fp16/bf16, dh 64/96/128, immediate or cumulative,
+    no media_len, no GQA) on the kernel; everything else on the Triton kernel when registered,
+    else the torch reference."""
+    if supports(q, k, mode=mode, media_len=media_len):
         # The kernel needs contiguous q/k/v (the Triton path takes any strides): no-ops for the
         # model's tensors, a copy for a strided caller's.
         return masked_cross_attention_decode(q.contiguous(), k.contiguous(), v.contiguous(), text_time,
                                              media_start, media_count, mode=mode, scale=scale)
-    return _fallback()(q, k, v, text_time, media_start, media_count, mode=mode, scale=scale)
+    return _fallback()(q, k, v, text_time, media_start, media_count, mode=mode, text_time_first=text_time_first,
+                       media_len=media_len, scale=scale)
 
 
 if _backend.cuda_kernels() is not None:

@@ -14,16 +14,27 @@ from __future__ import annotations
 from lmmrt.kernels.triton_common import jit as _jit
 from lmmrt.kernels.triton_common import tl
 
+# The kernels' MODE (constexpr) of each of the op's modes; the kernels test the numbers.
+MODE_IDS = {"immediate": 0, "cumulative": 1, "range": 2}
+
 
 @_jit
-def _xattn_row_ranges(tt, valid_row, cnt, CUMULATIVE: tl.constexpr):
+def _xattn_row_ranges(tt, ttf, valid_row, cnt, MODE: tl.constexpr):
     """Per-row media ordinal range [lo, hi] (1-based, inclusive; empty when hi < lo) and whether
-    the row is an OpenFlamingo cumulative no-media row (uniform average: all scores 0)."""
-    if CUMULATIVE:
+    the row is an OpenFlamingo cumulative no-media row (uniform average: all scores 0).
+    ttf (text_time_first) is read in range mode only."""
+    if MODE == 1:  # cumulative
         uniform = valid_row & (tt == 0)
         hi = tl.where(uniform, cnt, tl.minimum(tt, cnt))
         hi = tl.where(valid_row & (tt >= 0), hi, 0)
         lo = tl.where(hi >= 1, 1, cnt + 1)
+    elif MODE == 2:  # range
+        uniform = valid_row & (tt < 0)  # never true
+        lo = tl.maximum(ttf, 1)
+        hi = tl.minimum(tt, cnt)
+        ok = valid_row & (tt >= 1) & (lo <= hi)
+        lo = tl.where(ok, lo, cnt + 1)
+        hi = tl.where(ok, hi, 0)
     else:
         uniform = valid_row & (tt < 0)  # never true; keeps both modes' return types alike
         ok = valid_row & (tt >= 1) & (tt <= cnt)
@@ -34,24 +45,26 @@ def _xattn_row_ranges(tt, valid_row, cnt, CUMULATIVE: tl.constexpr):
 
 @_jit
 def _xattn_prefill_kernel(
-    Q, K, V, TT, MS, MC, O,
+    Q, K, V, TT, TTF, MS, MC, ML, O,
     sq_b, sq_t, sq_h, sq_d,
     sk_n, sk_l, sk_h, sk_d,
     sv_n, sv_l, sv_h, sv_d,
-    stt_b, stt_t, sms_b, smc_b,
+    stt_b, stt_t, sttf_b, sttf_t, sms_b, smc_b, sml_n,
     so_b, so_t, so_h, so_d,
-    T, H, L, qk_scale,
-    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, H, L, GROUP, qk_scale,
+    MODE: tl.constexpr, HAS_MEDIA_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # grid: (query blocks, batch * heads). The key range is derived here from text_time: the keys
     # of the sequence's media are addressed as one flat index g = (ordinal - 1) * L + l, and the
     # block loops over the union [min lo, max hi] of its rows' media, masking per row. Rows of one
-    # block may see different media (immediate) or different prefixes (cumulative).
+    # block may see different media (immediate), prefixes (cumulative) or runs (range). Keys past
+    # a media item's media_len are masked (their loads too); kv head = h // GROUP (GQA).
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    kvh = h // GROUP
     offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -59,9 +72,12 @@ def _xattn_prefill_kernel(
     d_mask = offs_d < HEAD_DIM
 
     tt = tl.load(TT + b * stt_b + offs_m * stt_t, mask=row_ok, other=0).to(tl.int32)
+    ttf = tt
+    if MODE == 2:
+        ttf = tl.load(TTF + b * sttf_b + offs_m * sttf_t, mask=row_ok, other=0).to(tl.int32)
     start = tl.load(MS + b * sms_b).to(tl.int64)
     cnt = tl.load(MC + b * smc_b).to(tl.int32)
-    lo, hi, uniform = _xattn_row_ranges(tt, row_ok, cnt, CUMULATIVE)
+    lo, hi, uniform = _xattn_row_ranges(tt, ttf, row_ok, cnt, MODE)
     g_start = (tl.min(lo, 0) - 1) * L
     g_end = tl.max(hi, 0) * L  # <= g_start when no row of the block sees any media
 
@@ -77,20 +93,22 @@ def _xattn_prefill_kernel(
         media = g // L  # 0-based ordinal within the sequence
         lat = g - media * L
         row = start + media  # packed media index (int64)
+        if HAS_MEDIA_LEN:
+            key_ok = key_ok & (lat < tl.load(ML + row * sml_n, mask=key_ok, other=0))
         kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
+        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + kvh * sk_h + offs_d[None, :] * sk_d,
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
         ordinal = media + 1
         allowed = key_ok[None, :] & (ordinal[None, :] >= lo[:, None]) & (ordinal[None, :] <= hi[:, None])
-        if CUMULATIVE:
+        if MODE == 1:
             s = tl.where(uniform[:, None], 0.0, s)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
+        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + kvh * sv_h + offs_d[None, :] * sv_d,
                     mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -103,15 +121,15 @@ def _xattn_prefill_kernel(
 
 @_jit
 def _xattn_decode_kernel(
-    Q, K, V, TT, MS, MC, O, WS_ACC, WS_M, WS_L,
+    Q, K, V, TT, TTF, MS, MC, ML, O, WS_ACC, WS_M, WS_L,
     sq_b, sq_h, sq_d,
     sk_n, sk_l, sk_h, sk_d,
     sv_n, sv_l, sv_h, sv_d,
-    stt_b, sms_b, smc_b,
+    stt_b, sttf_b, sms_b, smc_b, sml_n,
     so_b, so_h, so_d,
-    H, L, qk_scale,
-    CUMULATIVE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NEG_INIT: tl.constexpr,
+    H, L, GROUP, qk_scale,
+    MODE: tl.constexpr, HAS_MEDIA_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, NEG_INIT: tl.constexpr,
 ):
     # grid: (batch * heads, splits). One query row: a tl.dot would need >= 16 rows, so scores are
     # an elementwise product + row sum (decode is bound by reading K/V anyway). Split s handles the
@@ -122,15 +140,19 @@ def _xattn_decode_kernel(
     split = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    kvh = h // GROUP
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     one = tl.arange(0, 1)
 
     tt = tl.load(TT + b * stt_b + one).to(tl.int32)  # (1,) keeps every per-row value a tensor
+    ttf = tt
+    if MODE == 2:
+        ttf = tl.load(TTF + b * sttf_b + one).to(tl.int32)
     start = tl.load(MS + b * sms_b).to(tl.int64)
     cnt = tl.load(MC + b * smc_b).to(tl.int32)
-    lo, hi, uniform = _xattn_row_ranges(tt, one == 0, cnt, CUMULATIVE)
+    lo, hi, uniform = _xattn_row_ranges(tt, ttf, one == 0, cnt, MODE)
     lo = tl.max(lo, 0)
     hi = tl.max(hi, 0)
     g_lo = (lo - 1) * L
@@ -150,18 +172,20 @@ def _xattn_decode_kernel(
         media = g // L
         lat = g - media * L
         row = start + media
+        if HAS_MEDIA_LEN:
+            key_ok = key_ok & (lat < tl.load(ML + row * sml_n, mask=key_ok, other=0))
         kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + h * sk_h + offs_d[None, :] * sk_d,
+        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + kvh * sk_h + offs_d[None, :] * sk_d,
                     mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1) * qk_scale
-        if CUMULATIVE:
+        if MODE == 1:
             s = tl.where(uniform, 0.0, s)
         s = tl.where(key_ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + h * sv_h + offs_d[None, :] * sv_d,
+        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + kvh * sv_h + offs_d[None, :] * sv_d,
                     mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new

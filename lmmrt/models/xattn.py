@@ -24,8 +24,10 @@ from lmmrt.models.layers import activation, make_norm
 class MediaContext:
     """Per forward call: the media K/V of every block and which media each token sees.
 
-    kv[j] = (k, v) each (N, L, H, dh), all sequences' media packed; text_time (B, T) media ordinal
-    per token (0 = none); media_start, media_count (B,) each sequence's slice of the packed media."""
+    kv[j] = (k, v) each (N, L, KVH, dh), all sequences' media packed; text_time (B, T) media ordinal
+    per token (0 = none); media_start, media_count (B,) each sequence's slice of the packed media.
+    Mllama ("range" mask mode) adds text_time_first (B, T), the first media ordinal each token sees,
+    and media_len (N,) int32, the valid keys of each media item (its tiles, not the padding tiles)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     text_time: torch.Tensor
@@ -35,12 +37,17 @@ class MediaContext:
     # Decode only: each row's media keys gathered once per batch (see GatheredMedia), used instead
     # of the masked op when that op would run its torch reference.
     gathered: GatheredMedia | None = None
+    text_time_first: torch.Tensor | None = None
+    media_len: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> MediaContext:
-        """The context of the batch rows `rows` (a 1-D index tensor); the packed K/V are shared."""
+        """The context of the batch rows `rows` (a 1-D index tensor); the packed K/V (and media_len,
+        one entry per packed media item) are shared."""
         return MediaContext(kv=self.kv, text_time=self.text_time[rows], media_start=self.media_start[rows],
                             media_count=self.media_count[rows], any_media=self.any_media,
-                            gathered=None if self.gathered is None else self.gathered.select(rows))
+                            gathered=None if self.gathered is None else self.gathered.select(rows),
+                            text_time_first=None if self.text_time_first is None else self.text_time_first[rows],
+                            media_len=self.media_len)
 
 
 @dataclass
@@ -84,11 +91,11 @@ class GatedCrossAttention(nn.Module):
         xc, d = cfg.xattn, cfg.decoder.dim
         self.cfg = xc
         inner = xc.heads * xc.head_dim
-        idefics = xc.style == "idefics"
+        idefics = xc.style in ("idefics", "mllama")  # mllama blocks: IDEFICS's RMSNorms and SwiGLU
         norm_kind = "rms" if idefics else "ln"
         self.attn_norm = make_norm(norm_kind, d, xc.norm_eps)
         self.wq = nn.Linear(d, inner, bias=False)
-        self.wkv = nn.Linear(xc.media_dim, 2 * inner, bias=False)  # k rows, then v rows
+        self.wkv = nn.Linear(xc.media_dim, 2 * xc.kv_heads * xc.head_dim, bias=False)  # k rows, then v rows
         self.wo = nn.Linear(inner, d, bias=False)
         if xc.qk_norm:
             self.q_norm = make_norm("rms", xc.head_dim, xc.norm_eps)
@@ -123,10 +130,10 @@ class GatedCrossAttention(nn.Module):
         self.gates_folded = True
 
     def project_media(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (N, L, media_dim) -> k, v each (N, L, H, dh), k normalized when qk_norm."""
+        """latents (N, L, media_dim) -> k, v each (N, L, kv_heads, dh), k normalized when qk_norm."""
         xc = self.cfg
         n, L, _ = latents.shape
-        kv = self.wkv(latents.to(self.wkv.weight.dtype)).view(n, L, 2, xc.heads, xc.head_dim)
+        kv = self.wkv(latents.to(self.wkv.weight.dtype)).view(n, L, 2, xc.kv_heads, xc.head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if xc.qk_norm:
             k = self.k_norm(k)
@@ -147,7 +154,8 @@ class GatedCrossAttention(nn.Module):
             else:
                 k, v = media.kv[j]
                 a = masked_cross_attention(q, k, v, media.text_time, media.media_start, media.media_count,
-                                           mode=xc.mask_mode, backend=self.backend)
+                                           mode=xc.mask_mode, text_time_first=media.text_time_first,
+                                           media_len=media.media_len, backend=self.backend)
             branch = self._gate(self.attn_gate, self.wo(a.reshape(b, t, -1)))
             if not self.skip_ff:  # residual add fused into the feed-forward's norm
                 h, x = self.ff_norm.add(branch, x)
@@ -159,7 +167,7 @@ class GatedCrossAttention(nn.Module):
         return x
 
     def _ff_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        if self.cfg.style == "idefics":  # SwiGLU
+        if self.cfg.style != "openflamingo":  # SwiGLU (idefics, mllama)
             g, u = self.ff_w13(h).chunk(2, dim=-1)
             return self.act(g) * u
         return self.act(self.ff_w1(h))

@@ -246,7 +246,7 @@ def test_decode_router_falls_back_for_prefill(monkeypatch):
     monkeypatch.setitem(_backend._REGISTRY["masked_cross_attention"], "triton",
                         lambda *a, **kw: calls.append(kw) or "triton")
     assert mxa.masked_cross_attention_cuda(*args, mode="immediate", scale=0.5) == "triton"
-    assert calls == [{"mode": "immediate", "scale": 0.5}]
+    assert calls == [{"mode": "immediate", "text_time_first": None, "media_len": None, "scale": 0.5}]
 
 
 def test_pick_num_splits():
@@ -370,8 +370,8 @@ def test_cuda_router_hands_the_kernel_contiguous_tensors(monkeypatch):
     monkeypatch.setattr(mxa, "masked_cross_attention_decode",
                         lambda q, k, v, *a, **kw: seen.append([t.is_contiguous() for t in (q, k, v)]) or q)
     q = torch.zeros(2, 1, 8, 64, dtype=torch.bfloat16)[:, :, ::2]  # (2, 1, 4, 64), every other head
-    assert not q.is_contiguous() and mxa.supports(q)
     k = torch.zeros(3, 8, 4, 64, dtype=torch.bfloat16)
+    assert not q.is_contiguous() and mxa.supports(q, k)
     idx = torch.zeros(2, dtype=torch.int32)
     mxa.masked_cross_attention_cuda(q, k, k, idx[:, None], idx, idx)
     assert seen == [[True, True, True]]

@@ -265,7 +265,7 @@ def test_bad_inputs_are_reported():
     with pytest.raises(ValueError, match="q must be"):
         masked_cross_attention(q[0], k, v, tt, ms, mc)
     with pytest.raises(ValueError, match="k has shape"):
-        masked_cross_attention(q, k[:, :, :1], v, tt, ms, mc)
+        masked_cross_attention(q, k[..., :4], v, tt, ms, mc)
     with pytest.raises(ValueError, match="differ"):
         masked_cross_attention(q, k, v[:, :3], tt, ms, mc)
     with pytest.raises(ValueError, match="text_time has shape"):

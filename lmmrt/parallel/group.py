@@ -1,0 +1,127 @@
+"""The tensor-parallel process group: joined when the caller made one, else started from torchrun's
+environment (NCCL on CUDA, one GPU per local rank; gloo on the CPU), and the end-of-load agreement
+that turns one rank's failure into the same error on every rank instead of a hang in the first
+collective of the others."""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmmrt import errors
+
+# torchrun sets these for every worker (env:// rendezvous).
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# A rank that never reaches a collective (killed, stuck) ends the others' wait after this long; torch's
+# default (10 min for gloo and NCCL) would do too, but a failed test on a CI box should not sit that long.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+class TensorParallelError(ValueError):
+    """A tensor-parallel setup that cannot work (no process group, a size that does not divide a head
+    count, another rank that failed while loading); the message says what and on which rank."""
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in the tensor-parallel group: rank in [0, size); group None is the
+    default (world) group, which tensor parallelism uses whole."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup | None = None
+
+
+def check_tp(tp) -> int:
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise TypeError(f"tp must be an integer >= 1 (the number of ranks the model is split over), got {tp!r}")
+    return tp
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def rank_device(device: torch.device, tp: int) -> torch.device:
+    """The device of this rank: on CUDA, GPU <local rank> (one process per GPU, as torchrun starts them)."""
+    if device.type != "cuda":
+        return device
+    local = _local_rank()
+    if device.index is not None and device.index != local:
+        raise TensorParallelError(f"device {str(device)!r} with tp={tp}: each rank runs on the GPU of its local "
+                                  f"rank (this one: cuda:{local}); pass device='cuda' (--device cuda)")
+    if local >= torch.cuda.device_count():
+        raise TensorParallelError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()} "
+                                  f"CUDA device(s) (start at most that many processes per node)")
+    return torch.device("cuda", local)
+
+
+def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
+    """The group of `tp` ranks this process belongs to, and its device. Uses the default process group
+    when one exists (it must have exactly `tp` ranks), else initialises it from torchrun's environment."""
+    check_tp(tp)
+    if not dist.is_available():
+        raise TensorParallelError(f"tp={tp} needs torch.distributed, which this torch build lacks")
+    device = rank_device(device, tp)
+    if dist.is_initialized():
+        backend = dist.get_backend()
+        if device.type == "cpu" and backend == "nccl":
+            raise TensorParallelError(f"the process group uses NCCL, which cannot reduce CPU tensors: load on "
+                                      f"device='cuda', or initialise the group with gloo for tp={tp} on the CPU")
+    else:
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise TensorParallelError(
+                f"tp={tp} needs one process per rank: start them with `torchrun --nproc-per-node {tp} ...` "
+                f"(or initialise torch.distributed yourself); {', '.join(missing)} not set in this process")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    world = dist.get_world_size()
+    if world != tp:
+        raise TensorParallelError(f"tp={tp}, but the process group has {world} ranks: tensor parallelism "
+                                  f"splits the model over all of them (start {tp} processes, or pass tp={world})")
+    return TensorParallel(rank=dist.get_rank(), size=world), device
+
+
+def _same_kind(kind: str, message: str) -> Exception:
+    """An exception of the failed rank's type when it is one of Python's or lmmrt's own (so that callers
+    catching CheckpointError or FileNotFoundError see the same on every rank), else TensorParallelError."""
+    cls = getattr(errors, kind, None) or getattr(builtins, kind, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:  # a constructor wanting more than a message
+            pass
+    return TensorParallelError(message)
+
+
+def agree_on_load(tp: TensorParallel, error: BaseException | None) -> None:
+    """Exchange every rank's load outcome; when any rank failed, raise on every rank: the failed rank
+    its own exception, the others one of the same type naming that rank. Called by every rank after
+    its load, whether it failed or not, so that no rank is left waiting in a collective."""
+    outcome = None if error is None else (type(error).__name__, str(error))
+    outcomes: list = [None] * tp.size
+    dist.all_gather_object(outcomes, outcome, group=tp.group)
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    r, (kind, message) = failed[0]
+    raise _same_kind(kind, f"rank {r} of {tp.size} failed while loading: {message}")
+
+
+def broadcast_seed(tp: TensorParallel, seed: int | None) -> int:
+    """One sampling seed for every rank (rank 0's): ranks that sampled differently would feed different
+    tokens to the same collectives."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    box = [seed]
+    dist.broadcast_object_list(box, src=0, group=tp.group)
+    return box[0]
