@@ -10,7 +10,7 @@ BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 # Optional extras of lmmrt (pyproject.toml) to add to the one editable install, e.g.
 # `make demo EXTRAS=video` or `make install EXTRAS="video cupy"`: each is installed once, without rebuilding lmmrt.
 EXTRAS ?=
-KNOWN_EXTRAS := video cupy cupy-cuda12 triton bench test
+KNOWN_EXTRAS := video cupy cupy-cuda12 triton bench serve test
 ifneq ($(filter-out $(KNOWN_EXTRAS),$(EXTRAS)),)
 $(error unknown EXTRAS: $(filter-out $(KNOWN_EXTRAS),$(EXTRAS)); lmmrt's extras are: $(KNOWN_EXTRAS))
 endif
@@ -32,7 +32,7 @@ help:
 	@echo "make demo   - set up .venv, install lmmrt, run the demo on the embedded random model"
 	@echo "make test   - set up .venv with test deps, install lmmrt (builds the CUDA extension when nvcc exists), run the suite"
 	@echo "make bench  - the benchmark harness at small shapes on the torch backend (CPU smoke run; installs the test deps)"
-	@echo "make install EXTRAS=\"video cupy\" - add optional extras ($(KNOWN_EXTRAS)) to .venv; also with demo/test"
+	@echo "make install EXTRAS=\"video serve\" - add optional extras ($(KNOWN_EXTRAS)) to .venv; also with demo/test"
 
 $(VENV)/bin/python:
 	@echo "== creating $(VENV)"

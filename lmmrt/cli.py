@@ -1,4 +1,4 @@
-"""The `lmmrt` command: info, convert, generate, classify, demo, build-kernels.
+"""The `lmmrt` command: info, convert, generate, classify, serve, demo, build-kernels.
 
 Only the standard library is imported here at module level: torch and the rest of lmmrt are imported
 inside the command functions, so `lmmrt --help` and argument errors answer at once.
@@ -130,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lmmrt.cli_clip import add_classify  # imported here: these read this module's options
     from lmmrt.cli_generate import add_generate
+    from lmmrt.cli_serve import add_serve
 
     add_generate(sub)
     add_classify(sub)
+    add_serve(sub)
 
     s = sub.add_parser("demo", help="run the embedded random-weight model end to end (no download)",
                        description="run the embedded demo model - a small IDEFICS-style model with random weights "

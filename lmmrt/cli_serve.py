@@ -1,0 +1,185 @@
+"""`lmmrt serve`: an OpenAI-compatible HTTP server (lmmrt.serve.app) over the continuous-batching engine.
+
+Like lmmrt.cli, only the standard library at module level. Everything that can be checked without the
+model is checked before it loads: the options, that FastAPI and uvicorn are installed, the checkpoint's
+chat template, and the address (the listening socket is bound first and handed to uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import sys
+
+from lmmrt.cli_options import BACKEND_OPTION, DTYPE_OPTION, POSITIVE_INT, HelpFormatter, _number
+
+API_KEY_ENV = "LMMRT_API_KEY"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a byte count, as 1073741824, 1G, 1GiB or 512M (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 8G, 512M or 1073741824, got {text!r}")
+    value = float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return int(value)
+
+
+PORT = _number(int, "a port in [0, 65535] (0: any free port)", lambda v: 0 <= v <= 65535)
+FRACTION = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)
+SECONDS = _number(float, ">= 0", lambda v: v >= 0)
+
+
+def _require_server_packages() -> None:
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f"lmmrt serve needs {' and '.join(missing)}, not installed: pip install 'lmmrt[serve]' "
+                          "(in the venv `make demo` made: make install EXTRAS=serve)")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is said at once, not after it."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_checkpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}" if not os.path.exists(path)
+                                else f"{path} is not a directory (an lmmrt checkpoint is a directory)")
+    from lmmrt.runtime.embed import is_clip_checkpoint
+
+    if is_clip_checkpoint(path):
+        raise ValueError(f"{path} is a CLIP checkpoint, which generates no text: lmmrt serve runs the generative "
+                         "families (use lmmrt classify or lmmrt.embed for CLIP)")
+
+
+def _cmd_serve(args) -> int:
+    if args.api_key == "":
+        raise ValueError(f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or leave it out for no key")
+    _check_checkpoint(args.model)
+    _require_server_packages()
+    from lmmrt.serve.chat_template import compile_template, read_chat_template
+
+    template = read_chat_template(args.model)
+    if template is not None:
+        compile_template(template, f"{args.model}'s chat template")  # a syntax error, before the load
+    from lmmrt.api import parse_device
+
+    parse_device(args.device, option="--device")
+    sock = bind_socket(args.host, args.port)
+    try:
+        return _serve(args, sock, template)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock: socket.socket, template: str | None) -> int:
+    import uvicorn
+
+    import lmmrt
+    from lmmrt.serve.app import ServeOptions, build_app
+    from lmmrt.serve.chat_template import ChatFormatter
+    from lmmrt.serve.engine import Engine
+
+    name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model)))
+    print(f"lmmrt serve: loading {args.model} ...", file=sys.stderr, flush=True)
+    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    memory = dict(max_memory=args.max_memory) if args.max_memory is not None else \
+        dict(memory_fraction=args.memory_fraction)
+    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
+                    media_cache_bytes=args.media_cache_bytes, **memory)
+    formatter = ChatFormatter(model.config, model.tokenizer, template) if model.tokenizer is not None else None
+    options = ServeOptions(model_name=name, api_key=args.api_key, allow_local_files=args.allow_local_files,
+                           max_images=args.max_images, shutdown_grace_s=args.shutdown_grace)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    how = formatter.source if formatter is not None else "no chat (no tokenizer)"
+
+    def ready():  # the engine has started: the address answers from here on (tests wait for this line)
+        print(f"lmmrt serve: {name} ({how}) on http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+
+    app = build_app(engine, model, options, formatter, on_ready=ready)
+
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace,
+                            access_log=args.access_log)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the SIGINT / SIGTERM that stopped it once it has shut down; with these handlers in
+    # place that is a no-op, and a stop by signal exits 0 (a clean shutdown), not by the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    print("lmmrt serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_serve(sub) -> None:
+    """The `serve` subcommand, added to the top-level subparsers."""
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="serve a checkpoint over an OpenAI-compatible HTTP API: POST /v1/chat/completions "
+                       "(text and image_url parts, streaming or not), POST /v1/completions (raw prompts with the "
+                       "model's image markers), GET /v1/models, /health, /metrics (Prometheus). Requests join and "
+                       "leave the running batch at every decode step. SIGINT / SIGTERM stop accepting, let running "
+                       "requests finish for --shutdown-grace seconds, cancel the rest and exit 0. Needs the serve "
+                       "extra (fastapi, uvicorn)", formatter_class=HelpFormatter)
+    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`)")
+    n = s.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    n.add_argument("--port", type=PORT, default=8000, help="port to listen on; 0 picks a free one (it is printed)")
+    n.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key; "
+                        "the variable keeps the key out of the process list)")
+    n.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API (requests must name it; default: the checkpoint's directory "
+                        "name)")
+    n.add_argument("--allow-local-files", action="store_true",
+                   help="accept file:// image URLs, read from this machine's disk (off: base64 data URLs only)")
+    n.add_argument("--max-images", type=POSITIVE_INT, default=16, help="images per request at most")
+    e = s.add_argument_group("engine")
+    e.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="requests decoded together at most (KV slots)")
+    e.add_argument("--max-queue", type=POSITIVE_INT, default=64,
+                   help="requests waiting for a slot at most; beyond it requests get 503 with Retry-After")
+    mem = e.add_mutually_exclusive_group()
+    mem.add_argument("--max-memory", type=byte_size, default=None, metavar="BYTES",
+                     help="memory for the KV cache, e.g. 8G (default: --memory-fraction of the free GPU memory)")
+    mem.add_argument("--memory-fraction", type=FRACTION, default=0.9,
+                     help="fraction of the free GPU memory the KV cache may take")
+    e.add_argument("--token-budget", type=POSITIVE_INT, default=512,
+                   help="tokens per scheduler step (decode rows + prefill chunk of newcomers)")
+    e.add_argument("--media-cache-bytes", type=byte_size, default=1 << 30, metavar="BYTES",
+                   help="memory for encoded media shared across requests (same image, encoded once) (default: 1G)")
+    e.add_argument("--shutdown-grace", type=SECONDS, default=10.0, metavar="SECONDS",
+                   help="at SIGINT / SIGTERM, running requests get this long to finish before they are cancelled")
+    r = s.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
+    r.add_argument("--dtype", **DTYPE_OPTION, help="compute in this dtype (default: as stored)")
+    r.add_argument("--backend", **BACKEND_OPTION)
+    r.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
+    r.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per HTTP request")
+    s.set_defaults(fn=_cmd_serve)
