@@ -86,8 +86,27 @@ def test_original_key_spelling_converts_the_same(pair):
     hf = tiny_mllama()
     state = {k.replace(PREFIX, "vision_model.", 1): v for k, v in hf.state_dict().items()}
     enc = converted(hf, "vision_model.", state)
+    inferred = mllama_vision_state(state, "vision_model.")  # layer counts read from the key names
+    assert inferred.keys() == enc.state_dict().keys()
     for k, v in pair[1].state_dict().items():
         torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(inferred[k], v, rtol=0, atol=0)
+
+
+def test_triton_backend_matches_transformers(pair):
+    """The encoder's norms dispatch on the model's backend: under the interpreter "triton" must give
+    the reference's result too (whatever kernels those ops have, or their torch fallback)."""
+    hf_vision, enc = pair
+    px, ids, mask = tiled_images([3, 1], [2, 1], 2, seed=9)
+    try:
+        for m in enc.modules():
+            if hasattr(m, "backend"):
+                m.backend = "triton"
+        assert_matches(hf_vision, enc, px, ids, mask)
+    finally:
+        for m in enc.modules():
+            if hasattr(m, "backend"):
+                m.backend = "torch"
 
 
 def test_bfloat16_close_to_float32(pair):
