@@ -56,10 +56,11 @@ class GatheredMedia:
 
     A decode token's media never change, so instead of re-deriving them every step (a host read of
     media_count.max(), a gather of every image of the row, a dense mask) the runtime gathers them
-    once: k[j], v[j] (B, H, K, dh) for block j, K the most keys any row sees; mask (B, 1, 1, K) bool
-    or None when every row sees all K; q_scale (B, 1, 1, 1) zero for an OpenFlamingo cumulative
-    row before any media (zero scores: a uniform average), or None; out_scale (B, 1, 1, 1) zero
-    for a row that sees no media (it attends to a stand-in key, then gets zeros), or None."""
+    once: k[j], v[j] (B, KVH, K, dh) for block j, K the most keys any row sees, KVH dividing the
+    query heads (grouped-query attention); mask (B, 1, 1, K) bool or None when every row sees all K;
+    q_scale (B, 1, 1, 1) zero for an OpenFlamingo cumulative row before any media (zero scores: a
+    uniform average), or None; out_scale (B, 1, 1, 1) zero for a row that sees no key (it attends
+    to a stand-in key, then gets zeros), or None."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -76,13 +77,17 @@ class GatheredMedia:
 
     def attend(self, q: torch.Tensor, j: int) -> torch.Tensor:
         """q (B, 1, H, dh) -> (B, 1, H, dh): block j's cross-attention of the decode token."""
-        q = q.transpose(1, 2)
+        B, _, H, dh = q.shape
+        kvh = self.k[j].shape[1]
+        # One query token: the H // kvh query heads of one kv head become that head's query rows
+        # (head h = kv head h // (H // kvh)), so grouped K/V are read as they are, never repeated.
+        q = q.reshape(B, kvh, H // kvh, dh)
         if self.q_scale is not None:
             q = q * self.q_scale
         out = F.scaled_dot_product_attention(q, self.k[j], self.v[j], attn_mask=self.mask)
         if self.out_scale is not None:
             out = out * self.out_scale
-        return out.transpose(1, 2)
+        return out.reshape(B, 1, H, dh)
 
 
 class GatedCrossAttention(nn.Module):

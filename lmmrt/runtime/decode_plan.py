@@ -73,50 +73,59 @@ class EagerDecode:
         self.plan.select(rows)
 
 
+def _seen_media(mode: str, t: int, first: int, start: int, count: int) -> tuple[int, int, bool]:
+    """(first packed media item, how many, uniform) a decode token of one row sees (the op's rules:
+    lmmrt/kernels/masked_cross_attention.py)."""
+    if mode == "cumulative":
+        # OpenFlamingo: a row before any media averages all its media uniformly
+        return start, (count if t == 0 else max(min(t, count), 0)), t == 0 and count > 0
+    if mode == "range":
+        lo, hi = max(first, 1), min(t, count)
+        return start + lo - 1, (hi - lo + 1 if t >= 1 and lo <= hi else 0), False
+    return start + t - 1, (1 if 1 <= t <= count else 0), False
+
+
 def gather_media(module, media: MediaContext, backend: str) -> GatheredMedia | None:
     """Each row's decode-time media keys, gathered once per batch, for the torch path of the
     cross-attention (the kernels read the packed cache directly and need none of it: None).
-    media.text_time (B, 1) is the decode token's media ordinal (that of the last prompt token)."""
+    media.text_time (B, 1) is the decode token's media ordinal (that of the last prompt token);
+    a context with text_time_first (Mllama) uses the "range" rule, else the model's mask_mode;
+    media.media_len, when set, cuts each media item's keys. K/V keep their (grouped) kv heads."""
     if not media.any_media or not module.xattn:
         return None
     dev = media.text_time.device
     if _backend.resolve_name("masked_cross_attention", backend, dev) != "torch":
         return None
-    cumulative = module.cfg.xattn.mask_mode == "cumulative"
+    mode = "range" if media.text_time_first is not None else module.cfg.xattn.mask_mode
     # One host read per batch (the plan), never per step.
     tt = media.text_time[:, 0].tolist()
+    ttf = tt if media.text_time_first is None else media.text_time_first[:, 0].tolist()
     start, count = media.media_start.tolist(), media.media_count.tolist()
-    seen, uniform = [], []
-    for b, (t, s, c) in enumerate(zip(tt, start, count)):
-        if cumulative:
-            # OpenFlamingo: a row before any media averages all its media uniformly
-            first, n = s, (c if t == 0 else min(t, c))
-            uniform.append(t == 0 and c > 0)
-        else:
-            first, n = s + t - 1, (1 if 1 <= t <= c else 0)
-            uniform.append(False)
-        seen.append((first, n))
-    most = max(n for _, n in seen)
+    seen = [_seen_media(mode, *row) for row in zip(tt, ttf, start, count)]
+    most = max(n for _, n, _ in seen)
     if most == 0:
         return None
-    idx = torch.tensor([[first + min(i, max(n - 1, 0)) if n else 0 for i in range(most)] for first, n in seen],
+    idx = torch.tensor([[first + min(i, max(n - 1, 0)) if n else 0 for i in range(most)] for first, n, _ in seen],
                        device=dev)  # (B, most): a row with fewer media repeats one, masked below
-    valid = torch.tensor([[i < n for i in range(most)] for _, n in seen], device=dev)
+    valid = torch.tensor([[i < n for i in range(most)] for _, n, _ in seen], device=dev)
     ks, vs = [], []
-    for k, v in media.kv:  # (N, L, H, dh) each
+    for k, v in media.kv:  # (N, L, KVH, dh) each
         B, L = idx.shape[0], k.shape[1]
         ks.append(k[idx].reshape(B, most * L, *k.shape[2:]).transpose(1, 2).contiguous())
         vs.append(v[idx].reshape(B, most * L, *v.shape[2:]).transpose(1, 2).contiguous())
     L = media.kv[0][0].shape[1]
-    empty = [n == 0 for _, n in seen]
+    key_ok = valid[:, :, None].expand(-1, -1, L)
+    if media.media_len is not None:
+        key_ok = key_ok & (torch.arange(L, device=dev) < media.media_len.to(dev)[idx][:, :, None])
+    key_ok = key_ok.reshape(-1, most * L)  # (B, most * L)
+    empty = ~key_ok.any(dim=1)  # rows that see no key
     mask = None
-    if any(n < most for _, n in seen):
+    if not bool(key_ok.all()):
         # a row that sees nothing keeps its first (stand-in) key so its softmax stays finite
-        keep = valid | torch.tensor(empty, device=dev)[:, None] & (torch.arange(most, device=dev) == 0)
-        mask = keep.repeat_interleave(L, dim=1)[:, None, None, :]
+        first_key = torch.arange(most * L, device=dev) == 0
+        mask = (key_ok | empty[:, None] & first_key)[:, None, None, :]
     dtype = ks[0].dtype
-    q_scale = torch.tensor([0.0 if u else 1.0 for u in uniform], dtype=dtype, device=dev).view(-1, 1, 1, 1) \
-        if any(uniform) else None
-    out_scale = torch.tensor([0.0 if e else 1.0 for e in empty], dtype=dtype, device=dev).view(-1, 1, 1, 1) \
-        if any(empty) else None
+    q_scale = torch.tensor([0.0 if u else 1.0 for _, _, u in seen], dtype=dtype, device=dev).view(-1, 1, 1, 1) \
+        if any(u for _, _, u in seen) else None
+    out_scale = (~empty).to(dtype).view(-1, 1, 1, 1) if bool(empty.any()) else None
     return GatheredMedia(k=ks, v=vs, mask=mask, q_scale=q_scale, out_scale=out_scale)
