@@ -133,22 +133,29 @@ def perceiver_cases(dtypes, head_dims):
 
 
 def xattn_cases(dtypes, head_dims):
-    # 5 packed media of 64 latents; prefill (T=97) and decode (T=1, 4 forced splits: split + combine)
+    # 5 packed media of 64 latents; prefill (T=97) and decode (T=1, 4 forced splits: split + combine);
+    # the immediate and cumulative modes, and Mllama's range mode with media_len over 4 query heads
+    # sharing 1 kv head (GQA)
     g = torch.Generator().manual_seed(1)
     N, L, H = 5, 64, 4
     st, cnt = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
+    media_len = torch.tensor([64, 33, 1, 64, 20], dtype=torch.int32)
     for dt in dtypes:
         for dh in head_dims:
             k, v = _rand(g, N, L, H, dh, dtype=dt), _rand(g, N, L, H, dh, dtype=dt)
-            for cumulative in (False, True):
+            k1, v1 = _rand(g, N, L, 1, dh, dtype=dt), _rand(g, N, L, 1, dh, dtype=dt)
+            for mode in ("immediate", "cumulative", "range"):
+                mllama = mode == "range"
                 for T in (97, 1):
                     q = _rand(g, 2, T, H, dh, dtype=dt)
 
-                    def launch(q=q, k=k, v=v, T=T, cumulative=cumulative, dh=dh):
+                    def launch(q=q, k=k1 if mllama else k, v=v1 if mllama else v, T=T, mode=mode, mllama=mllama,
+                               dh=dh):
+                        tt = torch.ones(2, T, dtype=torch.int32)
                         mx._masked_cross_attention_launch(
-                            q, k, v, torch.ones(2, T, dtype=torch.int32), st, cnt, torch.empty_like(q),
-                            cumulative, dh**-0.5, 4 if T == 1 else 0)
-                    yield f"xattn T={T} cumulative={cumulative}", dt, dh, launch
+                            q, k, v, tt, tt if mllama else None, st, cnt, media_len if mllama else None,
+                            torch.empty_like(q), mx._MODE_IDS[mode], dh**-0.5, 4 if T == 1 else 0)
+                    yield f"xattn T={T} mode={mode}", dt, dh, launch
 
 
 def decode_attention_cases(dtypes, head_dims):
