@@ -4,14 +4,17 @@ bit-exact on the CPU; the batched torch path within one 0-255 level of it."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from mllama_util import tiny_mllama_config
 from PIL import Image
 
+from lmmrt.convert.mllama_vision import CLIP_STD, mllama_vision_config
 from lmmrt.errors import ConfigError
+from lmmrt.models.config import VisionConfig
 from lmmrt.runtime.mllama_image import (
     fit_to_canvas,
     optimal_canvas,
@@ -19,17 +22,18 @@ from lmmrt.runtime.mllama_image import (
     tile_arrangements,
 )
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the released checkpoints' preprocessor_config
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # tall, wide, tiny both ways, exactly one tile, exactly a two-tile canvas, huge, a 1-pixel strip,
 # nearly square, and a size shared by two images (the torch path resizes them in one call)
 SIZES_2 = [(45, 19), (19, 45), (5, 3), (3, 5), (28, 28), (28, 56), (1000, 700), (1, 200), (60, 61), (45, 19)]
 SIZES_4 = [(300, 413), (1200, 500), (560, 560), (90, 2300), (1000, 1100)]  # 1, 3x1, 1, 1x4, 2x2 tiles
 
 
-def _vcfg(max_num_tiles: int, image_size: int, **kw):
-    return SimpleNamespace(kind="mllama", image_size=image_size, max_num_tiles=max_num_tiles,
-                           image_mean=CLIP_MEAN, image_std=CLIP_STD, **kw)
+def _vcfg(max_num_tiles: int):
+    """The vision config lmmrt converts: tests/mllama_util's (2 tiles of 28) or the released one (4 of 560),
+    with the released processor's CLIP mean / std."""
+    if max_num_tiles == 2:
+        return mllama_vision_config(tiny_mllama_config().vision_config.to_dict())
+    return mllama_vision_config({"image_size": 560})
 
 
 def _reference(images, vcfg):
@@ -59,9 +63,9 @@ def _assert_matches_reference(ours, ref):
     assert ours.num_tiles == num_tiles
 
 
-@pytest.mark.parametrize("max_num_tiles, image_size, sizes", [(2, 28, SIZES_2), (4, 560, SIZES_4)])
-def test_matches_transformers(max_num_tiles, image_size, sizes):
-    vcfg = _vcfg(max_num_tiles, image_size)
+@pytest.mark.parametrize("max_num_tiles, sizes", [(2, SIZES_2), (4, SIZES_4)])
+def test_matches_transformers(max_num_tiles, sizes):
+    vcfg = _vcfg(max_num_tiles)
     images = _noise(sizes)
     # PIL images for the reference: it guesses the channel axis of an array, and takes a 3-row array for
     # channels-first; lmmrt always reads uint8 arrays as (H, W, 3)
@@ -102,17 +106,17 @@ def _with_alpha(rng, mode):
     return rgba.convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "1", "CMYK"])
 def test_pil_modes_convert_as_transformers(mode):
     """Transparency (an alpha band, a palette's transparent colour) is composited onto white."""
-    vcfg = _vcfg(2, 28)
+    vcfg = _vcfg(2)
     img = _with_alpha(np.random.default_rng(2), mode)
     ref = _reference([img], vcfg)
     _assert_matches_reference(preprocess_mllama_images([img], vcfg, where="images"), ref)
 
 
 def test_torch_path_is_within_one_level_of_pil_path():
-    vcfg = _vcfg(2, 28)
+    vcfg = _vcfg(2)
     images = _noise(SIZES_2, seed=3)
     pil = preprocess_mllama_images(images, vcfg, where="images", resampler="pil")
     tch = preprocess_mllama_images(images, vcfg, torch.device("cpu"), where="images", resampler="torch")
@@ -126,7 +130,7 @@ def test_torch_path_is_within_one_level_of_pil_path():
 
 
 def test_uint8_tensor_and_strided_inputs_equal_the_array_input():
-    vcfg = _vcfg(2, 28)
+    vcfg = _vcfg(2)
     wide = _noise([(31, 70)], seed=4)[0]
     strided = torch.from_numpy(np.ascontiguousarray(wide.transpose(1, 0, 2))).permute(1, 0, 2)  # not contiguous
     want = preprocess_mllama_images([wide], vcfg, where="images")
@@ -135,8 +139,8 @@ def test_uint8_tensor_and_strided_inputs_equal_the_array_input():
 
 
 def test_no_images_gives_empty_batch():
-    out = preprocess_mllama_images([], _vcfg(4, 28), where="images")
-    assert out.pixels.shape == (0, 4, 3, 28, 28) and out.aspect_ratio_ids.shape == (0,)
+    out = preprocess_mllama_images([], _vcfg(4), where="images")
+    assert out.pixels.shape == (0, 4, 3, 560, 560) and out.aspect_ratio_ids.shape == (0,)
     assert out.aspect_ratio_mask.shape == (0, 4) and out.num_tiles == []
 
 
@@ -152,20 +156,17 @@ def test_no_images_gives_empty_batch():
 def test_bad_images_are_named(image, error, words):
     good = np.ones((9, 9, 3), np.uint8)
     with pytest.raises(error, match=r"prompt_images\[1\]") as info:
-        preprocess_mllama_images([good, image], _vcfg(2, 28), where="prompt_images")
+        preprocess_mllama_images([good, image], _vcfg(2), where="prompt_images")
     assert words in str(info.value)
 
 
 def test_bad_configs_and_options_are_refused():
     images = [np.ones((9, 9, 3), np.uint8)]
     with pytest.raises(ValueError, match="kind 'mllama'"):
-        preprocess_mllama_images(images, SimpleNamespace(kind="clip", image_size=28), where="images")
+        preprocess_mllama_images(images, VisionConfig(), where="images")
+    # listed in another order, the ids the processor gives would pick other tile embeddings
+    swapped = dataclasses.replace(_vcfg(2), supported_aspect_ratios=[[1, 1], [2, 1], [1, 2]])
     with pytest.raises(ConfigError, match="supported_aspect_ratios"):
-        preprocess_mllama_images(images, _vcfg(2, 28, supported_aspect_ratios=[[1, 1], [2, 1], [1, 2]]),
-                                 where="images")
+        preprocess_mllama_images(images, swapped, where="images")
     with pytest.raises(ValueError, match="resampler"):
-        preprocess_mllama_images(images, _vcfg(2, 28), where="images", resampler="bicubic")
-    # the released list for max_num_tiles 4 is accepted
-    released = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
-    assert preprocess_mllama_images(images, _vcfg(4, 28, supported_aspect_ratios=released),
-                                    where="images").num_tiles == [1]
+        preprocess_mllama_images(images, _vcfg(2), where="images", resampler="bicubic")
