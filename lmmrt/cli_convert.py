@@ -114,7 +114,7 @@ CONVERTERS["clip"] = ("convert a transformers CLIP checkpoint (CLIPModel: image 
 
 def _src_out_converter(module: str, name: str):
     """The handler of a converter called as name(src, out, dtype=, progress=, force=) and nothing else
-    (LLaVA, BLIP-2); the module is imported when the command runs, not for `lmmrt --help`."""
+    (LLaVA, BLIP-2, Llama 3.2 Vision); the module is imported when the command runs, not for `lmmrt --help`."""
     def run(args) -> int:
         from lmmrt.api import parse_dtype
 
@@ -148,6 +148,19 @@ def _add_blip2(p):
 
 CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2ForConditionalGeneration)",
                        _add_blip2, _src_out_converter("lmmrt.convert.blip2", "convert_blip2"))
+
+
+def _add_mllama(p):
+    p.add_argument("src", help="a transformers MllamaForConditionalGeneration directory (Llama 3.2 Vision, e.g. "
+                   "Llama-3.2-11B-Vision-Instruct): config.json, the safetensors weights (one file or sharded), "
+                   "tokenizer.json (its <|image|> token is the image marker) and, when present, the chat template "
+                   "(kept)")
+    p.add_argument("out", help=OUT_HELP)
+    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
+
+
+CONVERTERS["mllama"] = ("convert a transformers Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration)",
+                        _add_mllama, _src_out_converter("lmmrt.convert.mllama_files", "convert_mllama"))
 
 
 def _add_minigpt4(p):

@@ -120,10 +120,11 @@ def run_prefill(model, batch: Batch, cache: KVCache, logits_for: str = "last", m
 
 def _media_context(batch: Batch, kv: list, tokens: slice) -> MediaContext:
     """The MediaContext of the batch's `tokens` (all of the prompt, or its last token for decode)."""
-    mllama = {} if batch.text_time_first is None else dict(
-        text_time_first=batch.text_time_first[:, tokens].contiguous(), media_len=batch.media_len)
+    first = batch.text_time_first
     return MediaContext(kv=kv, text_time=batch.text_time[:, tokens].contiguous(), media_start=batch.media_start,
-                        media_count=batch.media_count, any_media=bool(batch.media), **mllama)
+                        media_count=batch.media_count, any_media=bool(batch.media),
+                        text_time_first=None if first is None else first[:, tokens].contiguous(),
+                        media_len=batch.media_len)
 
 
 class _Clock:
@@ -182,11 +183,6 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     if seed is not None:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.bool, device=dev)
-        for b in range(B):  # real prompt tokens only, not the left padding
-            seen[b, batch.tokens[b, T - batch.lengths[b]:]] = True
     module, clock = model.module, _Clock(dev)
     state = getattr(model, "decode_state", None)
     # The model's KV pool serves one generation at a time; one started while another is still
@@ -208,6 +204,7 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
         with torch.inference_mode():
             logits, media = run_prefill(model, batch, cache, logits_for="last", media_latents=media_latents,
                                         stats=stats, clock=clock)
+            seen = None if repetition_penalty == 1.0 else _prompt_tokens_seen(batch, logits.shape[-1])
             if use_graph:  # a CUDA graph per bucket, captured once per model and replayed
                 decode = state.graph_step(model, cache, media, batch.pad)
             else:
@@ -222,6 +219,17 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
     finally:
         if pool is not None:
             pool.in_use = False
+
+
+def _prompt_tokens_seen(batch: Batch, vocab: int) -> torch.Tensor:
+    """(B, vocab) bool: the tokens of each prompt (not its left padding) that the logits score; Mllama's
+    embedding has rows the head does not score (<|image|>, ...), which no penalty can reach."""
+    B, T = batch.tokens.shape
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=batch.tokens.device)
+    for b in range(B):
+        ids = batch.tokens[b, T - batch.lengths[b]:]
+        seen[b, ids[ids < vocab]] = True
+    return seen
 
 
 def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, *, sample_kw: dict, seen,

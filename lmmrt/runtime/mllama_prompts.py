@@ -65,18 +65,13 @@ class MllamaMedia:
     media_len: torch.Tensor
 
 
-def tokens_per_tile(vcfg) -> int:
-    """Keys one tile gives: its patches and the class token."""
-    return (vcfg.image_size // vcfg.patch_size) ** 2 + 1
-
-
 def mllama_media(per_prompt_images: list[list], vcfg, device) -> MllamaMedia:
     """Tile every image of the batch; errors name images[i][j]. Video clips are refused (Mllama
     takes still images only)."""
     from lmmrt.runtime.mllama_image import preprocess_mllama_images
 
     pixels, ids, masks, lens = [], [], [], []
-    per_tile = tokens_per_tile(vcfg)
+    per_tile = vcfg.tile_tokens  # the keys of one tile: its patches and the class token
     for i, imgs in enumerate(per_prompt_images):
         for j, img in enumerate(imgs):
             if getattr(img, "frames", None) is not None:

@@ -118,6 +118,7 @@ class DecodeState:
     def __init__(self):
         self.kv = KVCachePool()
         self.media_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.media_len: torch.Tensor | None = None  # Mllama: valid keys per pooled media item
         self.media_generation = 0
         self.graphs: dict[tuple, StaticDecodeStep] = {}
         self.graph_error: str | None = None
@@ -145,11 +146,22 @@ class DecodeState:
             pv[:n].copy_(v)
         return pool
 
+    def _media_len_pool(self, media_len: torch.Tensor) -> torch.Tensor:
+        """Mllama's media_len copied into a buffer as long as the media pool (filled by _media_pool)."""
+        cap, n = self.media_kv[0][0].shape[0], media_len.shape[0]
+        if self.media_len is None or self.media_len.shape[0] != cap or self.media_len.device != media_len.device:
+            self.media_len = media_len.new_zeros(cap)
+            self.media_generation += 1  # a graph reading the old buffer is stale
+        self.media_len[:n].copy_(media_len)
+        return self.media_len
+
     def graph_step(self, model, cache: KVCache, media: MediaContext, pad: torch.Tensor) -> StaticDecodeStep:
         """The graph step of this call's bucket (B, cache length, media or not), its inputs filled
         from this call. `cache` must be a view of this state's KV pool."""
         B = pad.shape[0]
         pool_kv = self._media_pool(media.kv) if media.any_media else []
+        mllama = media.any_media and media.text_time_first is not None  # "range" mask mode
+        pool_len = self._media_len_pool(media.media_len) if mllama else None
         key = (B, cache.max_len, media.any_media, self.kv.generation,
                self.media_generation if media.any_media else 0)
         step = self.graphs.get(key)
@@ -162,7 +174,8 @@ class DecodeState:
                 kv=pool_kv, text_time=torch.zeros(B, 1, dtype=media.text_time.dtype, device=dev),
                 media_start=torch.zeros(B, dtype=media.media_start.dtype, device=dev),
                 media_count=torch.zeros(B, dtype=media.media_count.dtype, device=dev),
-                any_media=media.any_media)
+                any_media=media.any_media, media_len=pool_len,
+                text_time_first=torch.zeros(B, 1, dtype=media.text_time.dtype, device=dev) if mllama else None)
             step = StaticDecodeStep(model, cache, static_media, torch.zeros(B, dtype=torch.long, device=dev),
                                     use_graph=True)
             self.graphs[key] = step
@@ -170,4 +183,6 @@ class DecodeState:
         step.media.text_time.copy_(media.text_time)
         step.media.media_start.copy_(media.media_start)
         step.media.media_count.copy_(media.media_count)
+        if mllama:
+            step.media.text_time_first.copy_(media.text_time_first)
         return step
