@@ -32,7 +32,10 @@ from lmmrt.models.part_configs import DecoderConfig, PerceiverConfig, VisionConf
 FORMAT_VERSION = 1
 # Checkpoint families (which converter made it, how prompts are written) and their media feed.
 FAMILIES = {"idefics": "cross_attention", "openflamingo": "cross_attention", "llava": "splice",
-            "blip2": "splice", "minigpt4": "splice"}
+            "blip2": "splice", "minigpt4": "splice", "mllama": "cross_attention"}
+# Llama 3.2 Vision's embedding has 8 rows more than its LM head (<|image|> is the first of them):
+# decoder.vocab_size counts the embedding rows, the head has vocab_size - 8.
+MLLAMA_EXTRA_EMBEDDINGS = 8
 
 
 @dataclass
@@ -107,6 +110,13 @@ class ModelConfig(JsonConfig):
         if self.connector is not None:
             raise ConfigError("connector: cross-attention models take their connector from the perceiver "
                               "section (connector must be null)")
+        for field_name, value in (("xattn.style", self.xattn.style), ("vision.kind", self.vision.kind)):
+            if (self.family == "mllama") != (value == "mllama"):
+                raise ConfigError(f"{field_name} = {value!r} with family {self.family!r}: mllama models have an "
+                                  "mllama vision encoder and mllama blocks, and only they do")
+        if self.family == "mllama":
+            self._validate_mllama()
+            return
         bad = [i for i in self.xattn.layers if i >= self.decoder.layers]
         if bad:
             raise ConfigError(f"xattn.layers = {self.xattn.layers}: layers {bad} are past the last decoder layer "
@@ -119,6 +129,25 @@ class ModelConfig(JsonConfig):
                               f"{features} (vision.width x len(vision.feature_layers))")
         if self.xattn.media_dim != media_dim:
             raise ConfigError(f"xattn.media_dim = {self.xattn.media_dim} differs from {media_from} = {media_dim}")
+
+    def _validate_mllama(self) -> None:
+        """Llama 3.2 Vision: the projected vision features (decoder.dim wide) are the media, no
+        perceiver; a block may run after the last decoder layer (index decoder.layers)."""
+        if self.perceiver is not None:
+            raise ConfigError("an mllama model has no perceiver section (its vision features are projected "
+                              "straight to the text width)")
+        bad = [i for i in self.xattn.layers if i > self.decoder.layers]
+        if bad:
+            raise ConfigError(f"xattn.layers = {self.xattn.layers}: layers {bad} are past the end of the decoder "
+                              f"(decoder.layers = {self.decoder.layers}; a block may run after the last one)")
+        if self.xattn.media_dim != self.decoder.dim:
+            raise ConfigError(f"xattn.media_dim = {self.xattn.media_dim} differs from decoder.dim = "
+                              f"{self.decoder.dim} (mllama's projector maps the vision features to the text width)")
+        if self.decoder.family != "llama" or self.decoder.tie_embeddings:
+            raise ConfigError("an mllama model has a llama decoder with an untied LM head")
+        if self.decoder.vocab_size <= MLLAMA_EXTRA_EMBEDDINGS:
+            raise ConfigError(f"decoder.vocab_size = {self.decoder.vocab_size}: an mllama embedding has "
+                              f"{MLLAMA_EXTRA_EMBEDDINGS} rows more than its LM head, so more than that")
 
     def _validate_splice(self) -> None:
         """A splice model: a connector from the vision features to the LM's input width, and no

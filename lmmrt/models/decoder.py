@@ -18,6 +18,7 @@ from lmmrt.kernels.cpu_linear import linear
 from lmmrt.kernels.decode_attention import decode_attention
 from lmmrt.models.config import DecoderConfig
 from lmmrt.models.layers import activation, make_norm
+from lmmrt.models.rope_scaling import scale_inv_freq
 
 
 @dataclass
@@ -49,7 +50,8 @@ class StepContext:
 def rope_inv_freq(cfg: DecoderConfig, device) -> torch.Tensor:
     """(rotary_dim / 2,) float32 inverse frequencies of the rotary embedding."""
     rot = int(cfg.head_dim * cfg.rotary_pct)
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, device=device, dtype=torch.float32) / rot))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, device=device, dtype=torch.float32) / rot))
+    return inv_freq if cfg.rope_scaling is None else scale_inv_freq(inv_freq, cfg.rope_scaling)
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

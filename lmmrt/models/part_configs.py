@@ -22,6 +22,7 @@ from lmmrt.models.config_fields import (
     real,
     real_triple,
 )
+from lmmrt.models.rope_scaling import checked_rope_scaling
 
 # The names lmmrt.models.layers.activation knows.
 ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
@@ -225,6 +226,8 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     norm_bias: bool = False  # LayerNorm families: whether the LN has a bias
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (lmmrt.models.rope_scaling): null, or a {"rope_type": "llama3", ...} object
+    rope_scaling: dict | None = None
     rotary_pct: float = 1.0  # NeoX partial rotary
     parallel_residual: bool = False  # NeoX
     alibi: bool = False  # MPT
@@ -261,6 +264,9 @@ class DecoderConfig:
         self.norm_eps = real(self.norm_eps, "decoder.norm_eps", lo=0.0, lo_open=True, hi=1.0)
         boolean(self.norm_bias, "decoder.norm_bias")
         self.rope_theta = real(self.rope_theta, "decoder.rope_theta", lo=0.0, lo_open=True)
+        self.rope_scaling = checked_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.family not in ROPE_FAMILIES:
+            raise ConfigError(f"decoder.rope_scaling: family {self.family!r} has no RoPE")
         self.rotary_pct = real(self.rotary_pct, "decoder.rotary_pct", lo=0.0, lo_open=True, hi=1.0)
         rot = int(self.head_dim * self.rotary_pct)
         if self.family in ROPE_FAMILIES and (rot < 2 or rot % 2):
@@ -283,20 +289,24 @@ class DecoderConfig:
 class XAttnConfig:
     """GATED XATTN-DENSE blocks (flamingo.md §4).
 
-    style: "idefics" (RMSNorm, q/k/v/o, SwiGLU FF, zero rows for text with no media) or
-    "openflamingo" (LayerNorm, to_q/to_kv/to_out, GELU FF). `layers`: the decoder layer indices
-    before which a block runs (placement rules live in the converters)."""
+    style: "idefics" (RMSNorm, q/k/v/o, SwiGLU FF, zero rows for text with no media),
+    "openflamingo" (LayerNorm, to_q/to_kv/to_out, GELU FF) or "mllama" (Llama 3.2 Vision's
+    cross-attention decoder layers: RMSNorm, GQA with q/k RMSNorm, SwiGLU FF, mask_mode "range").
+    `layers`: the decoder layer indices before which a block runs (placement rules live in the
+    converters); an mllama block may also run after the last layer (index decoder.layers), and
+    two blocks may share an index (consecutive cross-attention layers)."""
 
     style: str = "idefics"
     layers: list[int] = field(default_factory=list)
     heads: int = 32
+    kv_heads: int = 0  # 0 -> heads (no GQA)
     head_dim: int = 128
     media_dim: int = 1024
     ffn_dim: int = 11008
     qk_norm: bool = False  # IDEFICS qk_layer_norms: RMSNorm(head_dim) on q and k
     norm_eps: float = 1e-6
     gate_type: str = "float"  # float: (1,) | vector: (dim,)
-    mask_mode: str = "immediate"  # immediate | cumulative
+    mask_mode: str = "immediate"  # immediate | cumulative | range (mllama)
 
     def __post_init__(self):
         self.validate()
@@ -304,15 +314,29 @@ class XAttnConfig:
     def validate(self) -> None:
         """Every field's type and range; the layer list strictly increasing (its range against the
         decoder is checked by ModelConfig)."""
-        choice(self.style, "xattn.style", ("idefics", "openflamingo"))
-        self.layers = integer_list(self.layers, "xattn.layers", lo=0, hi=MAX_LAYERS - 1, max_len=MAX_LAYERS)
-        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+        choice(self.style, "xattn.style", ("idefics", "openflamingo", "mllama"))
+        mllama = self.style == "mllama"
+        self.layers = integer_list(self.layers, "xattn.layers", lo=0, hi=MAX_LAYERS, max_len=MAX_LAYERS)
+        if mllama and any(b < a for a, b in zip(self.layers, self.layers[1:])):
+            raise ConfigError(f"xattn.layers = {self.layers}: must be non-decreasing decoder layer indices")
+        if not mllama and any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ConfigError(f"xattn.layers = {self.layers}: must be strictly increasing decoder layer indices")
         self.heads = integer(self.heads, "xattn.heads", lo=1, hi=MAX_DIM)
+        self.kv_heads = integer(self.kv_heads, "xattn.kv_heads", lo=0, hi=MAX_DIM) or self.heads
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"xattn.heads = {self.heads} must be a multiple of xattn.kv_heads = {self.kv_heads}")
+        if self.kv_heads != self.heads and not mllama:
+            raise ConfigError(f"xattn.kv_heads = {self.kv_heads}: grouped K/V heads are an mllama option "
+                              f"(style {self.style!r} has as many K/V heads as query heads)")
         self.head_dim = integer(self.head_dim, "xattn.head_dim", lo=1, hi=MAX_DIM)
         self.media_dim = integer(self.media_dim, "xattn.media_dim", lo=1, hi=MAX_DIM)
         self.ffn_dim = integer(self.ffn_dim, "xattn.ffn_dim", lo=1, hi=16 * MAX_DIM)
         boolean(self.qk_norm, "xattn.qk_norm")
         self.norm_eps = real(self.norm_eps, "xattn.norm_eps", lo=0.0, lo_open=True, hi=1.0)
         choice(self.gate_type, "xattn.gate_type", ("float", "vector"))
-        choice(self.mask_mode, "xattn.mask_mode", ("immediate", "cumulative"))
+        choice(self.mask_mode, "xattn.mask_mode", ("immediate", "cumulative", "range"))
+        if mllama != (self.mask_mode == "range"):
+            raise ConfigError(f"xattn.mask_mode = {self.mask_mode!r} with style {self.style!r}: mllama blocks use "
+                              "mask_mode \"range\", and only they do")
+        if mllama and not (self.qk_norm and self.gate_type == "float"):
+            raise ConfigError("xattn: mllama blocks have q/k norms (qk_norm true) and scalar gates (gate_type float)")

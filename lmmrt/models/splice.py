@@ -26,6 +26,7 @@ from lmmrt.models.config import ModelConfig
 from lmmrt.models.decoder import Decoder, StepContext
 from lmmrt.models.flamingo import FlamingoModel, MediaLanguageModel
 from lmmrt.models.layers import activation
+from lmmrt.models.mllama import MllamaModel
 from lmmrt.models.qformer import QFormer
 from lmmrt.models.vision import VisionEncoder
 from lmmrt.models.xattn import MediaContext
@@ -106,5 +107,8 @@ class SpliceModel(MediaLanguageModel):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model a config describes: a SpliceModel for media_feed "splice", else a FlamingoModel."""
+    """The model a config describes: a SpliceModel for media_feed "splice", a MllamaModel for family
+    "mllama", else a FlamingoModel."""
+    if cfg.family == "mllama":
+        return MllamaModel(cfg)
     return SpliceModel(cfg) if cfg.media_feed == "splice" else FlamingoModel(cfg)
