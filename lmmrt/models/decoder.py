@@ -45,6 +45,9 @@ class StepContext:
     key_end: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
     backend: str = "torch"
+    # lmmrt.serve's decode step: (B,) the cache slot of each row's one token (rows are requests at
+    # their own positions, no shared slot); None: every row writes at `slot`
+    row_slots: torch.Tensor | None = None
 
 
 def rope_inv_freq(cfg: DecoderConfig, device) -> torch.Tensor:
@@ -82,16 +85,22 @@ def cached_attention(q, k, v, ctx: StepContext, k_cache, v_cache):
 
     q: (B, T, H, hd); k, v: (B, T, KV, hd); caches: (B, KV, max_len, hd). Returns (B, T, H*hd)."""
     b, t, h, hd = q.shape
+    if ctx.row_slots is not None:  # one token per row, each at its own slot (no host value)
+        at = ctx.row_slots.view(b, 1, 1, 1).expand(b, k.shape[2], 1, hd)
+        k_cache.scatter_(2, at, k.transpose(1, 2))
+        v_cache.scatter_(2, at, v.transpose(1, 2))
     if ctx.key_end is not None:
         # fixed-shape decode step (CUDA graphs): the slot lives on the device and the attention
         # reads only each row's filled slots [key_start, key_end), whatever the rest holds
-        k_cache.index_copy_(2, ctx.slot, k.transpose(1, 2))
-        v_cache.index_copy_(2, ctx.slot, v.transpose(1, 2))
+        if ctx.row_slots is None:
+            k_cache.index_copy_(2, ctx.slot, k.transpose(1, 2))
+            v_cache.index_copy_(2, ctx.slot, v.transpose(1, 2))
         out = decode_attention(q[:, 0], k_cache, v_cache, ctx.key_start, ctx.key_end,
                                alibi_slopes=ctx.alibi_slopes, backend=ctx.backend)
         return out.reshape(b, t, h * hd)
-    k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
-    v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
+    if ctx.row_slots is None:
+        k_cache[:, :, ctx.slot:ctx.slot + t] = k.transpose(1, 2)
+        v_cache[:, :, ctx.slot:ctx.slot + t] = v.transpose(1, 2)
     keys, vals = k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=ctx.attn_mask,
                                          is_causal=ctx.causal, enable_gqa=keys.shape[1] != h)

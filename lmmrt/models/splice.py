@@ -98,12 +98,19 @@ class SpliceModel(MediaLanguageModel):
         The call writing the prompt (cache slot 0) takes the media features at the image-marker
         positions; decode steps (a later slot, or the device slot of the fixed-shape step) never
         do, so a generated marker token is read as the plain token it is."""
-        x = self.decoder.embed(tokens)
         if media.any_media and isinstance(ctx.slot, int) and ctx.slot == 0:
-            features = media.kv[0][0]
-            marks = tokens == self.cfg.image_token_id
-            x = x.masked_scatter(marks[..., None], features.to(x.dtype))
+            x = self.embed_with_features(tokens, media.kv[0][0])
+        else:
+            x = self.decoder.embed(tokens)
         return self.run_decoder(x, ctx, kv_cache, media, logits_for)
+
+    def embed_with_features(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> input embeddings (B, T, D), the k-th image-marker position of the call
+        (row-major) taking features' k-th row (features: (rows, D) or (M, media_tokens, D)).
+        lmmrt.serve calls it for each prefill chunk, with the feature rows of that chunk's markers."""
+        x = self.decoder.embed(tokens)
+        marks = tokens == self.cfg.image_token_id
+        return x.masked_scatter(marks[..., None], features.to(x.dtype))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,209 @@
+"""The model steps of the serving engine, over the slotted KV cache: a prefill chunk of one request
+and one decode step of every decoding request, each row at its own position.
+
+Both call the model's own forward (lmmrt.models: decoder layers, gated blocks, splice), with a
+StepContext that says where each row's tokens go: a prefill chunk writes positions [start, end)
+of its request's row and sees keys [0, end) causally; the decode step writes each row's token at
+that row's length (StepContext.row_slots) and row r sees keys [0, length_r]. RoPE and learned
+positions take each row's own position; ALiBi needs only key - query distances, which the slot
+gives. Rows of the decode batch that are not decoding write to the scratch position and are
+ignored.
+
+The decode step has two forms. Eager (the CPU): rows [0, highest decoding row], keys up to the
+longest row, a boolean mask. Fixed-shape (CUDA): rows [0, bucket) for a power-of-two bucket,
+the whole cache with each row's key range [0, length] (decode_attention), every input in a
+buffer of the step and the media in a pool: so its shapes and addresses never change and it is
+captured once per bucket as a CUDA graph (static_decode.StaticDecodeStep's capture) and replayed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmmrt.models.decoder import StepContext
+from lmmrt.models.xattn import MediaContext
+from lmmrt.runtime.decode_plan import gather_media
+from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable
+
+
+def prefill_chunk(model, cache, seq, end: int) -> torch.Tensor:
+    """Run seq's prompt positions [seq.prefilled, end) in its cache row -> logits (1, V) of the last."""
+    module = model.module
+    start = seq.prefilled
+    dev = seq.tokens.device
+    tokens = seq.tokens[:, start:end]
+    positions = torch.arange(start, end, device=dev)[None]
+    if start == 0:
+        ctx = module.decoder.context(positions, 0, end, None, causal=True)
+    else:  # the chunk's queries see the row's earlier keys and themselves causally
+        mask = torch.arange(end, device=dev)[None, :] <= positions[0, :, None]
+        ctx = module.decoder.context(positions, start, end, mask[None, None])
+    row = cache.row(seq.slot)
+    if seq.features is not None:  # a splice model: this chunk's markers take their feature rows
+        marker = model.config.image_token_id
+        before = seq.ids[:start].count(marker)
+        here = seq.ids[start:end].count(marker)
+        x = (module.embed_with_features(tokens, seq.features[before:before + here]) if here
+             else module.decoder.embed(tokens))
+        media = MediaContext(kv=[], text_time=seq.text_time[:, start:end], media_start=seq.media_start,
+                             media_count=seq.media_count, any_media=False)
+        return module.run_decoder(x, ctx, row, media, "last")
+    media = MediaContext(kv=seq.media_kv, text_time=seq.text_time[:, start:end], media_start=seq.media_start,
+                         media_count=seq.media_count, any_media=bool(seq.media_kv))
+    return module(tokens, ctx, row, media, logits_for="last")
+
+
+def _packed_media(seqs: list, n_rows: int, dev) -> tuple[list, list[int], list[int], list[int]]:
+    """The decoding rows' media K/V packed per block in row order, and per row of the batch its
+    start, count and decode media ordinal (0 for a row without media or not decoding)."""
+    start, count, tt = [0] * n_rows, [0] * n_rows, [0] * n_rows
+    per_block: list[list[tuple]] = []
+    n = 0
+    for s in sorted(seqs, key=lambda s: s.slot):
+        if not s.media_kv:
+            continue
+        start[s.slot], count[s.slot], tt[s.slot] = n, s.media_count_int, s.decode_text_time
+        n += s.media_count_int
+        per_block.append(s.media_kv)
+    kv = [(torch.cat([m[j][0] for m in per_block]), torch.cat([m[j][1] for m in per_block]))
+          for j in range(len(per_block[0]))] if per_block else []
+    return kv, start, count, tt
+
+
+class SlotDecoder:
+    """One decode step of the decoding requests: __call__(seqs, version) -> logits (n_rows, V),
+    row r of the logits belonging to the request in slot row r. `version` changes whenever the
+    set of decoding requests does; their media are gathered again only then."""
+
+    def __init__(self, model, cache, *, fixed: bool):
+        self.model, self.cache = model, cache
+        self.fixed = fixed
+        self.use_graph = fixed and graph_capturable(model)
+        self._version = None
+        self._media: MediaContext | None = None
+        self._steps: dict[int, SlotDecodeStep] = {}
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pool_generation = 0
+
+    def rows_for(self, seqs) -> int:
+        """Batch rows of the step: [0, highest decoding row] eagerly, its power-of-two bucket when fixed."""
+        top = max(s.slot for s in seqs) + 1
+        return min(1 << (top - 1).bit_length(), self.cache.slots) if self.fixed else top
+
+    def __call__(self, seqs: list, version: int) -> torch.Tensor:
+        n = self.rows_for(seqs)
+        return self._fixed(seqs, n, version) if self.fixed else self._eager(seqs, n, version)
+
+    def _eager(self, seqs, n: int, version: int) -> torch.Tensor:
+        model, module = self.model, self.model.module
+        dev = model.device
+        tokens, positions, writes = [0] * n, [0] * n, [self.cache.scratch] * n
+        for s in seqs:
+            tokens[s.slot], positions[s.slot], writes[s.slot] = s.last_token, s.length, s.length
+        kv_len = max(s.length for s in seqs) + 1
+        pos = torch.tensor(positions, device=dev)
+        write = torch.tensor(writes, device=dev)
+        # a row not decoding sees every key (finite garbage at worst): its logits are ignored
+        mask = torch.arange(kv_len, device=dev)[None, :] <= write[:, None]
+        ctx = module.decoder.context(pos[:, None], kv_len - 1, kv_len, mask[:, None, None, :])
+        ctx.row_slots = write
+        if self._version != (version, n):
+            self._version = (version, n)
+            kv, start, count, tt = _packed_media(seqs, n, dev)
+            media = MediaContext(kv=kv, text_time=torch.tensor(tt, dtype=torch.int32, device=dev)[:, None],
+                                 media_start=torch.tensor(start, dtype=torch.int32, device=dev),
+                                 media_count=torch.tensor(count, dtype=torch.int32, device=dev), any_media=bool(kv))
+            media.gathered = gather_media(module, media, model.backend)
+            self._media = media
+        return module(torch.tensor(tokens, device=dev)[:, None], ctx, self.cache.rows(n), self._media,
+                      logits_for="last")
+
+    def _fixed(self, seqs, n: int, version: int) -> torch.Tensor:
+        step = self._steps.get(n)
+        if self._version != (version, n) or step is None:
+            self._version = (version, n)
+            kv, start, count, tt = _packed_media(seqs, n, self.model.device)
+            pool = self._fill_pool(kv)
+            key_gen = self._pool_generation
+            if step is None or step.pool_generation != key_gen:
+                step = SlotDecodeStep(self.model, self.cache, n, pool, key_gen, use_graph=self.use_graph)
+                self._steps[n] = step
+            step.set_media(start, count, tt)
+        tokens, positions, writes, ends = [0] * n, [0] * n, [self.cache.scratch] * n, [0] * n
+        for s in seqs:
+            tokens[s.slot], positions[s.slot], writes[s.slot], ends[s.slot] = (s.last_token, s.length, s.length,
+                                                                               s.length + 1)
+        return step(tokens, positions, writes, ends)
+
+    def _fill_pool(self, kv: list) -> list:
+        """The decode media copied into the pool (grown when too small: graphs over the old pool
+        are dropped); full-capacity views, so a step's addresses stay the same."""
+        if not kv:
+            return []
+        n = kv[0][0].shape[0]
+        pool = self._pool
+        if not pool or pool[0][0].shape[0] < n:
+            cap = max(n, 2 * pool[0][0].shape[0]) if pool else max(n, 2 * self.cache.slots)
+            self._pool = pool = [(k.new_zeros((cap,) + tuple(k.shape[1:])), v.new_zeros((cap,) + tuple(v.shape[1:])))
+                                 for k, v in kv]
+            self._pool_generation += 1
+            self._steps.clear()
+        for (pk, pv), (k, v) in zip(pool, kv):
+            pk[:n].copy_(k)
+            pv[:n].copy_(v)
+        return pool
+
+
+class SlotDecodeStep(StaticDecodeStep):
+    """The fixed-shape decode step of one bucket of n rows: every input lives in a buffer of the
+    step, so on CUDA it is captured once as a graph (StaticDecodeStep's capture) and replayed."""
+
+    def __init__(self, model, cache, n: int, pool: list, pool_generation: int, *, use_graph: bool):
+        dev = model.device
+        media = MediaContext(kv=pool, text_time=torch.zeros(n, 1, dtype=torch.int32, device=dev),
+                             media_start=torch.zeros(n, dtype=torch.int32, device=dev),
+                             media_count=torch.zeros(n, dtype=torch.int32, device=dev), any_media=bool(pool))
+        super().__init__(model, cache.rows(n), media, torch.zeros(n, dtype=torch.long, device=dev),
+                         use_graph=use_graph)
+        self.pool_generation = pool_generation
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.writes = torch.zeros(n, dtype=torch.long, device=dev)
+        self.key_start = torch.zeros(n, dtype=torch.long, device=dev)
+        self.key_end = torch.zeros(n, dtype=torch.long, device=dev)
+
+    def set_media(self, start: list[int], count: list[int], text_time: list[int]) -> None:
+        dev = self.media.media_start.device
+        self.media.media_start.copy_(torch.tensor(start, dtype=torch.int32, device=dev))
+        self.media.media_count.copy_(torch.tensor(count, dtype=torch.int32, device=dev))
+        self.media.text_time.copy_(torch.tensor(text_time, dtype=torch.int32, device=dev)[:, None])
+
+    def _forward(self) -> torch.Tensor:
+        module = self.model.module
+        decoder = module.decoder
+        positions = self.positions[:, None]
+        ctx = StepContext(positions=positions, slot=self.writes, kv_len=self.cache.max_len,
+                          rope=decoder.rope(positions), key_start=self.key_start, key_end=self.key_end,
+                          alibi_slopes=decoder.alibi_slopes(positions.device), backend=self.model.backend,
+                          row_slots=self.writes)
+        return module(self.tokens, ctx, self.cache, self.media, logits_for="last")
+
+    def __call__(self, tokens: list[int], positions: list[int], writes: list[int], ends: list[int]) -> torch.Tensor:
+        """Per row: its token, position, write slot and key end (0 for a row not decoding: no keys)."""
+        dev = self.tokens.device
+        # one host-to-device copy for the four inputs
+        packed = torch.tensor([tokens, positions, writes, ends], dtype=torch.long).to(dev, non_blocking=True)
+        self.tokens.copy_(packed[0, :, None])
+        self.positions.copy_(packed[1])
+        self.writes.copy_(packed[2])
+        self.key_end.copy_(packed[3])
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
+                self.use_graph = False
+                self.model.decode_state.graph_failed(e)
+                return self._forward()
+        self.graph.replay()
+        return self.logits
