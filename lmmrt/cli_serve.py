@@ -165,7 +165,8 @@ def add_serve(sub) -> None:
                    help="requests waiting for a slot at most; beyond it requests get 503 with Retry-After")
     mem = e.add_mutually_exclusive_group()
     mem.add_argument("--max-memory", type=byte_size, default=None, metavar="BYTES",
-                     help="memory for the KV cache, e.g. 8G (default: --memory-fraction of the free GPU memory)")
+                     help="memory for the KV cache, e.g. 8G (default: --memory-fraction of the free GPU memory; "
+                          "on the CPU 4G)")
     mem.add_argument("--memory-fraction", type=FRACTION, default=0.9,
                      help="fraction of the free GPU memory the KV cache may take")
     e.add_argument("--token-budget", type=POSITIVE_INT, default=512,

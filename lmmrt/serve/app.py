@@ -125,7 +125,7 @@ class Server:
             raise APIError(503, f"the server is shutting down ({e})", type="server_error", code="shutting_down") \
                 from None
         except (ValueError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, api_wording(str(e))) from None
 
     async def events(self, request: Request, handle, t0: float):
         """The handle's events, timed into the metrics; the request is cancelled when the client leaves or
@@ -146,8 +146,9 @@ class Server:
                 yield ev
         finally:
             watcher.cancel()
-            if not finished:
+            if not finished:  # the client left (or the server stopped the stream): nobody reads the rest
                 handle.cancel()
+                self.metrics.request_done(time.monotonic() - t0, "cancelled", handle.prompt_tokens)
 
     async def answer(self, request: Request, handle, shape: ResponseShape, stream: bool, t0: float):
         if stream:
@@ -223,6 +224,11 @@ class Server:
     def model_card(self) -> dict:
         return {"id": self.options.model_name, "object": "model", "created": self.started, "owned_by": "lmmrt",
                 "max_model_len": self.model.config.decoder.max_seq_len}
+
+
+def api_wording(message: str) -> str:
+    """The engine's (lmmrt.generate's) message with its argument names said as the API's fields."""
+    return message.replace("max_new_tokens=", "max_tokens=").replace("prompt 0 ", "the prompt ")
 
 
 def _raise_unfinished(ev: Finished) -> None:

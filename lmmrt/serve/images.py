@@ -21,7 +21,7 @@ MAX_IMAGE_PIXELS = 64 << 20
 
 
 def _open_image(data: bytes, where: str):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from lmmrt.runtime.processor import check_pil_mode
 
@@ -34,6 +34,9 @@ def _open_image(data: bytes, where: str):
             image = im.copy()  # unconverted: lmmrt makes it RGB as the model's family does (alpha)
     except APIError:
         raise
+    except UnidentifiedImageError:
+        raise APIError(400, f"{where}: cannot decode the image: its bytes are in no image format PIL reads "
+                            "(PNG, JPEG, GIF, WebP, BMP, ...)") from None
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError for truncation, ...)
         raise APIError(400, f"{where}: cannot decode the image: {e}") from None
     try:

@@ -91,8 +91,11 @@ def render(server: ServerMetrics, engine: dict, *, model_name: str) -> str:
         ("lmmrt_running_requests", "requests holding a KV slot (prefilling or decoding)", engine.get("running", 0)),
         ("lmmrt_kv_cache_used", "KV cache slots in use", engine.get("kv_used", 0)),
         ("lmmrt_kv_cache_total", "KV cache slots in all", kv_total),
-        ("lmmrt_kv_cache_usage_ratio", "fraction of the KV cache in use",
+        ("lmmrt_kv_cache_usage_ratio", "fraction of the KV cache slots in use",
          engine.get("kv_used", 0) / kv_total if kv_total else 0.0),
+        ("lmmrt_kv_cache_tokens_used", "KV cache positions holding a running request's tokens",
+         engine.get("kv_tokens_used", 0)),
+        ("lmmrt_kv_cache_bytes", "bytes of the KV cache (allocated at start)", engine.get("kv_bytes", 0)),
         ("lmmrt_generation_tokens_per_second", f"tokens sent to clients per second, over the last "
          f"{RATE_WINDOW_S:g} s", server.tokens_per_second()),
         ("lmmrt_media_cache_bytes", "bytes held by the media cache (latents and media K/V)",
