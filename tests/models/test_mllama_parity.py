@@ -131,3 +131,18 @@ def test_cross_attention_layers_first_consecutive_and_last():
 def test_placement_of_cross_attention_layers():
     assert placement([3, 8, 13, 18, 23, 28, 33, 38], 40) == [3, 7, 11, 15, 19, 23, 27, 31]
     assert placement([0, 1, 4], 5) == [0, 0, 2]
+
+
+def test_saved_model_reloads_with_gates_applied_once(hf_model, model, tmp_path):
+    """Model.save stores folded gates as neutral ones: the reloaded model gives the same logits."""
+    import lmmrt
+    from lmmrt.api import Model
+
+    cfg = mllama_config_from_hf(hf_model.config.to_dict())
+    fresh = build_model(cfg)
+    fresh.load_state_dict(mllama_state_from_hf(hf_model.state_dict()))
+    Model(fresh, cfg, tokenizer=None, backend="torch").save(tmp_path / "ckpt")
+    loaded = lmmrt.load(tmp_path / "ckpt", device="cpu", backend="torch").module
+    ids, ratios = PROMPTS["text_between_images"]
+    torch.testing.assert_close(lmmrt_logits(loaded, ids, ratios, seed=2), lmmrt_logits(model, ids, ratios, seed=2),
+                               rtol=1e-5, atol=1e-5)
