@@ -1,0 +1,58 @@
+"""`lmmrt serve`'s options are checked before the model loads: each mistake is one `lmmrt: error:` line and
+exit status 2, and nothing is loaded (the "loading" line never shows)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from cli_util import assert_one_error_line
+
+from lmmrt.cli import main
+from lmmrt.cli_serve import byte_size
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A directory that passes the pre-load checks (its weights are never read by these tests)."""
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def run(capsys, *argv) -> str:
+    try:
+        status = main(["serve", *map(str, argv)])
+    except SystemExit as e:  # argparse's errors exit from inside the parser
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "loading" not in err
+    return err
+
+
+def test_bad_options_fail_before_the_load(capsys, checkpoint, tmp_path):
+    assert "--port" in run(capsys, checkpoint, "--port", "70000")
+    assert "--max-memory" in run(capsys, checkpoint, "--max-memory", "12X")
+    assert "--memory-fraction" in run(capsys, checkpoint, "--memory-fraction", "0")
+    assert "not allowed with" in run(capsys, checkpoint, "--max-memory", "1G", "--memory-fraction", "0.5")
+    assert "--max-batch" in run(capsys, checkpoint, "--max-batch", "0")
+    assert "--api-key" in run(capsys, checkpoint, "--api-key", "")
+    assert "not found" in run(capsys, tmp_path / "missing")
+    (tmp_path / "chat_template.jinja").write_text("{% if %}")
+    (tmp_path / "config.json").write_text("{}")
+    assert "not a valid Jinja template" in run(capsys, tmp_path)
+
+
+def test_a_port_in_use_fails_before_the_load(capsys, checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in run(capsys, checkpoint, "--port", port)
+
+
+def test_byte_sizes():
+    assert [byte_size(s) for s in ("1073741824", "1G", "1GiB", "512M", "1.5k")] == [1 << 30, 1 << 30, 1 << 30,
+                                                                                   512 << 20, 1536]
