@@ -15,7 +15,7 @@ from pathlib import Path
 
 SCHEMA = "lmmrt-bench/1"
 # benchmarks whose rows are end-to-end generate runs (model, engine, batch): one table and one plot each
-END_TO_END = ("generate", "splice_generate", "llava_cpu")
+END_TO_END = ("generate", "splice_generate", "mllama", "llava_cpu")
 IMPL_ORDER = ["eager", "triton", "cuda", "sdpa-concat", "sdpa-dense-mask", "compile"]
 MODE_SHORT = {"cuda-events": "events", "cuda-graph": "graph", "perf_counter": "cpu"}
 

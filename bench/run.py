@@ -1,6 +1,6 @@
 """Run the benchmarks and write JSON + a markdown table + plots.
 
-    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,splice_generate,
+    python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,splice_generate,mllama,
                         cpu_proxy,llava_cpu] [--no-compile]
                         [--budget-s SECONDS] [--merge-only]
 
@@ -29,6 +29,7 @@ from bench import (
     bench_decode_attention,
     bench_generate,
     bench_llava_cpu,
+    bench_mllama,
     bench_perceiver,
     bench_splice_generate,
     bench_xattn,
@@ -37,12 +38,12 @@ from bench import (
 from bench.harness import default_out_dir, jsonable, measure_ceilings, run_key
 
 BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "decode_attention": bench_decode_attention,
-           "generate": bench_generate, "splice_generate": bench_splice_generate,
+           "generate": bench_generate, "splice_generate": bench_splice_generate, "mllama": bench_mllama,
            "cpu_proxy": bench_cpu_proxy, "llava_cpu": bench_llava_cpu}
 CPU_ONLY = ("cpu_proxy", "llava_cpu")  # full (GPU) runs include them only when named in --only
 # Seconds per benchmark (each also stops starting new cases when its budget is spent).
 BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "decode_attention": 60.0, "generate": 150.0, "splice_generate": 90.0,
-            "cpu_proxy": 1800.0, "llava_cpu": 600.0}
+            "mllama": 50.0, "cpu_proxy": 1800.0, "llava_cpu": 600.0}
 SMOKE_BUDGET_S = 60.0
 
 

@@ -119,6 +119,22 @@ def test_graph_step_inputs_refilled_per_call(pair, images, monkeypatch):
     assert len(model.decode_state.graphs) == 1  # one bucket, reused
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_on_gpu(pair, images):
+    """The decode step captured as a CUDA graph (Triton kernels, images tiled on the GPU): each greedy
+    token must be transformers' argmax for the sequence so far, up to float32-with-TF32 tolerance
+    (robust to near-ties, where comparing token streams is not)."""
+    hf, out = pair
+    model = lmmrt.load(out, device="cuda", dtype=torch.float32, cuda_graph=True)
+    res = lmmrt.generate(model, PROMPTS, images, max_new_tokens=8, ignore_eos=True)
+    assert model.decode_state.graph_error is None and model.decode_state.graphs
+    for ids, imgs, r in zip(PROMPTS, images, res):
+        full = hf_logits(hf, ids + r.token_ids, imgs, model.config.vision)
+        for i, t in enumerate(r.token_ids):
+            row = full[len(ids) - 1 + i]
+            assert float(row.max() - row[t]) <= 1e-2 * (1 + float(row.abs().max())), (ids, i, t)
+
+
 def test_repetition_penalty_matches_transformers(pair, images):
     """The penalty reaches the scored vocabulary only (Mllama's embedding has 8 more rows than its head)."""
     hf, out = pair
