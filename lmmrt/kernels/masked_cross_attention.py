@@ -27,7 +27,9 @@ Kernels (backend "triton"), chosen by T:
   computed in the kernel from text_time (the union of its rows' media, masked per row); no dense
   mask is ever built; sequences of different lengths and media counts share one launch.
 - decode (T == 1): one program per (batch, head, key split) (flash-decoding) plus a combine
-  kernel that merges the split partials when the key range is long (video, cumulative mode).
+  kernel that merges the split partials when the key range is long (video, cumulative mode,
+  Mllama's tiles); with grouped K/V, one program per (batch, kv head, key split) whose rows are
+  the query heads of that kv head (each K/V element read once, not once per query head).
 Accumulation is fp32; the output is q's dtype.
 """
 
@@ -92,6 +94,9 @@ def masked_cross_attention_reference(
     else:
         raise ValueError(f"masked_cross_attention: mode must be one of {MODES}, got {mode!r}")
     allowed = (seen.repeat_interleave(L, dim=-1) & key_valid)[:, None]  # (B, 1, T, maxn*L)
+    # keys never seen (past media_len, stand-ins for missing media) may hold anything, NaN too:
+    # a zero weight must not meet them
+    vb = vb.masked_fill(~key_valid[..., None], 0)
     scores = torch.matmul(q.to(cdt).transpose(1, 2), kb.transpose(-1, -2)) * scale  # (B, H, T, maxn*L)
     if mode == "cumulative":
         # OpenFlamingo: a row with no media has every score masked to the same value, so its
@@ -112,7 +117,11 @@ def masked_cross_attention_reference(
 # The kernels (and the shared split combine, under this op's own name) are module globals of this
 # file: the launcher looks them up here, so tests can spy on each launch.
 from lmmrt.kernels.masked_cross_attention_kernels import MODE_IDS as _MODE_IDS  # noqa: E402
-from lmmrt.kernels.masked_cross_attention_kernels import _xattn_decode_kernel, _xattn_prefill_kernel  # noqa: E402
+from lmmrt.kernels.masked_cross_attention_kernels import (  # noqa: E402
+    _xattn_decode_gqa_kernel,
+    _xattn_decode_kernel,
+    _xattn_prefill_kernel,
+)
 from lmmrt.kernels.triton_common import KERNEL_DTYPES as _KERNEL_DTYPES  # noqa: E402
 from lmmrt.kernels.triton_common import LOG2E as _LOG2E  # noqa: E402
 from lmmrt.kernels.triton_common import MAX_HEAD_DIM as _MAX_HEAD_DIM  # noqa: E402
@@ -195,21 +204,25 @@ def _masked_cross_attention_launch(q, k, v, text_time, text_time_first, media_st
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
             return
-        cfg = _decode_config(B * H, N, L, dh, mode_id != _MODE_IDS["immediate"], q.device)
+        cfg = _decode_config(B * KVH, N, L, dh, mode_id != _MODE_IDS["immediate"], q.device)
         splits = num_splits if num_splits > 0 else cfg["NUM_SPLITS"]
         if splits > 1:
             ws_acc, ws_m, ws_l = _split_workspaces(B * H * splits, cfg["BLOCK_D"], q.device)
         else:
             ws_acc = ws_m = ws_l = out  # never touched
-        _xattn_decode_kernel[(B * H, splits)](
-            q, k, v, text_time, ttf, media_start, media_count, ml, out, ws_acc, ws_m, ws_l,
-            q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(), text_time.stride(0), ttf.stride(0),
-            media_start.stride(0), media_count.stride(0), ml.stride(0), out.stride(0), out.stride(2),
-            out.stride(3), H, L, group, qk_scale,
-            MODE=mode_id, HAS_MEDIA_LEN=media_len is not None, HEAD_DIM=dh, BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits, NEG_INIT=_NEG_INIT,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        args = (q, k, v, text_time, ttf, media_start, media_count, ml, out, ws_acc, ws_m, ws_l,
+                q.stride(0), q.stride(2), q.stride(3), *k.stride(), *v.stride(), text_time.stride(0), ttf.stride(0),
+                media_start.stride(0), media_count.stride(0), ml.stride(0), out.stride(0), out.stride(2),
+                out.stride(3))
+        meta = dict(MODE=mode_id, HAS_MEDIA_LEN=media_len is not None, HEAD_DIM=dh, BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_D=cfg["BLOCK_D"], NUM_SPLITS=splits, NEG_INIT=_NEG_INIT, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
+        if group == 1:
+            _xattn_decode_kernel[(B * H, splits)](*args, H, L, qk_scale, **meta)
+        else:
+            _xattn_decode_gqa_kernel[(B * KVH, splits)](
+                *args, H, KVH, L, group, qk_scale, BLOCK_G=max(16, _next_pow2(group)),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta)
         if splits > 1:
             _xattn_decode_combine_kernel[(B * H,)](
                 ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(2), out.stride(3), H,

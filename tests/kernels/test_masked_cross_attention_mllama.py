@@ -15,9 +15,9 @@ from lmmrt.kernels import masked_cross_attention_cuda as mxa_cuda
 from lmmrt.kernels.masked_cross_attention import masked_cross_attention, masked_cross_attention_reference
 
 try:  # tests/kernels may or may not be a package, depending on how pytest imports it
-    from .kernel_testing import DEVICE, DTYPES, assert_close, nan_buffer, needs_triton
+    from .kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, nan_buffer, needs_triton
 except ImportError:
-    from kernel_testing import DEVICE, DTYPES, assert_close, nan_buffer, needs_triton
+    from kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, nan_buffer, needs_triton
 
 mx = importlib.import_module("lmmrt.kernels.masked_cross_attention")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -204,6 +204,32 @@ def test_kernel_range_matches_reference(case, dtype):
 @pytest.mark.parametrize("case", [PREFILL[0], DECODE[0]], ids=["prefill", "decode"])
 def test_kernel_other_modes_with_media_len_and_gqa(case, mode):
     _run(case, torch.float32, mode=mode)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [PREFILL[0], PREFILL[1], DECODE[0], DECODE[1]], ids=lambda c: f"T={c[1]}")
+def test_keys_never_seen_are_never_read(case):
+    # NaN in every key past media_len and in the unused media items: the output stays exact.
+    B, T, H, KVH, dh, L, counts, media_len, layout = case
+    q, k, v, idx, _ = _inputs(B, T, H, KVH, dh, L, counts, torch.float32, media_len=media_len, layout=layout,
+                              seed=3, prompt_len=max(T, 13))
+    unseen = torch.arange(L, device=DEVICE)[None, :] >= idx["media_len"][:, None]
+    unseen[[0, -1]] = True
+    k[unseen], v[unseen] = float("nan"), float("nan")
+    ref = _ref64(q, k, v, idx, "range")
+    assert not torch.isnan(ref).any()
+    assert_close(masked_cross_attention(q, k, v, **idx, mode="range", backend="triton"), ref, torch.float32)
+
+
+@needs_triton
+def test_grouped_decode_runs_one_program_per_kv_head(monkeypatch):
+    spies = {n: KernelSpy(getattr(mx, n)) for n in ("_xattn_decode_kernel", "_xattn_decode_gqa_kernel")}
+    for n, s in spies.items():
+        monkeypatch.setattr(mx, n, s)
+    for kv_heads, launched in ((4, (1, 0)), (2, (1, 1))):
+        q, k, v, idx, _ = _inputs(2, 1, 4, kv_heads, 16, 8, [1, 2], torch.float32, media_len=None, prompt_len=5)
+        masked_cross_attention(q, k, v, **idx, mode="range", backend="triton")
+        assert tuple(s.launches for s in spies.values()) == launched
 
 
 @needs_triton
