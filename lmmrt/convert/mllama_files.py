@@ -5,14 +5,16 @@ lmmrt.convert.mllama's.
 Read: config.json (model_type "mllama"), the safetensors weights (one file, or sharded through
 model.safetensors.index.json; the hub's own spelling "language_model.model.*" and transformers >=
 4.52's "model.language_model.*" both work), tokenizer.json, whose <|image|> token must be the
-config's image_token_index, and the chat template (chat_template.jinja, chat_template.json, or
-tokenizer_config.json's), which is kept. Each source tensor is read once, when the mapping asks for
-it; a missing one is a CheckpointError naming it, and so is a source tensor the mapping leaves
-unread (a layout this converter does not know would otherwise lose weights silently).
+config's image_token_index, the chat template (chat_template.jinja, chat_template.json, or
+tokenizer_config.json's), which is kept, and preprocessor_config.json's image mean and std. Each
+source tensor is read once, when the mapping asks for it; a missing one is a CheckpointError naming
+it, and so is a source tensor the mapping leaves unread (a layout this converter does not know would
+otherwise lose weights silently).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from lmmrt.convert.common import (
     SourceWeights,
     find_tokenizer_json,
     read_hf_source_config,
+    read_source_json,
     warn_no_tokenizer,
 )
 from lmmrt.convert.llava import _chat_template as chat_template
@@ -103,13 +106,31 @@ def _tokenizer(src: Path, cfg: ModelConfig):
     return tok
 
 
+def _with_preprocessor(cfg: ModelConfig, src: Path) -> ModelConfig:
+    """The image processor's normalization from preprocessor_config.json (when the source has one); its
+    tile size and count must be the vision tower's, or images would be cut for another model."""
+    path = src / "preprocessor_config.json"
+    if not path.exists():
+        return cfg
+    pre, v = read_source_json(path), cfg.vision
+    size = pre.get("size") or {}
+    wrong = [f"{key} {got!r}, but config.json's vision_config has {want!r}" for key, got, want in (
+        ("size", [size.get("height", v.image_size), size.get("width", v.image_size)], [v.image_size] * 2),
+        ("max_image_tiles", pre.get("max_image_tiles", v.max_num_tiles), v.max_num_tiles)) if got != want]
+    if wrong:
+        raise CheckpointError(f"{path}: {'; '.join(wrong)}")
+    vision = dataclasses.replace(v, image_mean=tuple(pre.get("image_mean", v.image_mean)),
+                                 image_std=tuple(pre.get("image_std", v.image_std)))
+    return dataclasses.replace(cfg, vision=vision)
+
+
 def mllama_source(src_dir: str | Path, *, dtype: torch.dtype | None = None, progress: bool = True):
     """Read a Llama 3.2 Vision directory: (lmmrt config, lmmrt state dict, tokenizer or None, chat
     template or None). Tensors keep the source dtype unless `dtype`."""
     src = Path(src_dir)
     hf = read_hf_source_config(src, architecture="MllamaForConditionalGeneration", model="Llama 3.2 Vision",
                                model_type="mllama", expected_note=" (MllamaForConditionalGeneration)")
-    cfg = mllama_config_from_hf(hf)
+    cfg = _with_preprocessor(mllama_config_from_hf(hf), src)
     tok = _tokenizer(src, cfg)
     tensors = SourceTensors(SourceWeights.open(src), src, progress)
     try:

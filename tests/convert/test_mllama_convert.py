@@ -139,3 +139,20 @@ def test_tokenizer_and_config_errors(source, tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ValueError, match=r"model_type is 'llava', expected 'mllama'"):
         convert_mllama(src, tmp_path / "out2", progress=False)
+
+
+def test_preprocessor_config(source, tmp_path):
+    """Its mean and std become the checkpoint's; a tile size or count unlike the vision tower's is refused."""
+    _, base, _ = source
+    src = _copy(base, tmp_path / "src")
+    pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "size": {"height": 28, "width": 28},
+           "max_image_tiles": 2}
+    (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    convert_mllama(src, tmp_path / "out", progress=False)
+    vision = json.loads((tmp_path / "out" / "config.json").read_text())["vision"]
+    assert vision["image_mean"] == [0.5, 0.4, 0.3] and vision["image_std"] == [0.2, 0.25, 0.3]
+    (src / "preprocessor_config.json").write_text(json.dumps({**pre, "size": {"height": 560, "width": 560},
+                                                              "max_image_tiles": 4}))
+    with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: size \[560, 560\], but config\.json's "
+                                              r"vision_config has \[28, 28\]; max_image_tiles 4, but .* has 2"):
+        convert_mllama(src, tmp_path / "out2", progress=False)
