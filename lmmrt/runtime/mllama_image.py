@@ -31,8 +31,6 @@ from lmmrt.errors import ConfigError
 from lmmrt.runtime.processor import _to_uint8_hwc, pil_to_rgb
 
 RESAMPLERS = ("auto", "pil", "torch")
-# transformers' default rescale_factor, applied in float64 before the cast to float32 (as it does)
-_RESCALE = 1 / 255
 
 
 @dataclass
@@ -135,23 +133,22 @@ def _resize_torch(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _normalize_table(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
-    """(3, 256) float32: the normalized value of each pixel level per channel, computed as transformers
-    computes it (level * 1/255 in float64, cast to float32, then (x - mean) / std in float32), so a
-    lookup is bit-exact with it on any device. Cached per device: no host copy per call."""
-    levels = torch.from_numpy((np.arange(256, dtype=np.float64) * _RESCALE).astype(np.float32))
-    mean32 = torch.tensor(mean, dtype=torch.float32)[:, None]
-    std32 = torch.tensor(std, dtype=torch.float32)[:, None]
-    return ((levels[None] - mean32) / std32).to(device)
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32, as transformers normalizes; cached per device: no host-to-device copy per call
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1))
 
 
-def _tiles(canvas: torch.Tensor, tiles_h: int, tiles_w: int, table: torch.Tensor) -> torch.Tensor:
-    """canvas: (n, 3, tiles_h * S, tiles_w * S) uint8 -> (n, tiles_h * tiles_w, 3, S, S) normalized,
-    tiles in row-major order."""
+def _normalized_tiles(canvas: torch.Tensor, tiles_h: int, tiles_w: int, mean_std) -> torch.Tensor:
+    """canvas: (n, 3, tiles_h * S, tiles_w * S) uint8 -> (n, tiles_h * tiles_w, 3, S, S) float32, tiles
+    in row-major order, normalized bit-exactly as transformers normalizes: it rescales in float64
+    (v * (1/255), cast to float32), which for every level v in 0-255 is float32's v / 255; then
+    (x - mean) / std in float32."""
     n, _, height, width = canvas.shape
     s = height // tiles_h
-    x = table[torch.arange(3, device=canvas.device).view(1, 3, 1, 1), canvas.long()]
-    return x.view(n, 3, tiles_h, s, tiles_w, s).permute(0, 2, 4, 1, 3, 5).reshape(n, tiles_h * tiles_w, 3, s, s)
+    tiles = canvas.view(n, 3, tiles_h, s, tiles_w, s).permute(0, 2, 4, 1, 3, 5)
+    mean, std = mean_std
+    return tiles.reshape(n, tiles_h * tiles_w, 3, s, s).float().div_(255).sub_(mean).div_(std)
 
 
 def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str,
@@ -191,8 +188,8 @@ def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str,
         resized = [_resize_pil(u8, size).to(device) for u8, size in zip(frames, sizes)]
 
     n = len(frames)
-    pixels = torch.zeros(n, max_tiles, 3, tile, tile, device=device)
-    table = _normalize_table(tuple(vcfg.image_mean), tuple(vcfg.image_std), device)
+    pixels = torch.empty(n, max_tiles, 3, tile, tile, device=device)
+    mean_std = _mean_std(tuple(vcfg.image_mean), tuple(vcfg.image_std), device)
     by_canvas: dict[tuple[int, int], list[int]] = {}
     for i, canvas in enumerate(canvases):
         by_canvas.setdefault(canvas, []).append(i)
@@ -200,7 +197,9 @@ def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str,
         canvas = torch.zeros(len(idx), 3, th * tile, tw * tile, dtype=torch.uint8, device=device)
         for k, i in enumerate(idx):  # top-left; the rest stays black (0), as transformers pads
             canvas[k, :, :sizes[i][0], :sizes[i][1]] = resized[i]
-        pixels[torch.tensor(idx, device=device), :th * tw] = _tiles(canvas, th, tw, table)
+        rows = torch.tensor(idx, device=device)
+        pixels[rows, :th * tw] = _normalized_tiles(canvas, th, tw, mean_std)
+        pixels[rows, th * tw:] = 0  # padding tiles (pixels is allocated uninitialized: the tiles are most of it)
 
     num_tiles = [th * tw for th, tw in canvases]
     arrangements = tile_arrangements(max_tiles)

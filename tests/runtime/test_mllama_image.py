@@ -57,7 +57,7 @@ def _assert_matches_reference(ours, ref):
     pixels, ids, mask, num_tiles = ref
     assert ours.pixels.shape == pixels.shape and ours.pixels.dtype == torch.float32
     err = (ours.pixels - pixels).abs()
-    assert err.max() <= 1e-5, f"max error {err.max():.3g} at {np.unravel_index(int(err.argmax()), err.shape)}"
+    assert err.max() == 0, f"max error {err.max():.3g} at {np.unravel_index(int(err.argmax()), err.shape)}"
     assert torch.equal(ours.aspect_ratio_ids, ids) and ours.aspect_ratio_ids.dtype == torch.long
     assert torch.equal(ours.aspect_ratio_mask, mask) and ours.aspect_ratio_mask.dtype == torch.long
     assert ours.num_tiles == num_tiles
