@@ -98,8 +98,8 @@ def _check_vision_config(vcfg) -> None:
 
 
 def _rgb_uint8(img, vcfg, where: str) -> torch.Tensor:
-    """(H, W, 3) uint8 on the CPU, converted to RGB as transformers' processors convert (transparency
-    composited onto white)."""
+    """(H, W, 3) uint8 (a tensor stays on its device), converted to RGB as transformers' processors
+    convert (transparency composited onto white)."""
     from PIL import Image
 
     if isinstance(img, Image.Image):
