@@ -89,7 +89,7 @@ def lmmrt_logits(model: MllamaModel, ids: list[int], ratio_ids: list[int], seed:
                          media_count=torch.tensor([len(ratio_ids)], dtype=torch.int32), any_media=bool(ratio_ids),
                          text_time_first=torch.tensor([first], dtype=torch.int32), media_len=media_len)
     ctx = model.decoder.context(torch.arange(T)[None], 0, T, None, causal=True)
-    cache = KVCache.allocate(model.cfg.decoder, 1, T, torch.float32, "cpu")
+    cache = KVCache.allocate(model.cfg.decoder, 1, T, model.dtype, "cpu")
     with torch.no_grad():
         return model(tokens, ctx, cache, media)[0]
 
@@ -146,3 +146,11 @@ def test_saved_model_reloads_with_gates_applied_once(hf_model, model, tmp_path):
     ids, ratios = PROMPTS["text_between_images"]
     torch.testing.assert_close(lmmrt_logits(loaded, ids, ratios, seed=2), lmmrt_logits(model, ids, ratios, seed=2),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_model_runs_close_to_float32(hf_model, model):
+    """Every path (pre-image rows, valid-tile keys, the masked MLP branch) in the model dtype: bf16
+    logits stay within bf16 rounding of the float32 ones."""
+    low = lmmrt_from_hf(hf_model).to(torch.bfloat16)
+    ids, ratios = PROMPTS["text_between_images"]
+    assert_close(lmmrt_logits(low, ids, ratios, seed=4), lmmrt_logits(model, ids, ratios, seed=4), rel=0.05)
