@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -164,18 +165,33 @@ async def closed_loop(client, clients: int, per_client: int, image) -> dict:
     return {"clients": clients, **summary([s for per in done for s in per], time.perf_counter() - t0)}
 
 
-async def scenarios(client, *, seed: int, levels: list[int]) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time among repeats (a busy machine's noise falls on either side of it)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+
+
+async def scenarios(client, *, seed: int, levels: list[int], pairs: int) -> dict:
+    """Each comparison runs `pairs` times, its two sides alternating, so that a change in the machine's load
+    falls on both; the table shows each side's median run, the speedups are per pair."""
     shared = random_image(seed)
     reqs = mixed_requests(16, shared)
     await client.send(reqs[0])  # warm-up: first-call costs (allocations, kernels) out of the timings
-    out = {"mixed": {"one_at_a_time": await one_at_a_time(client, reqs), "all_at_once": await all_at_once(client, reqs)}}
-    out["mixed"]["speedup"] = out["mixed"]["one_at_a_time"]["wall_s"] / out["mixed"]["all_at_once"]["wall_s"]
+    seq, conc, distinct, same = [], [], [], []
     short = lambda im: {"prompt": PROMPT.format(text="What is this?", image="<image>"), "images": [im], "max_tokens": 4}
-    distinct = await all_at_once(client, [short(random_image(seed + 1 + i)) for i in range(8)])
-    same_image = random_image(seed + 100)
-    same = await all_at_once(client, [short(same_image) for _ in range(8)])
-    out["media_cache"] = {"distinct_images": distinct, "same_image": same,
-                          "ttft_gain_p50": distinct["ttft_p50_s"] / same["ttft_p50_s"]}
+    for p in range(pairs):
+        seq.append(await one_at_a_time(client, reqs))
+        conc.append(await all_at_once(client, reqs))
+        base = seed + 1000 * (p + 1)  # new images every pair: nothing is cached from the last one
+        distinct.append(await all_at_once(client, [short(random_image(base + i)) for i in range(8)]))
+        same_image = random_image(base + 100)
+        same.append(await all_at_once(client, [short(same_image) for _ in range(8)]))
+    out = {"pairs": pairs, "mixed": {
+        "one_at_a_time": median_run(seq), "all_at_once": median_run(conc),
+        "speedups": [a["wall_s"] / b["wall_s"] for a, b in zip(seq, conc)]}}
+    out["mixed"]["speedup"] = statistics.median(out["mixed"]["speedups"])
+    gains = [a["ttft_p50_s"] / b["ttft_p50_s"] for a, b in zip(distinct, same)]
+    out["media_cache"] = {"distinct_images": median_run(distinct), "same_image": median_run(same),
+                          "ttft_gains_p50": gains, "ttft_gain_p50": statistics.median(gains)}
     if levels:
         out["clients"] = [await closed_loop(client, c, 2 if c < 64 else 1, shared) for c in levels]
     return out
@@ -191,8 +207,12 @@ def table(res: dict) -> str:
     for name, r in rows:
         lines.append(f"| {name} | {r['requests']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s'] * 1e3:.0f} | {r['ttft_p99_s'] * 1e3:.0f} | {r['latency_p50_s'] * 1e3:.0f} |")
-    lines.append(f"\nall at once vs one at a time: x{res['mixed']['speedup']:.2f} (goal >= 2); media cache TTFT "
-                 f"gain (p50, distinct / same image): x{res['media_cache']['ttft_gain_p50']:.2f}")
+    m, c = res["mixed"], res["media_cache"]
+    lines.append(f"\nmedian of {res['pairs']} pairs (rows: the median run of each side). All at once vs one at a "
+                 f"time: x{m['speedup']:.2f} (goal >= 2; pairs {', '.join(f'x{x:.2f}' for x in m['speedups'])}). "
+                 f"Media cache TTFT gain (p50, distinct / same image): x{c['ttft_gain_p50']:.2f} (pairs "
+                 f"{', '.join(f'x{x:.2f}' for x in c['ttft_gains_p50'])}). Load average before / after: "
+                 f"{res['load_before']} / {res['load_after']}.")
     return "\n".join(lines)
 
 
@@ -208,7 +228,7 @@ def plot(res: dict, path: Path) -> bool:
     m = res["mixed"]
     a.bar(["one at a time", "all at once"], [m["one_at_a_time"]["wall_s"], m["all_at_once"]["wall_s"]])
     a.set_ylabel("seconds for 16 mixed requests")
-    a.set_title(f"continuous batching: x{m['speedup']:.2f}")
+    a.set_title(f"continuous batching: x{m['speedup']:.2f} (median of {res['pairs']} pairs)")
     c = res["media_cache"]
     names = ["mixed 1-by-1", "mixed at once", "distinct images", "same image"]
     runs = [m["one_at_a_time"], m["all_at_once"], c["distinct_images"], c["same_image"]]
@@ -242,6 +262,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", type=int, default=5, help="repeats of each comparison, its sides alternating")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -259,10 +280,11 @@ def main(argv=None) -> dict:
 
     async def run():
         try:
-            return await scenarios(client, seed=args.seed, levels=levels)
+            return await scenarios(client, seed=args.seed, levels=levels, pairs=args.pairs)
         finally:
             await client.close()
 
+    load_before = [round(x, 1) for x in os.getloadavg()]
     try:
         res = asyncio.run(run())
     finally:
@@ -270,7 +292,8 @@ def main(argv=None) -> dict:
             engine.shutdown(5.0)
         else:
             server.stop()
-    res = {"bench": "serve", "model": model, "key": run_key(device, smoke=False), **res}
+    res = {"bench": "serve", "model": model, "key": run_key(device, smoke=False), "load_before": load_before,
+           "load_after": [round(x, 1) for x in os.getloadavg()], **res}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"serve-{device.type}-{(res['key']['git_commit'] or 'unknown')[:12]}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
