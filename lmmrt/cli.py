@@ -112,7 +112,7 @@ def _cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for multimodal models: "
-               "Flamingo-style (IDEFICS, OpenFlamingo), splice models (LLaVA-1.5, BLIP-2 with OPT, MiniGPT-4) and "
+               "Flamingo-style (IDEFICS, OpenFlamingo, Llama 3.2 Vision / Mllama), splice models (LLaVA-1.5, BLIP-2 with OPT, MiniGPT-4) and "
                "CLIP. `lmmrt convert --help` lists the checkpoint formats it reads.",
                                 epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
                                 "unexpected one.")
