@@ -48,8 +48,9 @@ def _xattn_row_ranges(tt, ttf, valid_row, cnt, MODE: tl.constexpr):
 @_jit
 def _attend_keys(q, k_ptrs, v_ptrs, kv_mask, allowed, uniform, m_i, l_i, acc, qk_scale, MODE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of the prefill: the block's query rows over one tile of keys
-    (allowed: (rows, keys) mask; uniform rows score 0, cumulative mode). Returns (m_i, l_i, acc)."""
+    """One online-softmax step over one tile of keys for a block of query rows (prefill: tokens;
+    grouped decode: the query heads of one kv head). allowed: (rows or 1, keys) mask; uniform rows
+    score 0 (cumulative mode). Returns (m_i, l_i, acc)."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
     if MODE == 1:
@@ -149,9 +150,9 @@ def _xattn_prefill_kernel(
 @_jit
 def _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, L, MODE: tl.constexpr,
                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """The decode token of sequence b: (its first packed media item, the flat key range
-    [s_lo, s_hi) of split `split`, uniform (1,)). Flat key g = (ordinal - 1) * L + l; split s
-    handles the s-th BLOCK_N-aligned chunk of the token's key range."""
+    """The decode token of sequence b: (its first packed media item, the ordinals [lo, hi] it
+    sees, the flat key range [s_lo, s_hi) of split `split`, uniform (1,)). Flat key
+    g = (ordinal - 1) * L + l; split s handles the s-th BLOCK_N-aligned chunk of the key range."""
     one = tl.arange(0, 1)
     tt = tl.load(TT + b * stt_b + one).to(tl.int32)  # (1,) keeps every per-row value a tensor
     ttf = tt
@@ -167,7 +168,7 @@ def _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, 
     chunk = tl.cdiv(tl.cdiv(g_hi - g_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     s_lo = tl.minimum(g_lo + split * chunk, g_hi)
     s_hi = tl.minimum(s_lo + chunk, g_hi)
-    return start, s_lo, s_hi, uniform
+    return start, lo, hi, s_lo, s_hi, uniform
 
 
 @_jit
@@ -194,7 +195,7 @@ def _xattn_decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     one = tl.arange(0, 1)
-    start, s_lo, s_hi, uniform = _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, L,
+    start, _, _, s_lo, s_hi, uniform = _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, L,
                                                      MODE, BLOCK_N, NUM_SPLITS)
 
     b64 = b.to(tl.int64)
@@ -263,7 +264,7 @@ def _xattn_decode_gqa_kernel(
     g_ok = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     h = kvh * GROUP + offs_g  # the query head of each row
-    start, s_lo, s_hi, uniform = _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, L,
+    start, lo, hi, s_lo, s_hi, uniform = _decode_split_range(TT, TTF, MS, MC, b, stt_b, sttf_b, sms_b, smc_b, split, L,
                                                      MODE, BLOCK_N, NUM_SPLITS)
 
     b64 = b.to(tl.int64)
@@ -272,29 +273,35 @@ def _xattn_decode_gqa_kernel(
     m_i = tl.full([BLOCK_G], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for g0 in tl.range(s_lo, s_hi, BLOCK_N):
-        g = g0 + offs_n
-        key_ok = g < s_hi
-        media = g // L
-        lat = g - media * L
-        row = start + media
-        if HAS_MEDIA_LEN:
-            key_ok = key_ok & (lat < tl.load(ML + row * sml_n, mask=key_ok, other=0))
-        kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(K + row[:, None] * sk_n + lat[:, None] * sk_l + kvh * sk_h + offs_d[None, :] * sk_d,
-                    mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MODE == 1:
-            s = tl.where(uniform[:, None], 0.0, s)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + row[:, None] * sv_n + lat[:, None] * sv_l + kvh * sv_h + offs_d[None, :] * sv_d,
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if HAS_MEDIA_LEN:
+        # As the prefill: each media item only up to its own length (loads stay pipelined, padding
+        # tiles cost nothing); split s takes the s-th BLOCK_N-aligned chunk of every item.
+        for m in range(lo - 1, hi):
+            row = start + m
+            n_keys = tl.minimum(tl.load(ML + row * sml_n), L)
+            chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            k_lo = tl.minimum(split * chunk, n_keys)
+            k_hi = tl.minimum(k_lo + chunk, n_keys)
+            for l0 in tl.range(k_lo, k_hi, BLOCK_N):
+                lat = l0 + offs_n
+                key_ok = lat < k_hi
+                m_i, l_i, acc = _attend_keys(
+                    q, K + row * sk_n + lat[:, None] * sk_l + kvh * sk_h + offs_d[None, :] * sk_d,
+                    V + row * sv_n + lat[:, None] * sv_l + kvh * sv_h + offs_d[None, :] * sv_d,
+                    key_ok[:, None] & d_mask[None, :], key_ok[None, :], uniform, m_i, l_i, acc, qk_scale,
+                    MODE, DOT_PRECISION)
+    else:
+        for g0 in tl.range(s_lo, s_hi, BLOCK_N):
+            g = g0 + offs_n
+            key_ok = g < s_hi
+            media = g // L
+            lat = g - media * L
+            row = start + media
+            m_i, l_i, acc = _attend_keys(
+                q, K + row[:, None] * sk_n + lat[:, None] * sk_l + kvh * sk_h + offs_d[None, :] * sk_d,
+                V + row[:, None] * sv_n + lat[:, None] * sv_l + kvh * sv_h + offs_d[None, :] * sv_d,
+                key_ok[:, None] & d_mask[None, :], key_ok[None, :], uniform, m_i, l_i, acc, qk_scale,
+                MODE, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)

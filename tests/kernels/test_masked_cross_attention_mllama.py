@@ -189,6 +189,7 @@ PREFILL = [
 DECODE = [
     (3, 1, 8, 2, 64, 200, [3, 1, 0], "random", "fused"),
     (2, 1, 4, 1, 32, 65, [6, 2], 13, "contiguous"),
+    (2, 1, 2, 2, 32, 70, [3, 2], "random", "heads_major"),  # one kv head per query head
 ]
 
 
