@@ -9,6 +9,11 @@ OpenFlamingo-9B: 8 heads x 64 over a 4096-wide LM; IDEFICS-9B: 32 heads x 128.
   random one of its media.
 After the perceiver a media item is 64 latents whatever its frame count, so frames do not change
 these shapes (they multiply the perceiver's kv length instead; see bench_perceiver).
+Llama-3.2-11B-Vision (Mllama) cases in the same groups: one image per sequence of 4 tile slots x
+1601 keys (L = 6404), `tiles` of them valid (media_len), 32 query heads over 8 kv heads x 128,
+mode "range"; decode at batch 1 and 16 with 4 tiles and with 1 (3 padding tiles never read),
+prefill of 32 and 512 text tokens after the image. Baseline: SDPA over the image's keys with the
+(B, 1, T, L) tile mask and enable_gqa (transformers' dense-mask SDPA path, without its repeat_kv).
 
 Implementations, on the same rotating inputs:
 - eager: lmmrt's torch backend, the reference (gathers each sequence's media, dense mask, fp32);
@@ -25,6 +30,7 @@ Useful work (the same for every implementation; the dense baselines do more):
   FLOPs = 4 * H * dh * sum_i keys(i)
   bytes = e * (2 * B*T*H*dh + 2 * R * L*H*dh) + index bytes
           (read q, write out, read the K and V of the R media that some row attends to, once)
+  Mllama: keys(i) = tiles * 1601; the K and V read are B * keys(i) * kv_heads * dh each.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ SMOKE_MODELS = {
 }
 SMOKE_TEXT, SMOKE_MEDIA, SMOKE_BATCH = (16, 48), (1, 3), (1, 3)
 MODE = "immediate"
+MLLAMA = {"mllama-11b": dict(heads=32, kv_heads=8, head_dim=128, tile_keys=1601, max_tiles=4)}
+MLLAMA_DECODE, MLLAMA_PREFILL = [(1, 4), (16, 4), (16, 1)], (32, 512)  # (batch, tiles); text tokens
+SMOKE_MLLAMA = {"mllama-tiny": dict(heads=4, kv_heads=2, head_dim=16, tile_keys=17, max_tiles=4)}
+SMOKE_MLLAMA_DECODE, SMOKE_MLLAMA_PREFILL = [(2, 3)], (24,)
 
 FORMULAS = {
     "flops": "4 * heads * head_dim * sum_i keys(i); keys(i) = L if text_time[i] > 0 else 0 (immediate)",
@@ -122,6 +132,70 @@ def impls(device: torch.device, *, decode: bool, use_compile: bool, compiled=Non
     return out
 
 
+def mllama_inputs(spec: dict, B: int, T: int, tiles: int, dtype, device, n_sets: int) -> list[tuple]:
+    """(q, k, v, text_time, media_start, media_count, text_time_first, media_len, tile_mask, k_dense,
+    v_dense) per set: one image per sequence, every token after its marker (text_time = 1)."""
+    H, KVH, dh = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    L = spec["tile_keys"] * spec["max_tiles"]
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(B, T, H, dh, device=device, dtype=dtype)
+        k = torch.randn(B, L, KVH, dh, device=device, dtype=dtype)
+        v = torch.randn(B, L, KVH, dh, device=device, dtype=dtype)
+        tt = torch.ones(B, T, dtype=torch.int32, device=device)
+        start = torch.arange(B, dtype=torch.int32, device=device)
+        count = torch.ones(B, dtype=torch.int32, device=device)
+        media_len = torch.full((B,), tiles * spec["tile_keys"], dtype=torch.int32, device=device)
+        mask = (torch.arange(L, device=device) < media_len[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        sets.append((q, k, v, tt, start, count, tt, media_len, mask, k.transpose(1, 2), v.transpose(1, 2)))
+    return sets
+
+
+def mllama_impls(device: torch.device) -> list[Impl]:
+    from lmmrt.kernels.masked_cross_attention import masked_cross_attention
+
+    def lm(backend):
+        return lambda q, k, v, tt, s, c, ttf, ml, *_: masked_cross_attention(
+            q, k, v, tt, s, c, mode="range", text_time_first=ttf, media_len=ml, backend=backend)
+
+    def sdpa(q, k, v, tt, s, c, ttf, ml, mask, kd, vd):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kd, vd, attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+    # the cuda backend hands Mllama's options to the Triton kernel: timed once, as "triton"
+    out = [Impl("eager", lm("torch"))]
+    out += [Impl(b, lm(b), kind="lmmrt", graph=True)
+            for b in lmmrt_backends("masked_cross_attention", device, exclude=("cuda",))]
+    return out + [Impl("sdpa-dense-mask", sdpa, graph=True)]
+
+
+def mllama_cases(b: BenchRun, *, decode: bool, smoke: bool, device, dtype, elem: int, phase_end: float) -> None:
+    group = "decode" if decode else "prefill"
+    models = SMOKE_MLLAMA if smoke else MLLAMA
+    if decode:
+        grid = SMOKE_MLLAMA_DECODE if smoke else MLLAMA_DECODE
+        grid = [(B, 1, tiles) for B, tiles in grid]
+    else:
+        tiles = 3 if smoke else 4
+        grid = [(1, T, tiles) for T in (SMOKE_MLLAMA_PREFILL if smoke else MLLAMA_PREFILL)]
+    imps = mllama_impls(device)
+    for name, spec in models.items():
+        H, KVH, dh, L = spec["heads"], spec["kv_heads"], spec["head_dim"], spec["tile_keys"] * spec["max_tiles"]
+        for B, T, tiles in grid:
+            label = f"{name} B={B} tiles={tiles}" if decode else f"{name} T={T} tiles={tiles}"
+            shape = dict(model=name, batch=B, text=T, media=1, latents=L, valid_keys=tiles * spec["tile_keys"],
+                         heads=H, kv_heads=KVH, head_dim=dh, mode="range")
+            if b.elapsed > phase_end:
+                b.skip_case(group, label, shape, [i.name for i in imps], "time budget spent")
+                continue
+            keys = tiles * spec["tile_keys"]
+            flops = 4.0 * H * dh * B * T * keys
+            nbytes = float(elem) * (2 * B * T * H * dh + 2 * B * keys * KVH * dh) + 4.0 * (2 * B * T + 3 * B)
+            alloc = elem * (2 * B * T * H * dh + 2 * B * L * KVH * dh) + B * L
+            sets = rotation_sets(nbytes, device, alloc_bytes_per_set=alloc, smoke=smoke)
+            b.case(group, label, shape, imps, mllama_inputs(spec, B, T, tiles, dtype, device, sets), flops, nbytes)
+
+
 def run(*, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool, budget_s: float,
         ceilings: dict | None = None, use_compile: bool = True) -> dict:
     from lmmrt.kernels.masked_cross_attention import masked_cross_attention_reference
@@ -158,6 +232,7 @@ def run(*, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool,
                 inputs = make_inputs(spec, B, T, N, dtype, device, sets, decode=decode)
                 b.case(group, label, shape, imps, inputs, flops, nbytes)
                 del inputs
+        mllama_cases(b, decode=decode, smoke=smoke, device=device, dtype=dtype, elem=elem, phase_end=phase_end)
     return b.finish()
 
 
