@@ -195,7 +195,9 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     prompts: a string, a list of strings, or a list of token-id lists; media markers (the model's
     image token, e.g. "<image>") stand where the media sit. images: for one prompt a list of media
     items, else one list per prompt; a media item is a PIL image, a uint8 (H, W, 3) array or tensor,
-    a float (3, H, W) tensor of already-normalized pixels, or a video clip (lmmrt.video).
+    a float (3, H, W) tensor of already-normalized pixels, or a video clip (lmmrt.video); Llama 3.2
+    Vision (mllama, marker "<|image|>") takes PIL images and uint8 arrays of any size, which it tiles
+    as transformers' MllamaImageProcessor does (docs/mllama.md).
     temperature 0 is greedy; sampling is reproducible with `seed`. Generation stops at the end-of-
     sequence token (unless ignore_eos), at any of stop_token_ids or the model's default stop tokens,
     or at a stop string (str or list of str; the text is cut before it).
