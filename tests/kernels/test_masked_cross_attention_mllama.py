@@ -15,9 +15,9 @@ from lmmrt.kernels import masked_cross_attention_cuda as mxa_cuda
 from lmmrt.kernels.masked_cross_attention import masked_cross_attention, masked_cross_attention_reference
 
 try:  # tests/kernels may or may not be a package, depending on how pytest imports it
-    from .kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, nan_buffer, needs_triton
+    from .kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, gpu_only, nan_buffer, needs_triton
 except ImportError:
-    from kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, nan_buffer, needs_triton
+    from kernel_testing import DEVICE, DTYPES, KernelSpy, assert_close, gpu_only, nan_buffer, needs_triton
 
 mx = importlib.import_module("lmmrt.kernels.masked_cross_attention")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -238,6 +238,28 @@ def test_grouped_decode_runs_one_program_per_kv_head(monkeypatch):
 def test_decode_forced_splits(num_splits):
     # more splits than key blocks leaves some splits empty: the combine must ignore them
     _run(DECODE[0], torch.float32, num_splits=num_splits)
+
+
+@gpu_only
+@needs_triton
+def test_gpu_llama_vision_shapes_and_graph_capture():
+    # Llama-3.2-11B-Vision: 32 heads over 8 kv heads x 128, images of 4 tile slots x 1601 keys with
+    # 1-4 valid tiles, batch 8 (2-3 images each, runs of markers); the decode step captured in a
+    # CUDA graph and replayed after every row moved to its last image.
+    B, H, KVH, dh, L = 8, 32, 8, 128, 4 * 1601
+    q, k, v, idx, _ = _inputs(B, 1, H, KVH, dh, L, [2, 3] * 4, torch.bfloat16, media_len=1601, prompt_len=40,
+                              seed=9)
+    fn = lambda: masked_cross_attention(q, k, v, **idx, mode="range", backend="triton")
+    assert_close(fn(), _ref64(q, k, v, idx, "range"), torch.bfloat16, "decode")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    idx["text_time"].copy_(idx["media_count"][:, None])
+    idx["text_time_first"].copy_(idx["media_count"][:, None])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, _ref64(q, k, v, idx, "range"), torch.bfloat16, "graph replay")
+    _run((2, 64, 32, 8, 128, 4 * 1601, [1, 2], 1601, "contiguous"), torch.bfloat16)  # prefill
 
 
 def test_bad_mllama_inputs_are_reported():
