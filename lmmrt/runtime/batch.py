@@ -237,12 +237,11 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
             if mllama is None:
                 media.append(media_item_pixels(img, cfg.vision, model.device, where=f"images[{i}][{j}]"))
             media_time.append(j)
-        # media ordinals drive cross-attention masks; a splice model has none
-        if mllama is not None:
+        if mllama is not None:  # each token's span of images (lmmrt.runtime.mllama_prompts)
             tt, first = image_spans(ids, cfg.image_token_id)
             text_times.append(tt)
             firsts.append(first)
-        else:
+        else:  # media ordinals drive cross-attention masks; a splice model has none
             text_times.append([0] * len(ids) if splice else
                               media_ordinals(ids, cfg.image_token_id, cfg.eos_token_id, cfg.reset_media_after_eos))
 
