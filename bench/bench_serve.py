@@ -170,49 +170,56 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
 
 
-async def scenarios(client, *, seed: int, levels: list[int], pairs: int) -> dict:
-    """Each comparison runs `pairs` times, its two sides alternating, so that a change in the machine's load
-    falls on both; the table shows each side's median run, the speedups are per pair."""
+async def scenarios(client, res: dict, save, *, seed: int, levels: list[int], pairs: int) -> None:
+    """Fills `res`, calling save() after each scenario (a run stopped at its cap keeps what it measured).
+    The closed-loop client levels (GPU) come first. Each comparison runs `pairs` times, its two sides
+    alternating, so that a change in the machine's load falls on both; the table shows each side's median
+    run, the speedups are per pair."""
     shared = random_image(seed)
     reqs = mixed_requests(16, shared)
     await client.send(reqs[0])  # warm-up: first-call costs (allocations, kernels) out of the timings
+    if levels:
+        res["clients"] = []
+        for c in levels:
+            res["clients"].append(await closed_loop(client, c, 2 if c < 64 else 1, shared))
+            save()
     seq, conc, distinct, same = [], [], [], []
     short = lambda im: {"prompt": PROMPT.format(text="What is this?", image="<image>"), "images": [im], "max_tokens": 4}
     for p in range(pairs):
         seq.append(await one_at_a_time(client, reqs))
         conc.append(await all_at_once(client, reqs))
+        speedups = [a["wall_s"] / b["wall_s"] for a, b in zip(seq, conc)]
+        res["mixed"] = {"one_at_a_time": median_run(seq), "all_at_once": median_run(conc), "speedups": speedups,
+                        "speedup": statistics.median(speedups)}
         base = seed + 1000 * (p + 1)  # new images every pair: nothing is cached from the last one
         distinct.append(await all_at_once(client, [short(random_image(base + i)) for i in range(8)]))
         same_image = random_image(base + 100)
         same.append(await all_at_once(client, [short(same_image) for _ in range(8)]))
-    out = {"pairs": pairs, "mixed": {
-        "one_at_a_time": median_run(seq), "all_at_once": median_run(conc),
-        "speedups": [a["wall_s"] / b["wall_s"] for a, b in zip(seq, conc)]}}
-    out["mixed"]["speedup"] = statistics.median(out["mixed"]["speedups"])
-    gains = [a["ttft_p50_s"] / b["ttft_p50_s"] for a, b in zip(distinct, same)]
-    out["media_cache"] = {"distinct_images": median_run(distinct), "same_image": median_run(same),
-                          "ttft_gains_p50": gains, "ttft_gain_p50": statistics.median(gains)}
-    if levels:
-        out["clients"] = [await closed_loop(client, c, 2 if c < 64 else 1, shared) for c in levels]
-    return out
+        gains = [a["ttft_p50_s"] / b["ttft_p50_s"] for a, b in zip(distinct, same)]
+        res["media_cache"] = {"distinct_images": median_run(distinct), "same_image": median_run(same),
+                              "ttft_gains_p50": gains, "ttft_gain_p50": statistics.median(gains)}
+        res["pairs"] = p + 1
+        save()
 
 
 def table(res: dict) -> str:
-    rows = [("mixed, one at a time", res["mixed"]["one_at_a_time"]), ("mixed, all at once", res["mixed"]["all_at_once"]),
-            ("8 clients, distinct images", res["media_cache"]["distinct_images"]),
-            ("8 clients, same image", res["media_cache"]["same_image"])]
-    rows += [(f"{r['clients']} concurrent clients", r) for r in res.get("clients", [])]
+    m, c = res.get("mixed"), res.get("media_cache")
+    rows = [(f"{r['clients']} concurrent clients", r) for r in res.get("clients", [])]
+    if m:
+        rows += [("mixed, one at a time", m["one_at_a_time"]), ("mixed, all at once", m["all_at_once"])]
+    if c:
+        rows += [("8 clients, distinct images", c["distinct_images"]), ("8 clients, same image", c["same_image"])]
     lines = ["| scenario | requests | wall s | tokens/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['requests']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s'] * 1e3:.0f} | {r['ttft_p99_s'] * 1e3:.0f} | {r['latency_p50_s'] * 1e3:.0f} |")
-    m, c = res["mixed"], res["media_cache"]
-    lines.append(f"\nmedian of {res['pairs']} pairs (rows: the median run of each side). All at once vs one at a "
-                 f"time: x{m['speedup']:.2f} (goal >= 2; pairs {', '.join(f'x{x:.2f}' for x in m['speedups'])}). "
-                 f"Media cache TTFT gain (p50, distinct / same image): x{c['ttft_gain_p50']:.2f} (pairs "
-                 f"{', '.join(f'x{x:.2f}' for x in c['ttft_gains_p50'])}). Load average before / after: "
-                 f"{res['load_before']} / {res['load_after']}.")
+    if m and c:
+        lines.append(f"\nmedian of {res['pairs']} pairs (rows: the median run of each side). All at once vs one at "
+                     f"a time: x{m['speedup']:.2f} (goal >= 2; pairs {', '.join(f'x{x:.2f}' for x in m['speedups'])}). "
+                     f"Media cache TTFT gain (p50, distinct / same image): x{c['ttft_gain_p50']:.2f} (pairs "
+                     f"{', '.join(f'x{x:.2f}' for x in c['ttft_gains_p50'])}).")
+    lines.append(f"Load average before / after: {res['load_before']} / {res.get('load_after', '-')}.")
     return "\n".join(lines)
 
 
@@ -223,6 +230,8 @@ def plot(res: dict, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return False
+    if "mixed" not in res or "media_cache" not in res:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     m = res["mixed"]
@@ -278,25 +287,29 @@ def main(argv=None) -> dict:
         server = ServerProcess(ckpt, "--device", "cpu", "--max-batch", "16", "--log-level", "warning")
         client, levels, model = HttpClient(server.base_url, "demo"), [], "demo (HTTP, lmmrt serve --max-batch 16)"
 
+    res = {"bench": "serve", "model": model, "key": run_key(device, smoke=False),
+           "load_before": [round(x, 1) for x in os.getloadavg()]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve-{device.type}-{(res['key']['git_commit'] or 'unknown')[:12]}"
+    save = lambda: stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+
     async def run():
         try:
-            return await scenarios(client, seed=args.seed, levels=levels, pairs=args.pairs)
+            await scenarios(client, res, save, seed=args.seed, levels=levels, pairs=args.pairs)
         finally:
             await client.close()
 
-    load_before = [round(x, 1) for x in os.getloadavg()]
     try:
-        res = asyncio.run(run())
+        asyncio.run(run())
+    except KeyboardInterrupt:  # stopped at the stage's cap: what was measured is kept
+        res["interrupted"] = True
     finally:
         if device.type == "cuda":
             engine.shutdown(5.0)
         else:
             server.stop()
-    res = {"bench": "serve", "model": model, "key": run_key(device, smoke=False), "load_before": load_before,
-           "load_after": [round(x, 1) for x in os.getloadavg()], **res}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-{device.type}-{(res['key']['git_commit'] or 'unknown')[:12]}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    res["load_after"] = [round(x, 1) for x in os.getloadavg()]
+    save()
     md = table(res)
     stem.with_suffix(".md").write_text(f"# lmmrt serve, {model}, {res['key']['gpu']}\n\n{md}\n")
     plotted = plot(res, stem.with_suffix(".png"))

@@ -38,11 +38,12 @@ export LMMRT_CUDA_ARCHS=${LMMRT_CUDA_ARCHS:-${CC:-90}}
 
 TOTAL_S=${TOTAL_S:-460}
 ORDER="env build tests_model tests_kernels cuda_checks bench_xattn bench_perceiver bench_decode_attention
-  bench_generate bench_splice_generate bench_mllama merge"
+  bench_generate bench_splice_generate bench_mllama bench_serve merge"
 # caps in seconds (CAP_<stage>=... in the environment overrides one)
 : "${CAP_env:=15}" "${CAP_build:=60}" "${CAP_tests_model:=75}" "${CAP_tests_kernels:=60}" "${CAP_cuda_checks:=60}"
 : "${CAP_bench_xattn:=15}" "${CAP_bench_perceiver:=15}" "${CAP_bench_decode_attention:=20}"
-: "${CAP_bench_generate:=40}" "${CAP_bench_splice_generate:=40}" "${CAP_bench_mllama:=50}" "${CAP_merge:=10}"
+: "${CAP_bench_generate:=30}" "${CAP_bench_splice_generate:=30}" "${CAP_bench_mllama:=40}" "${CAP_merge:=10}"
+: "${CAP_bench_serve:=30}"
 sum=0
 for name in $ORDER; do cap_var=CAP_$name; want "$name" && sum=$(( sum + ${!cap_var} )); done
 if [ "$sum" -gt "$TOTAL_S" ]; then
@@ -138,6 +139,8 @@ run_stage bench_generate bash -c "bench_stage generate 12"
 run_stage bench_splice_generate bash -c "bench_stage splice_generate 6"
 # Llama-3.2-11B-Vision shapes vs transformers: TTFT with one 4-tile image, decode at batch 1 and 16
 run_stage bench_mllama bash -c "bench_stage mllama 6"
+# lmmrt serve's engine on an IDEFICS-9B-shaped model: 1 / 8 / 64 concurrent clients first, JSON after each
+run_stage bench_serve "$PY" -m bench.bench_serve --device cuda --pairs 1 --out "$OUT"
 run_stage merge "$PY" -m bench.run --merge-only --out "$OUT"
 summary
 exit 0
