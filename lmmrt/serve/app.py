@@ -292,6 +292,8 @@ def build_app(engine, model, options: ServeOptions, formatter: ChatFormatter | N
 
     @app.get("/health")
     async def health():
+        if not engine.alive:  # the scheduler thread is gone: nothing would be answered
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

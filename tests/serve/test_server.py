@@ -216,6 +216,11 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     wait_for(lambda: metric(server, "lmmrt_running_requests") == 0, "the slot freed after the disconnect")
     wait_for(lambda: metric(server, "lmmrt_requests_finished_total", finish_reason="cancelled") == cancelled + 1,
              "the request counted as cancelled")
+    # a client waiting for a non-streamed answer that gives up (its timeout) cancels it too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/chat/completions", json={**body, "stream": False}, timeout=2)
+    wait_for(lambda: metric(server, "lmmrt_requests_finished_total", finish_reason="cancelled") == cancelled + 2
+             and metric(server, "lmmrt_running_requests") == 0, "the non-streamed request cancelled")
 
 
 def test_models_404_and_metrics(client, server):
