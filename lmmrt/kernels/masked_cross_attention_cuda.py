@@ -5,7 +5,10 @@ sequence's contiguous media key range: blocks split the keys, each keeps an onli
 and a combine kernel merges the splits through a workspace allocated here (from torch's caching
 allocator, so the op captures into a CUDA graph). `masked_cross_attention_cuda` is what the
 backend registry runs for "cuda": T == 1 with a supported dtype and head_dim goes to the kernel,
-anything else to the Triton kernel when one is registered, else the torch reference.
+anything else to the Triton kernel when one is registered, else the torch reference. Mllama's
+options (mode "range", media_len, grouped K/V) always take the Triton path: its grouped decode
+kernel reads each K/V element once per kv head, which this kernel (one block per query head) would
+not.
 
 File layout: argument checks, the launcher (raw pointers + stream to lmmrt._C), the custom op,
 the public functions, the registration.
