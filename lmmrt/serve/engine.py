@@ -46,10 +46,11 @@ def _positive_int(name: str, value, *, lo: int = 1) -> int:
 class Engine:
     """Serves one lmmrt.Model (see the module docstring). max_batch: KV slot rows at most (fewer
     when the budget holds fewer); max_queue: requests waiting for a row before submit refuses
-    (QueueFull); max_memory: KV cache bytes, else memory_fraction of free CUDA memory (CPU: 4 GiB);
-    token_budget: prompt + decode tokens per step; media_cache_bytes: the media cache's budget;
-    max_context: tokens per row (default the model's context); fixed_step: decode with the
-    fixed-shape step (a CUDA graph per batch bucket), default the model's cuda_graph choice."""
+    (QueueFull); max_memory: KV cache bytes, else memory_fraction of free CUDA memory less
+    media_cache_bytes (CPU: 4 GiB); token_budget: prompt + decode tokens per step;
+    media_cache_bytes: the media cache's budget; max_context: tokens per row (default the model's
+    context); fixed_step: decode with the fixed-shape step (a CUDA graph per batch bucket),
+    default the model's cuda_graph choice."""
 
     def __init__(self, model, *, max_batch: int = 16, max_queue: int = 64, max_memory: int | None = None,
                  memory_fraction: float = 0.9, token_budget: int = 512, media_cache_bytes: int = 1 << 30,
@@ -57,8 +58,6 @@ class Engine:
         if not hasattr(model, "module") or not hasattr(model.module, "run_decoder"):
             raise TypeError(f"Engine serves a generative lmmrt.Model (lmmrt.load), got {type(model).__name__}")
         cfg = model.config
-        if cfg.family == "mllama":
-            raise ValueError("the serving engine does not run Mllama checkpoints yet; use lmmrt.generate")
         self.model = model
         self.max_queue = _positive_int("max_queue", max_queue)
         self.token_budget = _positive_int("token_budget", token_budget)
@@ -71,11 +70,12 @@ class Engine:
         if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) \
                 or not 0 < memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
-        budget = kv_budget(model.device, max_memory=max_memory, memory_fraction=memory_fraction)
+        self.media_cache = MediaCache(media_cache_bytes)
+        budget = kv_budget(model.device, max_memory=max_memory, memory_fraction=memory_fraction,
+                           reserved=media_cache_bytes)
         self.kv = SlotKVCache.for_budget(cfg.decoder, max_batch=_positive_int("max_batch", max_batch),
                                          max_context=self.max_context, budget=budget, dtype=model.dtype,
                                          device=model.device)
-        self.media_cache = MediaCache(media_cache_bytes)
         self._tag = model_tag(model)
         # media-time embeddings make an item's encoding depend on its place in the prompt
         perceiver = getattr(cfg, "perceiver", None)
@@ -121,7 +121,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={args.max_new_tokens} that is "
                              f"{len(ids) + args.max_new_tokens}, beyond this server's context of "
                              f"{self.max_context} tokens")
-        keys = [media_key(px, self._tag, j if self._media_time_matters else 0) for j, px in enumerate(batch.media)]
+        keys = [media_key(px, self._tag, self._media_context(batch, j)) for j, px in enumerate(batch.media)]
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", len(ids), self._wake)
         seq = Sequence(handle, batch, ids, args, keys, model.tokenizer, model.device)
         with self._cond:
@@ -133,6 +133,11 @@ class Engine:
             self._queue.append(seq)
             self._cond.notify_all()
         return handle
+
+    def _media_context(self, batch, j: int) -> str:
+        """What media item j's encoding depends on besides its pixels (see media_key)."""
+        aspect = "" if batch.aspect_ratio_ids is None else f"aspect {int(batch.aspect_ratio_ids[j])}"
+        return f"{j if self._media_time_matters else 0}|{aspect}"
 
     def metrics(self) -> dict:
         """Gauges and counters: queue_len, running (prefilling + decoding), kv_used / kv_total (slot
@@ -268,9 +273,12 @@ class Engine:
         by_frames: dict[int, list[int]] = {}
         for j in missing:
             by_frames.setdefault(s.batch.media[j].shape[0], []).append(j)
+        tiles = s.batch.aspect_ratio_ids is not None  # Mllama: tiled images and their aspect ratios
         for idx in by_frames.values():
             px = torch.stack([s.batch.media[j] for j in idx]).to(self.model.device)
-            latents = module.encode_media(px, s.batch.media_time[idx])
+            kw = dict(aspect_ratio_ids=s.batch.aspect_ratio_ids[idx],
+                      aspect_ratio_mask=s.batch.aspect_ratio_mask[idx]) if tiles else {}
+            latents = module.encode_media(px, s.batch.media_time[idx], **kw)
             for i, j in enumerate(idx):
                 # a slice of a bigger batch would keep the whole batch alive in the cache
                 lat = latents[i:i + 1].clone() if len(idx) > 1 else latents
@@ -347,11 +355,13 @@ class Engine:
             self._version += 1
         if s in self._prefilling:
             self._prefilling.remove(s)
+        final = reason or s.row_text.reason
         if s.slot >= 0:
+            if final == "error":  # it may have left NaN in its row (see kv_slots)
+                self.kv.clear(s.slot)
             self.kv.release(s.slot)
             s.slot = -1
         s.media_kv, s.features = [], None
-        final = reason or s.row_text.reason
         # counted before the client hears of it: metrics read after result() include it
         key = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(final, "requests_finished")
         self._counts[key] += 1

@@ -6,6 +6,12 @@ budget. A request owns one row from admission to its end and writes its tokens f
 scratch: a row in the decode batch that is not decoding (free, or still prefilling) writes its
 dummy token there, where nothing ever reads. Rows are handed out lowest first, so the occupied
 rows stay packed at the front and a decode step over rows [0, n) wastes little.
+
+The buffer starts zeroed and every position holds a finite value from then on: the eager decode
+step masks keys past a row's length with SDPA's boolean mask, which keeps a NaN there from
+reaching the row's result only if no NaN is there (a masked score still takes part in the sum as
+-inf + NaN). Whatever a request writes is finite unless its own logits turn NaN: such a row is
+zeroed when it is released (clear).
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ def slot_bytes(cfg: DecoderConfig, max_context: int, dtype: torch.dtype) -> int:
     return 2 * cfg.layers * cfg.kv_heads * (max_context + 1) * cfg.head_dim * elem
 
 
-def kv_budget(device: torch.device, *, max_memory: int | None, memory_fraction: float) -> int:
+def kv_budget(device: torch.device, *, max_memory: int | None, memory_fraction: float, reserved: int = 0) -> int:
     """Bytes the KV cache may take: max_memory, else memory_fraction of the device's free memory
-    (CUDA), else DEFAULT_CPU_BUDGET."""
+    (CUDA; the weights are loaded already) less `reserved` (the media cache's budget), else
+    DEFAULT_CPU_BUDGET."""
     if max_memory is not None:
         return max_memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * memory_fraction)
+        return max(0, int(free * memory_fraction) - reserved)
     return DEFAULT_CPU_BUDGET
 
 
@@ -43,6 +50,8 @@ class SlotKVCache:
 
     def __init__(self, cfg: DecoderConfig, *, slots: int, max_context: int, dtype: torch.dtype, device):
         self.cache = KVCache.allocate(cfg, slots, max_context + 1, dtype, device)
+        self.cache.k.zero_()
+        self.cache.v.zero_()
         self.slots = slots
         self.max_context = max_context
         self.scratch = max_context
@@ -75,6 +84,11 @@ class SlotKVCache:
 
     def release(self, row: int) -> None:
         heapq.heappush(self._free, row)
+
+    def clear(self, row: int) -> None:
+        """Zero row `row` (after a request whose values may not be finite)."""
+        self.cache.k[:, row].zero_()
+        self.cache.v[:, row].zero_()
 
     def row(self, row: int) -> KVCache:
         """Row `row` as a batch of one (a view: writes land in the shared buffer)."""

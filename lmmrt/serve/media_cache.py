@@ -38,11 +38,12 @@ class MediaEntry:
         return total
 
 
-def media_key(pixels: torch.Tensor, model_tag: str, media_time: int) -> str:
+def media_key(pixels: torch.Tensor, model_tag: str, context: str = "") -> str:
     """Content key of a media item: its normalized pixels (F, 3, S, S) (shape, dtype, bytes), the
-    model and, for a perceiver with media-time embeddings, the item's place in its prompt."""
+    model and what else its encoding depends on (`context`: for a perceiver with media-time
+    embeddings the item's place in its prompt, for Mllama the tiles' aspect ratio)."""
     h = hashlib.sha256()
-    h.update(f"{model_tag}|{tuple(pixels.shape)}|{pixels.dtype}|{media_time}|".encode())
+    h.update(f"{model_tag}|{tuple(pixels.shape)}|{pixels.dtype}|{context}|".encode())
     h.update(pixels.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 

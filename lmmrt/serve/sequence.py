@@ -49,8 +49,12 @@ class Sequence:
         self.media_count_int = len(media_keys)
         self.media_start = torch.zeros(1, dtype=torch.int32, device=device)
         self.media_count = torch.tensor([self.media_count_int], dtype=torch.int32, device=device)
+        # Mllama: each token's first image and each image's valid keys (None for other families)
+        self.text_time_first = batch.text_time_first
+        self.media_len = batch.media_len
         # decode tokens keep the media of the last prompt token (as lmmrt.generate does)
-        self.decode_text_time = int(batch.text_time[0, -1]) if len(ids) else 0
+        self.decode_text_time = int(batch.text_time[0, -1])
+        self.decode_text_time_first = None if batch.text_time_first is None else int(batch.text_time_first[0, -1])
 
     @property
     def prompt_len(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from lmmrt.models.decoder import StepContext
+from lmmrt.models.mllama_xattn import tokens_before_media
 from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.decode_plan import gather_media
 from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable
@@ -48,26 +49,43 @@ def prefill_chunk(model, cache, seq, end: int) -> torch.Tensor:
         media = MediaContext(kv=[], text_time=seq.text_time[:, start:end], media_start=seq.media_start,
                              media_count=seq.media_count, any_media=False)
         return module.run_decoder(x, ctx, row, media, "last")
+    first = seq.text_time_first
     media = MediaContext(kv=seq.media_kv, text_time=seq.text_time[:, start:end], media_start=seq.media_start,
-                         media_count=seq.media_count, any_media=bool(seq.media_kv))
+                         media_count=seq.media_count, any_media=bool(seq.media_kv),
+                         text_time_first=None if first is None else first[:, start:end], media_len=seq.media_len)
+    if first is not None:  # Mllama: its forward looks for text before the first image in prompts of 2+
+        # tokens only; a chunk of one token may be such text too
+        return module.run_decoder(module.decoder.embed(tokens), ctx, row, media, "last",
+                                  before_media=tokens_before_media(media))
     return module(tokens, ctx, row, media, logits_for="last")
 
 
-def _packed_media(seqs: list, n_rows: int, dev) -> tuple[list, list[int], list[int], list[int]]:
+class PackedMedia:
     """The decoding rows' media K/V packed per block in row order, and per row of the batch its
-    start, count and decode media ordinal (0 for a row without media or not decoding)."""
-    start, count, tt = [0] * n_rows, [0] * n_rows, [0] * n_rows
-    per_block: list[list[tuple]] = []
-    n = 0
-    for s in sorted(seqs, key=lambda s: s.slot):
-        if not s.media_kv:
-            continue
-        start[s.slot], count[s.slot], tt[s.slot] = n, s.media_count_int, s.decode_text_time
-        n += s.media_count_int
-        per_block.append(s.media_kv)
-    kv = [(torch.cat([m[j][0] for m in per_block]), torch.cat([m[j][1] for m in per_block]))
-          for j in range(len(per_block[0]))] if per_block else []
-    return kv, start, count, tt
+    start, count and decode media ordinals (0 for a row without media or not decoding); Mllama's
+    media_len packed alike (None for other families)."""
+
+    def __init__(self, seqs: list, n_rows: int):
+        self.start, self.count, self.text_time = [0] * n_rows, [0] * n_rows, [0] * n_rows
+        self.text_time_first = [0] * n_rows
+        with_media = [s for s in sorted(seqs, key=lambda s: s.slot) if s.media_kv]
+        n = 0
+        for s in with_media:
+            self.start[s.slot], self.count[s.slot], self.text_time[s.slot] = n, s.media_count_int, s.decode_text_time
+            self.text_time_first[s.slot] = s.decode_text_time_first or 0
+            n += s.media_count_int
+        self.kv = [(torch.cat([s.media_kv[j][0] for s in with_media]), torch.cat([s.media_kv[j][1] for s in with_media]))
+                   for j in range(len(with_media[0].media_kv))] if with_media else []
+        self.mllama = bool(with_media) and with_media[0].media_len is not None
+        self.media_len = torch.cat([s.media_len for s in with_media]) if self.mllama else None
+
+    def context(self, dev) -> MediaContext:
+        def rows(values):
+            return torch.tensor(values, dtype=torch.int32, device=dev)
+
+        return MediaContext(kv=self.kv, text_time=rows(self.text_time)[:, None], media_start=rows(self.start),
+                            media_count=rows(self.count), any_media=bool(self.kv), media_len=self.media_len,
+                            text_time_first=rows(self.text_time_first)[:, None] if self.mllama else None)
 
 
 class SlotDecoder:
@@ -83,6 +101,7 @@ class SlotDecoder:
         self._media: MediaContext | None = None
         self._steps: dict[int, SlotDecodeStep] = {}
         self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pool_len: torch.Tensor | None = None  # Mllama: media_len of the pooled items
         self._pool_generation = 0
 
     def rows_for(self, seqs) -> int:
@@ -109,10 +128,7 @@ class SlotDecoder:
         ctx.row_slots = write
         if self._version != (version, n):
             self._version = (version, n)
-            kv, start, count, tt = _packed_media(seqs, n, dev)
-            media = MediaContext(kv=kv, text_time=torch.tensor(tt, dtype=torch.int32, device=dev)[:, None],
-                                 media_start=torch.tensor(start, dtype=torch.int32, device=dev),
-                                 media_count=torch.tensor(count, dtype=torch.int32, device=dev), any_media=bool(kv))
+            media = PackedMedia(seqs, n).context(dev)
             media.gathered = gather_media(module, media, model.backend)
             self._media = media
         return module(torch.tensor(tokens, device=dev)[:, None], ctx, self.cache.rows(n), self._media,
@@ -122,22 +138,24 @@ class SlotDecoder:
         step = self._steps.get(n)
         if self._version != (version, n) or step is None:
             self._version = (version, n)
-            kv, start, count, tt = _packed_media(seqs, n, self.model.device)
-            pool = self._fill_pool(kv)
+            packed = PackedMedia(seqs, n)
+            pool = self._fill_pool(packed)
             key_gen = self._pool_generation
             if step is None or step.pool_generation != key_gen:
-                step = SlotDecodeStep(self.model, self.cache, n, pool, key_gen, use_graph=self.use_graph)
+                step = SlotDecodeStep(self.model, self.cache, n, pool, self._pool_len, key_gen,
+                                      use_graph=self.use_graph)
                 self._steps[n] = step
-            step.set_media(start, count, tt)
+            step.set_media(packed)
         tokens, positions, writes, ends = [0] * n, [0] * n, [self.cache.scratch] * n, [0] * n
         for s in seqs:
             tokens[s.slot], positions[s.slot], writes[s.slot], ends[s.slot] = (s.last_token, s.length, s.length,
                                                                                s.length + 1)
         return step(tokens, positions, writes, ends)
 
-    def _fill_pool(self, kv: list) -> list:
+    def _fill_pool(self, packed: PackedMedia) -> list:
         """The decode media copied into the pool (grown when too small: graphs over the old pool
         are dropped); full-capacity views, so a step's addresses stay the same."""
+        kv = packed.kv
         if not kv:
             return []
         n = kv[0][0].shape[0]
@@ -146,11 +164,14 @@ class SlotDecoder:
             cap = max(n, 2 * pool[0][0].shape[0]) if pool else max(n, 2 * self.cache.slots)
             self._pool = pool = [(k.new_zeros((cap,) + tuple(k.shape[1:])), v.new_zeros((cap,) + tuple(v.shape[1:])))
                                  for k, v in kv]
+            self._pool_len = packed.media_len.new_zeros(cap) if packed.mllama else None
             self._pool_generation += 1
             self._steps.clear()
         for (pk, pv), (k, v) in zip(pool, kv):
             pk[:n].copy_(k)
             pv[:n].copy_(v)
+        if packed.mllama:
+            self._pool_len[:n].copy_(packed.media_len)
         return pool
 
 
@@ -158,11 +179,15 @@ class SlotDecodeStep(StaticDecodeStep):
     """The fixed-shape decode step of one bucket of n rows: every input lives in a buffer of the
     step, so on CUDA it is captured once as a graph (StaticDecodeStep's capture) and replayed."""
 
-    def __init__(self, model, cache, n: int, pool: list, pool_generation: int, *, use_graph: bool):
+    def __init__(self, model, cache, n: int, pool: list, pool_len: torch.Tensor | None, pool_generation: int, *,
+                 use_graph: bool):
         dev = model.device
         media = MediaContext(kv=pool, text_time=torch.zeros(n, 1, dtype=torch.int32, device=dev),
                              media_start=torch.zeros(n, dtype=torch.int32, device=dev),
-                             media_count=torch.zeros(n, dtype=torch.int32, device=dev), any_media=bool(pool))
+                             media_count=torch.zeros(n, dtype=torch.int32, device=dev), any_media=bool(pool),
+                             media_len=pool_len if pool else None,
+                             text_time_first=torch.zeros(n, 1, dtype=torch.int32, device=dev)
+                             if pool and pool_len is not None else None)
         super().__init__(model, cache.rows(n), media, torch.zeros(n, dtype=torch.long, device=dev),
                          use_graph=use_graph)
         self.pool_generation = pool_generation
@@ -171,11 +196,14 @@ class SlotDecodeStep(StaticDecodeStep):
         self.key_start = torch.zeros(n, dtype=torch.long, device=dev)
         self.key_end = torch.zeros(n, dtype=torch.long, device=dev)
 
-    def set_media(self, start: list[int], count: list[int], text_time: list[int]) -> None:
-        dev = self.media.media_start.device
-        self.media.media_start.copy_(torch.tensor(start, dtype=torch.int32, device=dev))
-        self.media.media_count.copy_(torch.tensor(count, dtype=torch.int32, device=dev))
-        self.media.text_time.copy_(torch.tensor(text_time, dtype=torch.int32, device=dev)[:, None])
+    def set_media(self, packed: PackedMedia) -> None:
+        """Point each row at its media in the pool (filled by SlotDecoder._fill_pool)."""
+        media = packed.context(self.media.media_start.device)
+        self.media.media_start.copy_(media.media_start)
+        self.media.media_count.copy_(media.media_count)
+        self.media.text_time.copy_(media.text_time)
+        if self.media.text_time_first is not None and media.text_time_first is not None:
+            self.media.text_time_first.copy_(media.text_time_first)
 
     def _forward(self) -> torch.Tensor:
         module = self.model.module

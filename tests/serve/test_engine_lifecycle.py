@@ -166,3 +166,27 @@ def test_engine_options_are_checked(model):
             Engine(model, **kw)
     with pytest.raises(TypeError, match="generative"):
         Engine(object())
+
+
+def test_a_row_left_with_nan_is_cleared_before_the_next_request_uses_it():
+    """A request whose K/V turn NaN fails; the next request in its row, decoding beside a longer
+    row (so its masked keys reach over the stale positions), gets generate's tokens."""
+    model = tiny_model("idefics")  # its own: an embedding row is broken for a while
+    embed = model.module.decoder.embed.weight
+    qid = model.tokenizer.encode("Q")[-1]
+    saved = embed[qid].clone()
+    engine = Engine(model, max_batch=2, fixed_step=False)
+    long = engine.submit(EngineRequest("a long request that keeps the batch wide " * 2, [], max_tokens=40,
+                                       ignore_eos=True))
+    engine.step()
+    with torch.no_grad():
+        embed[qid] = float("nan")
+    poisoned = engine.submit(EngineRequest("Q" * 30, [], max_tokens=4))
+    engine.step()
+    assert poisoned.result(timeout=0)[2] == "error"
+    with torch.no_grad():
+        embed[qid] = saved
+    short = engine.submit(EngineRequest("hi", [], max_tokens=8, ignore_eos=True))
+    _steps(engine, [long, short])
+    assert short.result(timeout=0)[1] == lmmrt.generate(model, "hi", max_new_tokens=8, ignore_eos=True)[0].token_ids
+    assert long.result(timeout=0)[2] == "length"
