@@ -107,7 +107,7 @@ class Server:
     def engine_request(self, req, prompt, images, extra_stop=()) -> EngineRequest:
         max_tokens = req.max_tokens
         if max_tokens is None:  # as vLLM: the rest of the context (the engine says when nothing is left)
-            max_tokens = max(1, self.model.config.decoder.max_seq_len - prompt_length(self.model, prompt))
+            max_tokens = max(1, self.engine.max_context - prompt_length(self.model, prompt))
         stop = req.stop_list + [s for s in extra_stop if s not in req.stop_list]
         return EngineRequest(prompt=prompt, images=images, max_tokens=max_tokens, temperature=req.temperature,
                              top_p=req.top_p, top_k=max(req.top_k, 0), stop=stop, seed=req.seed,
@@ -118,7 +118,7 @@ class Server:
         try:
             return await loop.run_in_executor(self.submit_pool, self.engine.submit, ereq)
         except QueueFull as e:
-            retry = max(1, math.ceil(getattr(e, "retry_after", 1) or 1))
+            retry = max(1, math.ceil(e.retry_after))
             raise APIError(503, f"the server is overloaded ({e}); retry after {retry} s", type="server_error",
                            code="queue_full", headers={"Retry-After": str(retry)}) from None
         except EngineClosed as e:
@@ -223,7 +223,7 @@ class Server:
 
     def model_card(self) -> dict:
         return {"id": self.options.model_name, "object": "model", "created": self.started, "owned_by": "lmmrt",
-                "max_model_len": self.model.config.decoder.max_seq_len}
+                "max_model_len": self.engine.max_context}
 
 
 def api_wording(message: str) -> str:
