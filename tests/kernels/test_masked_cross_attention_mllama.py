@@ -240,6 +240,15 @@ def test_decode_forced_splits(num_splits):
     _run(DECODE[0], torch.float32, num_splits=num_splits)
 
 
+@needs_triton
+def test_torch_compile_fullgraph_with_mllama_options():
+    # text_time_first / media_len are optional tensors of the custom op: no graph break either way.
+    q, k, v, idx, _ = _inputs(2, 19, 4, 2, 32, 40, [2, 3], torch.float32, media_len="random", prompt_len=19)
+    fn = torch.compile(lambda q, k, v, idx: masked_cross_attention(q, k, v, **idx, mode="range", backend="triton"),
+                       fullgraph=True)
+    assert_close(fn(q, k, v, idx), _ref64(q, k, v, idx, "range"), torch.float32, "compiled range")
+
+
 @gpu_only
 @needs_triton
 def test_gpu_llama_vision_shapes_and_graph_capture():
