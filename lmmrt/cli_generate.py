@@ -21,6 +21,7 @@ from lmmrt.cli import (
     _number,
     input_file,
 )
+from lmmrt.cli_options import TP_OPTION
 
 
 def stored_media_options(model_dir: str) -> tuple[str, int] | None:
@@ -114,7 +115,9 @@ def _cmd_generate(args) -> int:
     parse_device(args.device, option="--device")
     cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                       progress=not args.quiet, cuda_graph=cuda_graph)
+                       progress=not args.quiet, cuda_graph=cuda_graph, tp=args.tp)
+    # under tensor parallelism every rank generates the same text: rank 0 alone prints it
+    shown = model.tp is None or model.tp.rank == 0
     if args.video:
         try:
             prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
@@ -127,14 +130,21 @@ def _cmd_generate(args) -> int:
     result = None
     if args.stream:
         for piece in lmmrt.generate(model, prompt, images, stream=True, **kw):
-            print(piece, end="", flush=True)
-        print()
+            if shown:
+                print(piece, end="", flush=True)
+        if shown:
+            print()
     else:
         result = lmmrt.generate(model, prompt, images, **kw)[0]
-        print(result.text)
+        if shown:
+            print(result.text)
     s = model.last_stats
-    if s is not None and not args.quiet:
+    if s is not None and not args.quiet and shown:
         print(f"[{finish_note(model, args, result)}; {s.summary()}]", file=sys.stderr)
+    if model.tp is not None:
+        from lmmrt.parallel import leave_group
+
+        leave_group(model.tp)
     return 0
 
 
@@ -180,6 +190,7 @@ def _add_generate(s):
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
                         "step's ops allow it, else eager)")
+    r.add_argument("--tp", **TP_OPTION)
     r.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
 
 

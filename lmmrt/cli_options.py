@@ -40,6 +40,9 @@ TOKEN_ID = _number(int, "a token id >= 0", lambda v: v >= 0)
 
 
 DTYPE_OPTION = dict(default=None, type=str.lower, choices=DTYPE_NAMES, metavar="float32|float16|bfloat16")
+TP_OPTION = dict(type=POSITIVE_INT, default=1, metavar="N",
+                 help="split the language model over N processes (tensor parallelism), one per GPU: start them "
+                      "with `torchrun --nproc-per-node N -m lmmrt ...`; output is printed by rank 0 only")
 BACKEND_OPTION = dict(default=None, type=str.lower, choices=BACKEND_NAMES, metavar="auto|torch|triton|cuda",
                       help="which kernels the ops use; auto: the fastest available on the device "
                            "(default: $LMMRT_BACKEND, else auto)")

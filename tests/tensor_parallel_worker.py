@@ -13,6 +13,7 @@ import sys
 import torch
 
 import lmmrt
+from lmmrt.parallel import leave_group
 from lmmrt.parallel.plan import shard_of
 
 
@@ -25,12 +26,13 @@ def parameter_bytes(model: lmmrt.Model) -> dict[str, int]:
     return out
 
 
-def run_model(spec: dict, rank: int, size: int) -> dict:
+def run_model(spec: dict, rank: int, size: int) -> tuple[dict, lmmrt.Model | None]:
+    """What this rank computed with the model of `spec` (or the error its load raised), and the model."""
     path = spec.get("path_on_rank", {}).get(rank, spec["path"])
     try:
         model = lmmrt.load(path, device="cpu", backend="torch", tp=size)
     except Exception as e:
-        return {"error": (type(e).__name__, str(e))}
+        return {"error": (type(e).__name__, str(e))}, None
     result = {"config_heads": model.config.decoder.heads, "bytes": parameter_bytes(model)}
     if "prompts" in spec:
         result["logits"] = lmmrt.logits(model, spec["prompts"], spec["images"])
@@ -41,17 +43,24 @@ def run_model(spec: dict, rank: int, size: int) -> dict:
         outs = lmmrt.generate(model, spec["prompts"], spec["images"], max_new_tokens=spec["new_tokens"],
                               ignore_eos=True)
         result["fixed_step_tokens"] = [o.token_ids for o in outs]
-    return result
+    try:
+        model.save(os.path.join(os.path.dirname(path), f"saved-rank{rank}"))
+    except Exception as e:
+        result["save_error"] = (type(e).__name__, str(e))
+    return result, model
 
 
 def main(job_path: str) -> int:
     job = torch.load(job_path, weights_only=False)  # written by the test itself
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)  # two ranks on a small CI box
-    results = {name: run_model(spec, rank, size) for name, spec in job["models"].items()}
+    results, tp = {}, None
+    for name, spec in job["models"].items():
+        results[name], model = run_model(spec, rank, size)
+        tp = tp or getattr(model, "tp", None)
     torch.save(results, os.path.join(job["out"], f"rank{rank}.pt"))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if tp is not None:
+        leave_group(tp)
     return 0
 
 

@@ -14,7 +14,9 @@ from lmmrt.parallel.group import (
     agree_on_load,
     broadcast_seed,
     join_group,
+    leave_group,
 )
 from lmmrt.parallel.load import load_shard
 
-__all__ = ["TensorParallel", "TensorParallelError", "agree_on_load", "broadcast_seed", "join_group", "load_shard"]
+__all__ = ["TensorParallel", "TensorParallelError", "agree_on_load", "broadcast_seed", "join_group", "leave_group",
+           "load_shard"]

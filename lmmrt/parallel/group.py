@@ -30,11 +30,13 @@ class TensorParallelError(ValueError):
 @dataclass(frozen=True)
 class TensorParallel:
     """This process's place in the tensor-parallel group: rank in [0, size); group None is the
-    default (world) group, which tensor parallelism uses whole."""
+    default (world) group, which tensor parallelism uses whole; started_here: lmmrt initialised it
+    (from torchrun's environment), so `leave_group` ends it."""
 
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    started_here: bool = False
 
 
 def check_tp(tp) -> int:
@@ -68,6 +70,7 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
     if not dist.is_available():
         raise TensorParallelError(f"tp={tp} needs torch.distributed, which this torch build lacks")
     device = rank_device(device, tp)
+    started_here = False
     if dist.is_initialized():
         backend = dist.get_backend()
         if device.type == "cpu" and backend == "nccl":
@@ -82,11 +85,21 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        started_here = True
     world = dist.get_world_size()
     if world != tp:
         raise TensorParallelError(f"tp={tp}, but the process group has {world} ranks: tensor parallelism "
                                   f"splits the model over all of them (start {tp} processes, or pass tp={world})")
-    return TensorParallel(rank=dist.get_rank(), size=world), device
+    return TensorParallel(rank=dist.get_rank(), size=world, started_here=started_here), device
+
+
+def leave_group(tp: TensorParallel) -> None:
+    """End the process group lmmrt started, once every rank is done with it (a rank tearing its
+    connections down while another still uses them can abort the other); one the caller made is left
+    to the caller."""
+    if tp.started_here and dist.is_initialized():
+        dist.barrier(group=tp.group)
+        dist.destroy_process_group()
 
 
 def _same_kind(kind: str, message: str) -> Exception:

@@ -1,0 +1,231 @@
+"""Tensor parallelism (lmmrt.parallel) on the CPU with gloo: two ranks, each a process started here with
+torchrun's environment (tests/tensor_parallel_worker.py), against the single-process model on the same
+checkpoints: tiny IDEFICS (vector gates, q/k norms), OpenFlamingo MPT (6 heads: ALiBi slopes of a non-power
+of two, a vocabulary of 93 split unevenly, tied embeddings) and OpenFlamingo NeoX (biases, parallel residual,
+partial rotary). One launch runs every model and both error cases, with a time limit so nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmmrt
+from lmmrt.cli import main as cli
+from lmmrt.parallel import TensorParallel, TensorParallelError, join_group
+from lmmrt.parallel.layers import vocab_range
+from lmmrt.parallel.plan import rank_config, shard_of
+
+pytest.importorskip("transformers")
+TESTS = Path(__file__).parent
+LAUNCH_TIMEOUT = 300  # seconds for a whole two-process run (about 20 s on a 2-core box)
+NEW_TOKENS = 8
+RTOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], size: int = 2, *, env_extra: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """`size` processes of argv with torchrun's variables, each its RANK; killed after LAUNCH_TIMEOUT."""
+    port = str(free_port())
+    procs = []
+    for rank in range(size):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", **(env_extra or {}))
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=LAUNCH_TIMEOUT)
+            done.append(subprocess.CompletedProcess(argv, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"tensor-parallel run did not finish in {LAUNCH_TIMEOUT} s (a hang): {argv}")
+    return done
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def idefics_checkpoint(root: Path) -> Path:
+    sys.path.insert(0, str(TESTS))
+    from idefics_util import tiny_idefics
+
+    hf = tiny_idefics(seed=3, qk_layer_norms=True, alpha_type="vector")
+    hf.save_pretrained(root / "idefics-hf")
+    assert cli(["convert", "idefics", str(root / "idefics-hf"), str(root / "idefics"), "--quiet"]) == 0
+    return root / "idefics"
+
+
+def openflamingo_checkpoint(root: Path, family: str) -> Path:
+    import openflamingo_util as U
+
+    tf = U.build(root, family, every_n=2)
+    out = root / f"openflamingo-{family}"
+    assert cli(["convert", "openflamingo", "--checkpoint", str(tf.checkpoint), "--lm", str(tf.lm_dir),
+                "--vision", str(tf.vision_file), str(out), "--quiet"]) == 0
+    return out
+
+
+def odd_kv_heads_checkpoint(root: Path) -> Path:
+    """A random IDEFICS-style model with 6 heads in 3 K/V groups: tp=2 divides the heads, not the groups."""
+    import dataclasses
+
+    from lmmrt.demo import demo_config
+    from lmmrt.models.random_init import random_model
+    from lmmrt.runtime.checkpoint_writer import save_checkpoint
+
+    cfg = demo_config(120)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, layers=2, heads=6, kv_heads=3, head_dim=32),
+                              xattn=dataclasses.replace(cfg.xattn, layers=[1]))
+    return save_checkpoint(root / "odd-kv-heads", cfg, random_model(cfg, seed=5).state_dict())
+
+
+def pixels(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, size, size, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Checkpoints, their single-process results, and what each of two ranks computed from them."""
+    root = tmp_path_factory.mktemp("tp")
+    i = 97  # the tiny IDEFICS image token
+    models = {"idefics": {"path": idefics_checkpoint(root),
+                          "prompts": [[1, 4, i, 7, 8, i, 9, 10], [1, 5, 6, 2, 11, 12, 13]],
+                          "images": [pixels(2, 28, 1), []]}}
+    sys.path.insert(0, str(TESTS))
+    import openflamingo_util as U
+
+    if U.have_open_flamingo():
+        for family in ("mpt", "neox"):
+            models[f"openflamingo-{family}"] = {
+                "path": openflamingo_checkpoint(root, family),
+                "prompts": [[3, 4, U.IMAGE_ID, 10, 11, U.EOC_ID, U.IMAGE_ID, 14, 15], [5, 6, 7, 8, 9]],
+                "images": [U.random_pixels(2, seed=2), []]}
+    for spec in models.values():
+        spec["new_tokens"] = NEW_TOKENS
+    models["odd-kv-heads"] = {"path": odd_kv_heads_checkpoint(root)}
+    # rank 1 is given a directory that does not exist, as when a node lacks the checkpoint
+    models["rank1-missing"] = {"path": models["idefics"]["path"], "path_on_rank": {1: root / "not-there"}}
+    out = root / "out"
+    out.mkdir()
+    torch.save({"out": str(out), "models": models}, root / "job.pt")
+    procs = launch([sys.executable, str(TESTS / "tensor_parallel_worker.py"), str(root / "job.pt")])
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return models, ranks
+
+
+def single_process(spec: dict) -> tuple[lmmrt.Model, list[torch.Tensor], list[list[int]]]:
+    model = lmmrt.load(spec["path"], device="cpu", backend="torch")
+    logits = lmmrt.logits(model, spec["prompts"], spec["images"])
+    outs = lmmrt.generate(model, spec["prompts"], spec["images"], max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    return model, logits, [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("name", ["idefics", "openflamingo-mpt", "openflamingo-neox"])
+def test_two_ranks_give_the_single_process_logits_and_tokens(run, name):
+    models, ranks = run
+    if name not in models:
+        pytest.skip("open-flamingo 2.0.1 is not installed")
+    model, ref_logits, ref_tokens = single_process(models[name])
+    for rank, results in enumerate(ranks):
+        got = results[name]
+        assert "error" not in got, got.get("error")
+        assert got["config_heads"] == model.config.decoder.heads // 2
+        for a, b in zip(got["logits"], ref_logits):
+            assert a.shape == b.shape
+            err = float((a - b).abs().max() / b.abs().max())
+            assert err <= RTOL, f"rank {rank}: logits rel err {err:.2e}"
+        assert got["tokens"] == ref_tokens, f"rank {rank}"
+        assert got["fixed_step_tokens"] == ref_tokens, f"rank {rank} (fixed-shape decode step)"
+        assert got["save_error"][0] == "TensorParallelError"
+
+    # each rank holds half of the sharded weights (a vocabulary of odd size: one row apart) and all the rest
+    tp = TensorParallel(rank=0, size=2)
+    whole = {"sharded": 0, "replicated": 0}
+    for key, p in model.module.named_parameters():
+        whole["sharded" if shard_of(key, model.config, tp) is not None else "replicated"] += p.numel() * p.element_size()
+    per_rank = [results[name]["bytes"] for results in ranks]
+    print(f"{name}: parameter bytes whole {whole}, per rank {per_rank}")
+    assert sum(b["sharded"] for b in per_rank) == whole["sharded"]
+    for b in per_rank:
+        assert abs(b["sharded"] - whole["sharded"] / 2) <= 0.01 * whole["sharded"]
+        assert b["replicated"] == whole["replicated"]
+
+
+def test_a_head_count_the_size_does_not_divide_fails_on_every_rank(run):
+    _, ranks = run
+    for results in ranks:
+        kind, message = results["odd-kv-heads"]["error"]
+        assert kind == "TensorParallelError"
+        assert "tp=2 does not divide decoder.kv_heads = 3" in message
+
+
+def test_a_rank_that_fails_to_load_makes_every_rank_fail_with_its_error(run):
+    _, ranks = run
+    kind1, message1 = ranks[1]["rank1-missing"]["error"]
+    assert kind1 == "FileNotFoundError" and "not-there" in message1
+    kind0, message0 = ranks[0]["rank1-missing"]["error"]
+    assert kind0 == "FileNotFoundError"
+    assert message0 == f"rank 1 of 2 failed while loading: {message1}"
+
+
+def test_cli_under_torchrun_prints_the_single_process_text_once(tmp_path, capsys):
+    from lmmrt.demo import save_demo
+
+    path = str(save_demo(tmp_path / "demo"))  # a model with a tokenizer: the CLI takes text
+    capsys.readouterr()
+    args = ["generate", path, "-p", "abc", "--max-new-tokens", "5", "--ignore-eos", "--device", "cpu",
+            "--backend", "torch", "--quiet"]
+    assert cli(args) == 0
+    expected = capsys.readouterr().out
+    procs = launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "lmmrt", *args, "--tp", "2"], size=1)
+    assert procs[0].returncode == 0, procs[0].stderr[-4000:]
+    assert procs[0].stdout == expected
+
+
+# --- without processes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab, size", [(93, 2), (98, 4), (7, 3), (32002, 8)])
+def test_vocab_ranges_cover_the_vocabulary_once(vocab, size):
+    ranges = [vocab_range(vocab, r, size) for r in range(size)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == vocab
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) == -(-vocab // size)
+
+
+def test_rank_config_divides_heads_and_widths_and_names_every_bad_count():
+    from lmmrt.demo import demo_config
+
+    cfg = demo_config(120)  # decoder 8 heads, ffn 688; xattn 8 heads, ffn 688
+    rank = rank_config(cfg, 4)
+    assert (rank.decoder.heads, rank.decoder.kv_heads, rank.decoder.ffn_dim) == (2, 2, 172)
+    assert (rank.xattn.heads, rank.xattn.ffn_dim) == (2, 172)
+    assert rank.decoder.head_dim == cfg.decoder.head_dim and rank.decoder.vocab_size == cfg.decoder.vocab_size
+    with pytest.raises(TensorParallelError, match=r"tp=3 does not divide decoder.heads = 8, decoder.kv_heads = 8, "
+                                                  r"decoder.ffn_dim = 688, xattn.heads = 8"):
+        rank_config(cfg, 3)
+
+
+def test_tp_without_a_process_group_or_torchrun_says_how_to_start(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(TensorParallelError, match=r"torchrun --nproc-per-node 2"):
+        join_group(2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tp", [0, -1, 2.0, "2", True])
+def test_tp_must_be_a_positive_integer(tp):
+    with pytest.raises(TypeError, match="tp must be an integer >= 1"):
+        lmmrt.load("/nonexistent", device="cpu", tp=tp)
