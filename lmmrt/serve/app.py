@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ from lmmrt.serve.openai_responses import SSE_DONE, ResponseShape, sse
 from lmmrt.serve.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from lmmrt.serve.prompt_length import prompt_length
 from lmmrt.serve.requests import Delta, EngineClosed, EngineRequest, Finished, QueueFull
+
+MAX_BODY_BYTES = 128 << 20  # a request body (images included, base64) at most
 
 
 @dataclass
@@ -95,8 +98,13 @@ class Server:
 
     async def read_body(self, request: Request, kind):
         self.check_key(request)
+        data = bytearray()
+        async for chunk in request.stream():  # read with a cap: one client cannot make the server hold gigabytes
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
         try:
-            body = await request.json()
+            body = json.loads(data)
         except ValueError as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         req = parse_request(kind, body)

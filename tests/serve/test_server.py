@@ -187,6 +187,15 @@ def test_bad_requests_are_400_naming_the_problem(client, images):
         assert message in e.value.body["message"], (kw, e.value.body)
 
 
+def test_bodies_beyond_the_limit_are_413_and_bad_json_400(server):
+    from lmmrt.serve.app import MAX_BODY_BYTES
+
+    r = httpx.post(server.base_url + "/chat/completions", content=b"x" * (MAX_BODY_BYTES + 1), timeout=60)
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    r = httpx.post(server.base_url + "/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
 def test_a_bad_request_does_not_disturb_a_running_one(client, server, images):
     messages = user("Keep talking", images[0])
     expected = answer(client, messages, max_tokens=24, extra_body={"ignore_eos": True})[0]
