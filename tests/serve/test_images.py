@@ -1,0 +1,66 @@
+"""Image URLs of lmmrt serve's requests: what decodes, and a 400 naming the image and the problem for the rest."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmmrt.serve.images import MAX_IMAGE_PIXELS, load_image, load_images
+from lmmrt.serve.openai_schema import APIError
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def refused(url: str, match: str, **kw):
+    with pytest.raises(APIError, match=match) as e:
+        load_image(url, "messages[0].content[1]", **kw)
+    assert e.value.status == 400 and "messages[0].content[1]" in e.value.message
+
+
+def test_data_and_file_urls_decode_to_the_same_pixels(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    data = png(Image.fromarray(pixels))
+    path = tmp_path / "a b.png"  # a space: the file URL is percent-encoded
+    path.write_bytes(data)
+    from_data = load_image(data_url(data), "x")
+    from_file = load_image(path.as_uri(), "x", allow_local_files=True)
+    assert np.array_equal(np.asarray(from_data), pixels) and np.array_equal(np.asarray(from_file), pixels)
+    rgba = load_image(data_url(png(Image.new("RGBA", (5, 4), (1, 2, 3, 4)))), "x")
+    assert rgba.mode == "RGBA"  # unconverted: the model's family decides how alpha goes
+
+
+def test_bad_urls_are_refused_naming_the_image(tmp_path):
+    refused(data_url(b"not an image"), "in no image format")
+    refused(data_url(png(Image.new("RGB", (4, 4)))[:40]), "cannot decode")  # truncated
+    refused("data:image/png;base64,@@@@", "not valid base64")
+    refused("data:image/png,rawbytes", "only base64 data URLs")
+    refused(data_url(b"hello", "text/plain"), "not an image type")
+    refused(data_url(png(Image.new("I;16", (4, 4)))), "more than 8 bits")
+    refused(data_url(png(Image.new("1", (9000, MAX_IMAGE_PIXELS // 9000 + 1)))), "pixels, more than")
+    refused("https://example.com/cat.png", "does not fetch remote URLs")
+    refused("ftp://host/cat.png", "unsupported image URL")
+    path = tmp_path / "x.png"
+    path.write_bytes(png(Image.new("RGB", (4, 4))))
+    refused(path.as_uri(), "--allow-local-files")
+    refused((tmp_path / "missing.png").as_uri(), "no such file", allow_local_files=True)
+    refused(tmp_path.as_uri(), "is not a file", allow_local_files=True)
+    refused("file://otherhost/x.png", "must name a local path", allow_local_files=True)
+
+
+def test_too_many_images():
+    url = data_url(png(Image.new("RGB", (4, 4))))
+    assert len(load_images([(url, "a")] * 3, max_images=3)) == 3
+    with pytest.raises(APIError, match="4 images; this server takes at most 3"):
+        load_images([(url, "a")] * 4, max_images=3)
