@@ -75,6 +75,20 @@ def test_fixed_shape_decode_step_equals_the_eager_one(model):
     assert [r[1] for r in fixed] == [r[1] for r in eager]
 
 
+@pytest.mark.parametrize("family", ["idefics", "openflamingo"])
+def test_fixed_step_on_the_kernels_equals_the_eager_torch_step(family):
+    """The fixed-shape step as a GPU runs it: decode_attention's and the masked cross-attention's
+    Triton kernels (the CPU interpreter here) over per-row key ranges, ALiBi, the media pool; the
+    tokens are those of the eager torch step."""
+    model = tiny_model(family)  # its own: the backend changes
+    reqs = [EngineRequest(p, imgs, max_tokens=min(k, 5)) for p, imgs, k in mixed_requests(4, seed=2)]
+    eager = _run_all(Engine(model, max_batch=4, max_context=64, fixed_step=False), reqs)
+    model.backend = "triton"
+    model.module.set_backend("triton")
+    fixed = _run_all(Engine(model, max_batch=4, max_context=64, fixed_step=True), reqs)
+    assert [r[1] for r in fixed] == [r[1] for r in eager]
+
+
 def test_a_request_joining_mid_flight_changes_nothing(model):
     engine = Engine(model, max_batch=4)
     first, second = _requests(2, seed=2)
