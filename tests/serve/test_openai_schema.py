@@ -1,0 +1,50 @@
+"""Request bodies of lmmrt serve: OpenAI's fields as lmmrt runs them, and a 400 naming each field that is
+wrong (unknown, unsupported, out of range)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmmrt.serve.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def bad(kind, body, match: str):
+    with pytest.raises(APIError, match=match) as e:
+        parse_request(kind, body)
+    assert e.value.status == 400
+
+
+def test_defaults_and_aliases():
+    r = parse_request(ChatCompletionRequest, {**CHAT, "max_completion_tokens": 7, "top_k": -1,
+                                              "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
+                                              "user": "me", "stop": "x"})
+    assert (r.max_tokens, r.top_k, r.stop_list, r.temperature, r.include_usage) == (7, -1, ["x"], 1.0, False)
+    c = parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2], "stream": True,
+                                          "stream_options": {"include_usage": True}})
+    assert (c.max_tokens, c.include_usage, c.images) == (16, True, [])
+
+
+def test_bad_fields_are_named():
+    bad(ChatCompletionRequest, {**CHAT, "max_token": 5}, "unknown field 'max_token'")
+    bad(ChatCompletionRequest, {**CHAT, "response_format": {}}, "'response_format' is not supported")
+    bad(ChatCompletionRequest, {**CHAT, "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported")
+    bad(ChatCompletionRequest, {**CHAT, "temperature": "hot"}, "temperature")
+    bad(ChatCompletionRequest, {**CHAT, "temperature": float("inf")}, "temperature")
+    bad(ChatCompletionRequest, {**CHAT, "top_k": -2}, "top_k")
+    bad(ChatCompletionRequest, {**CHAT, "seed": 2**63}, "seed")
+    bad(ChatCompletionRequest, {**CHAT, "max_tokens": 0}, "max_tokens")
+    bad(ChatCompletionRequest, {**CHAT, "max_tokens": 4, "max_completion_tokens": 4}, "not both")
+    bad(ChatCompletionRequest, {**CHAT, "stop": ["a"] * 17}, "at most 16 stop strings")
+    bad(ChatCompletionRequest, {**CHAT, "stop": [""]}, "non-empty")
+    bad(ChatCompletionRequest, {**CHAT, "stream_options": {"include_usage": True}}, "only allowed with stream")
+    bad(ChatCompletionRequest, {**CHAT, "messages": []}, "messages")
+    bad(ChatCompletionRequest, {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "role")
+    bad(ChatCompletionRequest, {**CHAT, "messages": [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "cannot hold images")
+    bad(ChatCompletionRequest, [1, 2], "must be a JSON object")
+    bad(CompletionRequest, {"model": "m", "prompt": ["a", "b"]}, "one prompt per request")
+    bad(CompletionRequest, {"model": "m", "prompt": ""}, "the prompt is empty")
+    bad(CompletionRequest, {"model": "m", "prompt": [1, -1]}, "token ids must be >= 0")
+    bad(CompletionRequest, {"prompt": "x"}, "model")
