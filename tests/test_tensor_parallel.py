@@ -1,8 +1,8 @@
 """Tensor parallelism (lmmrt.parallel) on the CPU with gloo: two ranks, each a process started here with
 torchrun's environment (tests/tensor_parallel_worker.py), against the single-process model on the same
 checkpoints: tiny IDEFICS (vector gates, q/k norms), OpenFlamingo MPT (6 heads: ALiBi slopes of a non-power
-of two, a vocabulary of 93 split unevenly, tied embeddings) and OpenFlamingo NeoX (biases, parallel residual,
-partial rotary). One launch runs every model and both error cases, with a time limit so nothing hangs."""
+of two, a vocabulary of 93 split unevenly, tied embeddings), OpenFlamingo NeoX (biases, parallel residual,
+partial rotary), and the splice families LLaVA (LLaMA with grouped K/V heads) and BLIP-2 (OPT). One launch runs every model and both error cases, with a time limit so nothing hangs."""
 
 from __future__ import annotations
 
@@ -75,6 +75,22 @@ def openflamingo_checkpoint(root: Path, family: str) -> Path:
     return out
 
 
+def splice_checkpoint(root: Path, family: str) -> Path:
+    sys.path.insert(0, str(TESTS))
+    if family == "llava":
+        from llava_util import tiny_llava
+
+        from lmmrt.convert.llava import convert_llava as convert
+        hf = tiny_llava(seed=4)
+    else:
+        from blip2_util import tiny_blip2
+
+        from lmmrt.convert.blip2 import convert_blip2 as convert
+        hf = tiny_blip2(seed=5)
+    hf.save_pretrained(root / f"{family}-hf")
+    return convert(root / f"{family}-hf", root / family, progress=False)
+
+
 def odd_kv_heads_checkpoint(root: Path) -> Path:
     """A random IDEFICS-style model with 6 heads in 3 K/V groups: tp=2 divides the heads, not the groups."""
     import dataclasses
@@ -111,6 +127,13 @@ def run(tmp_path_factory):
                 "path": openflamingo_checkpoint(root, family),
                 "prompts": [[3, 4, U.IMAGE_ID, 10, 11, U.EOC_ID, U.IMAGE_ID, 14, 15], [5, 6, 7, 8, 9]],
                 "images": [U.random_pixels(2, seed=2), []]}
+    from blip2_util import IMAGE_TOKEN_ID as BLIP2_IMAGE
+    from llava_util import IMAGE_ID as LLAVA_IMAGE
+
+    models["llava"] = {"path": splice_checkpoint(root, "llava"), "images": [pixels(2, 28, 6), []],
+                       "prompts": [[1, 5, LLAVA_IMAGE, 7, 8, LLAVA_IMAGE, 9], [1, 6, 12, 13]]}
+    models["blip2"] = {"path": splice_checkpoint(root, "blip2"), "images": [pixels(1, 28, 7), []],
+                       "prompts": [[BLIP2_IMAGE, 2, 10, 11, 12], [2, 30, 31, 32, 33]]}
     for spec in models.values():
         spec["new_tokens"] = NEW_TOKENS
     models["odd-kv-heads"] = {"path": odd_kv_heads_checkpoint(root)}
@@ -133,7 +156,7 @@ def single_process(spec: dict) -> tuple[lmmrt.Model, list[torch.Tensor], list[li
     return model, logits, [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("name", ["idefics", "openflamingo-mpt", "openflamingo-neox"])
+@pytest.mark.parametrize("name", ["idefics", "openflamingo-mpt", "openflamingo-neox", "llava", "blip2"])
 def test_two_ranks_give_the_single_process_logits_and_tokens(run, name):
     models, ranks = run
     if name not in models:
