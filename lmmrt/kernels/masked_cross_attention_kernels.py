@@ -115,7 +115,7 @@ def _xattn_prefill_kernel(
         # registers: spills).
         for m in range(tl.min(lo, 0) - 1, tl.max(hi, 0)):  # 0-based ordinals
             row = start + m
-            n_keys = tl.minimum(tl.load(ML + row * sml_n), L)
+            n_keys = tl.maximum(tl.minimum(tl.load(ML + row * sml_n), L), 0)
             sees = (m + 1 >= lo) & (m + 1 <= hi)
             for l0 in tl.range(0, n_keys, BLOCK_N):
                 lat = l0 + offs_n
@@ -278,7 +278,7 @@ def _xattn_decode_gqa_kernel(
         # tiles cost nothing); split s takes the s-th BLOCK_N-aligned chunk of every item.
         for m in range(lo - 1, hi):
             row = start + m
-            n_keys = tl.minimum(tl.load(ML + row * sml_n), L)
+            n_keys = tl.maximum(tl.minimum(tl.load(ML + row * sml_n), L), 0)
             chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
             k_lo = tl.minimum(split * chunk, n_keys)
             k_hi = tl.minimum(k_lo + chunk, n_keys)

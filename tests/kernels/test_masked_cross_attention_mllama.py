@@ -223,6 +223,20 @@ def test_keys_never_seen_are_never_read(case):
 
 
 @needs_triton
+@pytest.mark.parametrize("T,kv_heads", [(19, 2), (1, 2), (1, 4)], ids=["prefill", "decode-gqa", "decode"])
+def test_media_len_out_of_range_reads_nothing_outside(T, kv_heads):
+    # Index tensors are trusted, but a negative length sees no key and one past L sees all L, as
+    # in the reference; no read outside the item's keys (NaN in every neighbouring item).
+    q, k, v, idx, _ = _inputs(2, T, 4, kv_heads, 16, 9, [2, 3], torch.float32, media_len="random",
+                              prompt_len=max(T, 9), seed=4)
+    idx["media_len"] = torch.tensor([0, -3, 4, 9, -1, 9 + 5, 0], dtype=torch.int32, device=DEVICE)
+    k[[0, 6]], v[[0, 6]] = float("nan"), float("nan")  # the unused items at both ends
+    ref = _ref64(q, k, v, idx, "range")
+    assert not torch.isnan(ref).any()
+    assert_close(masked_cross_attention(q, k, v, **idx, mode="range", backend="triton"), ref, torch.float32)
+
+
+@needs_triton
 def test_grouped_decode_runs_one_program_per_kv_head(monkeypatch):
     spies = {n: KernelSpy(getattr(mx, n)) for n in ("_xattn_decode_kernel", "_xattn_decode_gqa_kernel")}
     for n, s in spies.items():
