@@ -1,6 +1,7 @@
 """Tiny random lmmrt models for the serving-engine tests, one per way media reach the LM, with the
 demo's character tokenizer: IDEFICS-style (LLaMA, GQA, immediate mask), OpenFlamingo-style (MPT
-with ALiBi, cumulative mask, vector gates) and LLaVA-style (an MLP connector spliced into a LLaMA).
+with ALiBi, cumulative mask, vector gates), LLaVA-style (an MLP connector spliced into a LLaMA) and
+BLIP-2-style (a Q-Former spliced into an OPT: learned positions, project_in/out).
 Small enough that a 16-request test runs in seconds on a 2-core CPU, random enough (std 0.02 on
 narrow layers) that greedy outputs vary from token to token."""
 
@@ -15,7 +16,7 @@ from lmmrt.models.connector_config import ConnectorConfig
 from lmmrt.models.random_init import random_model
 from lmmrt.runtime.tokenizer import Tokenizer
 
-FAMILIES = ("idefics", "openflamingo", "llava")
+FAMILIES = ("idefics", "openflamingo", "llava", "blip2")
 _VISION = dict(image_size=28, patch_size=14, width=32, layers=1, heads=2, mlp_dim=64, act="gelu")
 
 
@@ -48,6 +49,15 @@ def tiny_config(family: str, vocab: int) -> ModelConfig:
                                   ffn_dim=96, max_seq_len=256),
             xattn=XAttnConfig(layers=[], media_dim=32), family="llava", media_feed="splice",
             connector=ConnectorConfig(kind="mlp", in_dim=32, hidden_dim=48, out_dim=64), **common)
+    if family == "blip2":
+        return ModelConfig(
+            vision=VisionConfig(**_VISION), perceiver=None,
+            decoder=DecoderConfig(family="opt", vocab_size=vocab, dim=64, layers=2, heads=4, ffn_dim=96, act="relu",
+                                  norm_eps=1e-5, norm_bias=True, max_seq_len=256, tie_embeddings=True, embed_dim=48),
+            xattn=XAttnConfig(layers=[], media_dim=32), family="blip2", media_feed="splice",
+            connector=ConnectorConfig(kind="qformer", in_dim=32, hidden_dim=48, out_dim=48, queries=4, layers=2,
+                                      heads=2, mlp_dim=64),
+            **common)
     raise ValueError(family)
 
 
