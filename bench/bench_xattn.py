@@ -217,6 +217,8 @@ def run(*, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool,
         decode = group == "decode"
         imps = impls(device, decode=decode, use_compile=use_compile, compiled=compiled)
         phase_end = budget_s * (pi + 1) / len(phases)
+        # Mllama's few cases first: the GPU script's stage budget is a few seconds
+        mllama_cases(b, decode=decode, smoke=smoke, device=device, dtype=dtype, elem=elem, phase_end=phase_end)
         for B, T, N in grid:
             for name, spec in models.items():
                 H, dh, L = spec["heads"], spec["head_dim"], spec["latents"]
@@ -232,7 +234,6 @@ def run(*, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool,
                 inputs = make_inputs(spec, B, T, N, dtype, device, sets, decode=decode)
                 b.case(group, label, shape, imps, inputs, flops, nbytes)
                 del inputs
-        mllama_cases(b, decode=decode, smoke=smoke, device=device, dtype=dtype, elem=elem, phase_end=phase_end)
     return b.finish()
 
 
