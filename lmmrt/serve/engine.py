@@ -81,7 +81,10 @@ class Engine:
         perceiver = getattr(cfg, "perceiver", None)
         self._media_time_matters = perceiver is not None and perceiver.max_media_time > 0
         fixed = uses_fixed_step(model) if fixed_step is None else bool(fixed_step)
-        self.decoder = SlotDecoder(model, self.kv, fixed=fixed)
+        # submit's device work (image preprocessing on the GPU, media keys) and graph capture exclude
+        # each other (see SlotDecoder)
+        self._device_lock = threading.Lock()
+        self.decoder = SlotDecoder(model, self.kv, fixed=fixed, capture_lock=self._device_lock)
         self._min_chunk = max(1, self.token_budget // 4)  # a prefill's progress per step at the least
         self._cond = threading.Condition()
         self._queue: deque[Sequence] = deque()
@@ -112,18 +115,19 @@ class Engine:
         images = [] if req.images is None else req.images
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"images must be a list of media items (one per marker), got {type(images).__name__}")
-        try:
-            batch = build_batch(model, [req.prompt], [list(images)], max_new_tokens=args.max_new_tokens)
-        except OSError as e:  # PIL: a truncated or corrupt image, found when its pixels are read
-            raise ValueError(f"an image cannot be decoded: {e}") from None
-        ids = batch.tokens[0].tolist()
-        if len(ids) + args.max_new_tokens > self.max_context:
-            raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={args.max_new_tokens} that is "
-                             f"{len(ids) + args.max_new_tokens}, beyond this server's context of "
-                             f"{self.max_context} tokens")
-        keys = [media_key(px, self._tag, self._media_context(batch, j)) for j, px in enumerate(batch.media)]
-        handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", len(ids), self._wake)
-        seq = Sequence(handle, batch, ids, args, keys, model.tokenizer, model.device)
+        with self._device_lock:
+            try:
+                batch = build_batch(model, [req.prompt], [list(images)], max_new_tokens=args.max_new_tokens)
+            except OSError as e:  # PIL: a truncated or corrupt image, found when its pixels are read
+                raise ValueError(f"an image cannot be decoded: {e}") from None
+            ids = batch.tokens[0].tolist()
+            if len(ids) + args.max_new_tokens > self.max_context:
+                raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={args.max_new_tokens} that "
+                                 f"is {len(ids) + args.max_new_tokens}, beyond this server's context of "
+                                 f"{self.max_context} tokens")
+            keys = [media_key(px, self._tag, self._media_context(batch, j)) for j, px in enumerate(batch.media)]
+            handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", len(ids), self._wake)
+            seq = Sequence(handle, batch, ids, args, keys, model.tokenizer, model.device)
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shutting down and takes no new request")

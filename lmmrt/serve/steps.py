@@ -18,6 +18,8 @@ captured once per bucket as a CUDA graph (static_decode.StaticDecodeStep's captu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lmmrt.models.decoder import StepContext
@@ -93,8 +95,11 @@ class SlotDecoder:
     row r of the logits belonging to the request in slot row r. `version` changes whenever the
     set of decoding requests does; their media are gathered again only then."""
 
-    def __init__(self, model, cache, *, fixed: bool):
+    def __init__(self, model, cache, *, fixed: bool, capture_lock=None):
         self.model, self.cache = model, cache
+        # held while a graph is captured: another thread's CUDA work then (a submit's image
+        # preprocessing on the GPU) would make the capture fail
+        self.capture_lock = capture_lock if capture_lock is not None else contextlib.nullcontext()
         self.fixed = fixed
         self.use_graph = fixed and graph_capturable(model)
         self._version = None
@@ -143,7 +148,7 @@ class SlotDecoder:
             key_gen = self._pool_generation
             if step is None or step.pool_generation != key_gen:
                 step = SlotDecodeStep(self.model, self.cache, n, pool, self._pool_len, key_gen,
-                                      use_graph=self.use_graph)
+                                      use_graph=self.use_graph, capture_lock=self.capture_lock)
                 self._steps[n] = step
             step.set_media(packed)
         tokens, positions, writes, ends = [0] * n, [0] * n, [self.cache.scratch] * n, [0] * n
@@ -180,8 +185,9 @@ class SlotDecodeStep(StaticDecodeStep):
     step, so on CUDA it is captured once as a graph (StaticDecodeStep's capture) and replayed."""
 
     def __init__(self, model, cache, n: int, pool: list, pool_len: torch.Tensor | None, pool_generation: int, *,
-                 use_graph: bool):
+                 use_graph: bool, capture_lock):
         dev = model.device
+        self.capture_lock = capture_lock
         media = MediaContext(kv=pool, text_time=torch.zeros(n, 1, dtype=torch.int32, device=dev),
                              media_start=torch.zeros(n, dtype=torch.int32, device=dev),
                              media_count=torch.zeros(n, dtype=torch.int32, device=dev), any_media=bool(pool),
@@ -228,7 +234,8 @@ class SlotDecodeStep(StaticDecodeStep):
             return self._forward()
         if self.graph is None:
             try:
-                self._capture()
+                with self.capture_lock:
+                    self._capture()
             except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
                 self.use_graph = False
                 self.model.decode_state.graph_failed(e)
