@@ -38,7 +38,7 @@ def _xattn_row_ranges(tt, ttf, valid_row, cnt, MODE: tl.constexpr):
         lo = tl.where(ok, lo, cnt + 1)
         hi = tl.where(ok, hi, 0)
     else:
-        uniform = valid_row & (tt < 0)  # never true; keeps both modes' return types alike
+        uniform = valid_row & (tt < 0)  # never true; keeps the modes' return types alike
         ok = valid_row & (tt >= 1) & (tt <= cnt)
         lo = tl.where(ok, tt, cnt + 1)
         hi = tl.where(ok, tt, 0)
