@@ -25,7 +25,8 @@ dispatching op.
 Kernels (backend "triton"), chosen by T:
 - prefill (T > 1): one program per (query block, batch, head); the key range of the block is
   computed in the kernel from text_time (the union of its rows' media, masked per row); no dense
-  mask is ever built; sequences of different lengths and media counts share one launch.
+  mask is ever built; sequences of different lengths and media counts share one launch. With
+  grouped K/V a block's rows are (token, query head) pairs of one kv head, sharing its K/V tiles.
 - decode (T == 1): one program per (batch, head, key split) (flash-decoding) plus a combine
   kernel that merges the split partials when the key range is long (video, cumulative mode,
   Mllama's tiles); with grouped K/V, one program per (batch, kv head, key split) whose rows are
@@ -189,15 +190,16 @@ def _masked_cross_attention_launch(q, k, v, text_time, text_time_first, media_st
     dev_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with dev_ctx:
         if T > 1:
-            cfg = _prefill_config(T, dh, q.dtype, q.device)
-            grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+            # rows: (token, query head of a kv head) pairs, so grouped heads share K/V tiles
+            cfg = _prefill_config(T * group, dh, q.dtype, q.device)
+            grid = (triton.cdiv(T * group, cfg["BLOCK_M"]), B * KVH)
             _xattn_prefill_kernel[grid](
                 q, k, v, text_time, ttf, media_start, media_count, ml, out,
                 *q.stride(), *k.stride(), *v.stride(), *text_time.stride(), *ttf.stride(), media_start.stride(0),
                 media_count.stride(0), ml.stride(0), *out.stride(),
-                T, H, L, group, qk_scale,
-                MODE=mode_id, HAS_MEDIA_LEN=media_len is not None, HEAD_DIM=dh, BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], NEG_INIT=_NEG_INIT,
+                T, KVH, L, qk_scale,
+                MODE=mode_id, HAS_MEDIA_LEN=media_len is not None, GROUP=group, HEAD_DIM=dh,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], NEG_INIT=_NEG_INIT,
                 # fp32 inputs are the accurate path: no TF32 rounding of q.k (the argument only
                 # matters for fp32 operands; fp16/bf16 keep the default).
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -2,8 +2,9 @@
 math, reference, launch configurations, launcher and the public op; the masking rules are described
 there and in flamingo.md §4.1).
 
-- _xattn_prefill_kernel (T > 1): one program per (query block, batch, head); the block's key range
-  is the union of its rows' media, computed in the kernel from text_time, masked per row.
+- _xattn_prefill_kernel (T > 1): one program per (row block, batch, kv head), a row being a
+  (token, query head of that kv head) pair; the block's key range is the union of its rows'
+  media, computed in the kernel from text_time, masked per row.
 - _xattn_decode_kernel (T == 1): one program per (batch, head, key split) (flash-decoding); the
   split partials are merged by triton_common.split_softmax_combine_kernel;
 - _xattn_decode_gqa_kernel (T == 1, grouped K/V): the same per (batch, kv head, key split), the
@@ -73,20 +74,24 @@ def _xattn_prefill_kernel(
     sv_n, sv_l, sv_h, sv_d,
     stt_b, stt_t, sttf_b, sttf_t, sms_b, smc_b, sml_n,
     so_b, so_t, so_h, so_d,
-    T, H, L, GROUP, qk_scale,
-    MODE: tl.constexpr, HAS_MEDIA_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, KVH, L, qk_scale,
+    MODE: tl.constexpr, HAS_MEDIA_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NEG_INIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # grid: (query blocks, batch * heads). The key range is derived here from text_time: the
-    # block loops over the union [min lo, max hi] of its rows' media, masking per row. Rows of one
-    # block may see different media (immediate), prefixes (cumulative) or runs (range). Keys past
-    # a media item's media_len are neither loaded nor seen; kv head = h // GROUP (GQA).
+    # grid: (row blocks, batch * kv heads). A row is a (token, query head of the kv head) pair,
+    # token-major: the GROUP query heads sharing one kv head (GQA) share every K/V tile the block
+    # loads. The key range is derived here from text_time: the block loops over the union
+    # [min lo, max hi] of its rows' media, masking per row. Rows of one block may see different
+    # media (immediate), prefixes (cumulative) or runs (range). Keys past a media item's media_len
+    # are neither loaded nor seen.
     pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    kvh = h // GROUP
-    offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // KVH
+    kvh = pid_bk % KVH
+    offs_r = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = offs_r // GROUP  # the token of each row
+    h = kvh * GROUP + offs_r % GROUP  # the query head of each row
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
@@ -103,7 +108,7 @@ def _xattn_prefill_kernel(
     g_end = tl.max(hi, 0) * L  # <= g_start when no row of the block sees any media
 
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
+    q = tl.load(Q + b64 * sq_b + h[:, None] * sq_h + offs_m[:, None] * sq_t + offs_d[None, :] * sq_d,
                 mask=row_ok[:, None] & d_mask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -143,7 +148,7 @@ def _xattn_prefill_kernel(
 
     # rows that saw no key (immediate: no media; padding) have l_i == 0: zero output
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    tl.store(O + b64 * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
+    tl.store(O + b64 * so_b + h[:, None] * so_h + offs_m[:, None] * so_t + offs_d[None, :] * so_d,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
