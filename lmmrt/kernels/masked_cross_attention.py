@@ -190,7 +190,9 @@ def _masked_cross_attention_launch(q, k, v, text_time, text_time_first, media_st
     dev_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with dev_ctx:
         if T > 1:
-            # rows: (token, query head of a kv head) pairs, so grouped heads share K/V tiles
+            # rows: (token, query head of a kv head) pairs, so grouped heads share K/V tiles. This
+            # saves K/V reads (up to GROUP times) only when T is under a block of rows (short
+            # prompts, prefill chunks): longer ones reuse each tile over a full block either way.
             cfg = _prefill_config(T * group, dh, q.dtype, q.device)
             grid = (triton.cdiv(T * group, cfg["BLOCK_M"]), B * KVH)
             _xattn_prefill_kernel[grid](
