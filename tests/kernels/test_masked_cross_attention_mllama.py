@@ -179,12 +179,13 @@ def _run(case, dtype, mode="range", num_splits=0):
     assert_close(out, _ref64(q, k, v, idx, mode), dtype, f"{mode} {case}")
 
 
-# (B, T, H, KVH, dh, L, per-sequence media counts, media_len, layout); GQA groups 1, 2 and 4
+# (B, T, H, KVH, dh, L, per-sequence media counts, media_len, layout); GQA groups 1, 2, 3 and 4
 PREFILL = [
     (3, 37, 4, 2, 64, 51, [2, 0, 5], 17, "fused"),          # 3 tiles of 17 keys, 1-3 valid
     (2, 19, 4, 1, 32, 130, [4, 1], "random", "heads_major"),  # L past one 128-key block
     (2, 23, 4, 4, 16, 1, [3, 2], None, "contiguous"),        # one key per media item
-    (1, 70, 2, 2, 64, 40, [9], "random", "contiguous"),      # long runs over two query blocks
+    (1, 70, 2, 2, 64, 40, [9], "random", "contiguous"),      # long runs of markers
+    (2, 50, 6, 2, 16, 40, [4, 2], "random", "fused"),        # 3 heads a kv head: 150 rows, a token's split
 ]
 DECODE = [
     (3, 1, 8, 2, 64, 200, [3, 1, 0], "random", "fused"),
@@ -245,6 +246,16 @@ def test_grouped_decode_runs_one_program_per_kv_head(monkeypatch):
         q, k, v, idx, _ = _inputs(2, 1, 4, kv_heads, 16, 8, [1, 2], torch.float32, media_len=None, prompt_len=5)
         masked_cross_attention(q, k, v, **idx, mode="range", backend="triton")
         assert tuple(s.launches for s in spies.values()) == launched
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [PREFILL[4], DECODE[0]], ids=["prefill", "decode"])
+def test_gpu_launch_configs(monkeypatch, case):
+    # The tiles and split counts the GPU path picks (64-row blocks: a token's 3 query heads split
+    # across blocks; 64-key tiles; splits sized for 132 SMs), through the interpreter here.
+    monkeypatch.setattr(mx, "_interpreted", lambda device: False)
+    monkeypatch.setattr(mx, "_sm_count", lambda device: 132)
+    _run(case, torch.float32)
 
 
 @needs_triton
