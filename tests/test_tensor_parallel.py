@@ -220,6 +220,25 @@ def test_cli_under_torchrun_prints_the_single_process_text_once(tmp_path, capsys
 
 
 # --- without processes ---------------------------------------------------------------------------
+def test_read_shard_reads_each_part_of_a_fused_tensor_and_column_ranges(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmmrt.parallel.load import data_start, read_shard
+    from lmmrt.parallel.plan import Shard
+    from lmmrt.runtime.safetensors_file import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = torch.randn(37, 23, generator=g), torch.randn(19, 10, generator=g).to(torch.bfloat16)
+    save_file({"rows": rows, "cols": cols, "bias": rows[:, 0].clone()}, str(tmp_path / "w.safetensors"))
+    weights = SafetensorsFile(tmp_path / "w.safetensors")
+    with open(tmp_path / "w.safetensors", "rb") as fh:
+        start, fd = data_start(fh), fh.fileno()
+        got = read_shard(fd, weights, start, "rows", Shard(0, ((2, 5), (20, 31))))
+        assert torch.equal(got, torch.cat([rows[2:5], rows[20:31]]))
+        assert torch.equal(read_shard(fd, weights, start, "cols", Shard(1, ((3, 8),))), cols[:, 3:8])
+        assert torch.equal(read_shard(fd, weights, start, "bias", Shard(0, ((30, 37),))), rows[30:, 0])
+
+
 @pytest.mark.parametrize("vocab, size", [(93, 2), (98, 4), (7, 3), (32002, 8)])
 def test_vocab_ranges_cover_the_vocabulary_once(vocab, size):
     ranges = [vocab_range(vocab, r, size) for r in range(size)]
