@@ -26,10 +26,12 @@ from lmmrt.runtime.generation_args import check_generation_args
 from lmmrt.runtime.sampling import NAN_TOKEN
 from lmmrt.runtime.static_decode import uses_fixed_step
 from lmmrt.serve.kv_slots import SlotKVCache, kv_budget
-from lmmrt.serve.media_cache import MediaCache, MediaEntry, media_key, model_tag
+from lmmrt.serve.media import attach_media, media_keys
+from lmmrt.serve.media_cache import MediaCache, model_tag
+from lmmrt.serve.prefill import prefill_chunk, prefill_prompts
 from lmmrt.serve.requests import Delta, EngineClosed, EngineRequest, Finished, QueueFull, RequestHandle
 from lmmrt.serve.sequence import NAN_MESSAGE, Sequence, sample_rows
-from lmmrt.serve.steps import SlotDecoder, prefill_chunk
+from lmmrt.serve.steps import SlotDecoder
 
 __all__ = ["Delta", "Engine", "EngineClosed", "EngineRequest", "Finished", "QueueFull", "RequestHandle"]
 
@@ -95,7 +97,8 @@ class Engine:
         self._deadline = math.inf
         self._thread: threading.Thread | None = None
         self._counts = {"tokens_generated": 0, "prompt_tokens": 0, "requests_finished": 0,
-                        "requests_cancelled": 0, "requests_failed": 0, "steps": 0, "decode_steps": 0}
+                        "requests_cancelled": 0, "requests_failed": 0, "steps": 0, "decode_steps": 0,
+                        "prefill_batches": 0, "prefill_chunks": 0}
         self._ttft: deque[float] = deque(maxlen=_SAMPLES)
         self._latency: deque[float] = deque(maxlen=_SAMPLES)
 
@@ -125,7 +128,7 @@ class Engine:
                 raise ValueError(f"the prompt has {len(ids)} tokens; with max_tokens={args.max_new_tokens} that "
                                  f"is {len(ids) + args.max_new_tokens}, beyond this server's context of "
                                  f"{self.max_context} tokens")
-            keys = [media_key(px, self._tag, self._media_context(batch, j)) for j, px in enumerate(batch.media)]
+            keys = media_keys(batch, self._tag, media_time_matters=self._media_time_matters)
             handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", len(ids), self._wake)
             seq = Sequence(handle, batch, ids, args, keys, model.tokenizer, model.device)
         with self._cond:
@@ -137,11 +140,6 @@ class Engine:
             self._queue.append(seq)
             self._cond.notify_all()
         return handle
-
-    def _media_context(self, batch, j: int) -> str:
-        """What media item j's encoding depends on besides its pixels (see media_key)."""
-        aspect = "" if batch.aspect_ratio_ids is None else f"aspect {int(batch.aspect_ratio_ids[j])}"
-        return f"{j if self._media_time_matters else 0}|{aspect}"
 
     def metrics(self) -> dict:
         """Gauges and counters: queue_len, running (prefilling + decoding), kv_used / kv_total (slot
@@ -262,44 +260,35 @@ class Engine:
             s.slot = self.kv.acquire()
             self._prefilling.append(s)
             try:
-                self._attach_media(s)
+                attach_media(self.model, self.media_cache, s)
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("lmmrt serve: media encoding failed for %s", s.handle.id)
                 self._retire(s, "error", f"media encoding failed: {type(e).__name__}: {e}")
 
-    def _attach_media(self, s: Sequence) -> None:
-        """s's media from the media cache, the missing ones encoded (one launch per frame count)."""
-        if not s.media_keys:
-            return
-        module = self.model.module
-        entries = [self.media_cache.get(k) for k in s.media_keys]
-        missing = [j for j, e in enumerate(entries) if e is None]
-        by_frames: dict[int, list[int]] = {}
-        for j in missing:
-            by_frames.setdefault(s.batch.media[j].shape[0], []).append(j)
-        tiles = s.batch.aspect_ratio_ids is not None  # Mllama: tiled images and their aspect ratios
-        for idx in by_frames.values():
-            px = torch.stack([s.batch.media[j] for j in idx]).to(self.model.device)
-            kw = dict(aspect_ratio_ids=s.batch.aspect_ratio_ids[idx],
-                      aspect_ratio_mask=s.batch.aspect_ratio_mask[idx]) if tiles else {}
-            latents = module.encode_media(px, s.batch.media_time[idx], **kw)
-            for i, j in enumerate(idx):
-                # a slice of a bigger batch would keep the whole batch alive in the cache
-                lat = latents[i:i + 1].clone() if len(idx) > 1 else latents
-                entries[j] = MediaEntry(latents=lat, kv=module.project_media(lat))
-                self.media_cache.put(s.media_keys[j], entries[j])
-        s.batch.media = []  # the pixels are not needed any more
-        if self.model.config.media_feed == "splice":
-            s.features = torch.cat([e.latents for e in entries]).flatten(0, 1)
-        elif len(entries) == 1:  # the cache's own tensors, shared read-only
-            s.media_kv = list(entries[0].kv)
-        else:
-            s.media_kv = [(torch.cat([e.kv[j][0] for e in entries]), torch.cat([e.kv[j][1] for e in entries]))
-                          for j in range(len(entries[0].kv))]
-
     def _prefill(self) -> None:
+        """Newcomers whose whole prompts fit the step's budget (padded to the longest) in one
+        forward; then chunks, first come first served, while budget is left (one at the least)."""
         budget = self.token_budget - len(self._decoding)
-        ran = False
+        whole: list[Sequence] = []
+        for s in self._prefilling:
+            if s.prefilled or (len(whole) + 1) * max([s.prompt_len] + [w.prompt_len for w in whole]) > budget:
+                break
+            whole.append(s)
+        if len(whole) > 1:
+            try:
+                logits = prefill_prompts(self.model, self.kv, whole)
+                toks = sample_rows(logits, list(enumerate(whole)))
+            except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+                log.exception("lmmrt serve: prefill failed")
+                for s in whole:
+                    self._retire(s, "error", f"prefill failed: {type(e).__name__}: {e}")
+                return
+            budget -= len(whole) * max(s.prompt_len for s in whole)
+            self._counts["prefill_batches"] += 1
+            for s, tok in zip(whole, toks):
+                s.prefilled = s.prompt_len
+                self._prefilled(s, tok)
+        ran = len(whole) > 1
         for s in list(self._prefilling):
             if ran and budget <= 0:
                 break
@@ -314,15 +303,19 @@ class Engine:
                 continue
             budget -= chunk
             ran = True
-            if tok is None:
-                continue
-            self._prefilling.remove(s)
-            s.length = s.prompt_len
-            self._counts["prompt_tokens"] += s.prompt_len
-            self._ttft.append(time.perf_counter() - s.submitted)
-            if self._take(s, tok):
-                self._decoding.append(s)
-                self._version += 1
+            self._counts["prefill_chunks"] += 1
+            if tok is not None:
+                self._prefilled(s, tok)
+
+    def _prefilled(self, s: Sequence, tok: int) -> None:
+        """s's prompt is in its row and `tok` is its first token: on to decoding (unless it ended)."""
+        self._prefilling.remove(s)
+        s.length = s.prompt_len
+        self._counts["prompt_tokens"] += s.prompt_len
+        self._ttft.append(time.perf_counter() - s.submitted)
+        if self._take(s, tok):
+            self._decoding.append(s)
+            self._version += 1
 
     def _decode(self) -> None:
         rows = self._decoding

@@ -1,13 +1,11 @@
-"""The model steps of the serving engine, over the slotted KV cache: a prefill chunk of one request
-and one decode step of every decoding request, each row at its own position.
+"""The decode step of the serving engine over the slotted KV cache: one token for every decoding
+request, each row at its own position (the prefill steps are in lmmrt.serve.prefill).
 
-Both call the model's own forward (lmmrt.models: decoder layers, gated blocks, splice), with a
-StepContext that says where each row's tokens go: a prefill chunk writes positions [start, end)
-of its request's row and sees keys [0, end) causally; the decode step writes each row's token at
-that row's length (StepContext.row_slots) and row r sees keys [0, length_r]. RoPE and learned
-positions take each row's own position; ALiBi needs only key - query distances, which the slot
-gives. Rows of the decode batch that are not decoding write to the scratch position and are
-ignored.
+It calls the model's own forward (lmmrt.models: decoder layers, gated blocks), with a StepContext
+that writes each row's token at that row's length (StepContext.row_slots); row r sees keys
+[0, length_r]. RoPE and learned positions take each row's own position; ALiBi needs only key -
+query distances, which the slot gives. Rows of the batch that are not decoding write to the
+scratch position and are ignored.
 
 The decode step has two forms. Eager (the CPU): rows [0, highest decoding row], keys up to the
 longest row, a boolean mask. Fixed-shape (CUDA): rows [0, bucket) for a power-of-two bucket,
@@ -23,43 +21,9 @@ import contextlib
 import torch
 
 from lmmrt.models.decoder import StepContext
-from lmmrt.models.mllama_xattn import tokens_before_media
 from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.decode_plan import gather_media
 from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable
-
-
-def prefill_chunk(model, cache, seq, end: int) -> torch.Tensor:
-    """Run seq's prompt positions [seq.prefilled, end) in its cache row -> logits (1, V) of the last."""
-    module = model.module
-    start = seq.prefilled
-    dev = seq.tokens.device
-    tokens = seq.tokens[:, start:end]
-    positions = torch.arange(start, end, device=dev)[None]
-    if start == 0:
-        ctx = module.decoder.context(positions, 0, end, None, causal=True)
-    else:  # the chunk's queries see the row's earlier keys and themselves causally
-        mask = torch.arange(end, device=dev)[None, :] <= positions[0, :, None]
-        ctx = module.decoder.context(positions, start, end, mask[None, None])
-    row = cache.row(seq.slot)
-    if seq.features is not None:  # a splice model: this chunk's markers take their feature rows
-        marker = model.config.image_token_id
-        before = seq.ids[:start].count(marker)
-        here = seq.ids[start:end].count(marker)
-        x = (module.embed_with_features(tokens, seq.features[before:before + here]) if here
-             else module.decoder.embed(tokens))
-        media = MediaContext(kv=[], text_time=seq.text_time[:, start:end], media_start=seq.media_start,
-                             media_count=seq.media_count, any_media=False)
-        return module.run_decoder(x, ctx, row, media, "last")
-    first = seq.text_time_first
-    media = MediaContext(kv=seq.media_kv, text_time=seq.text_time[:, start:end], media_start=seq.media_start,
-                         media_count=seq.media_count, any_media=bool(seq.media_kv),
-                         text_time_first=None if first is None else first[:, start:end], media_len=seq.media_len)
-    if first is not None:  # Mllama: its forward looks for text before the first image in prompts of 2+
-        # tokens only; a chunk of one token may be such text too
-        return module.run_decoder(module.decoder.embed(tokens), ctx, row, media, "last",
-                                  before_media=tokens_before_media(media))
-    return module(tokens, ctx, row, media, logits_for="last")
 
 
 class PackedMedia:

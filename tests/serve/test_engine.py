@@ -112,13 +112,16 @@ def test_a_request_joining_mid_flight_changes_nothing(model):
 def test_chunked_prefill_equals_unchunked(model, budget):
     """A token budget far below the prompt lengths: prompts go in chunks (markers, a splice
     model's feature positions and media ordinals crossing chunk boundaries), interleaved with
-    other rows' decode steps; the tokens are those of whole-prompt prefill."""
+    other rows' decode steps; the tokens are those of the three whole prompts prefilled in one
+    left-padded forward, and of each alone."""
     pics = images(2, 5)
     reqs = [EngineRequest("a long preamble, then" + "<image> and more text" * 2 + " end", pics, max_tokens=8),
             EngineRequest("short <image>", pics[1:], max_tokens=10),
             EngineRequest("text only, of some length to chunk", [], max_tokens=5)]
-    chunked = _run_all(Engine(model, max_batch=3, token_budget=budget), reqs)
-    whole = _run_all(Engine(model, max_batch=3, token_budget=4096), reqs)
+    chunked_engine, whole_engine = Engine(model, max_batch=3, token_budget=budget), Engine(model, max_batch=3)
+    chunked, whole = _run_all(chunked_engine, reqs), _run_all(whole_engine, reqs)
+    assert chunked_engine.metrics()["prefill_chunks"] > 3 + 20 // budget
+    assert (whole_engine.metrics()["prefill_batches"], whole_engine.metrics()["prefill_chunks"]) == (1, 0)
     assert [r[1] for r in chunked] == [r[1] for r in whole]
     assert [r[1] for r in whole] == [_alone(model, r)[1] for r in reqs]
 
