@@ -141,6 +141,9 @@ run_stage bench_splice_generate bash -c "bench_stage splice_generate 6"
 run_stage bench_mllama bash -c "bench_stage mllama 6"
 # lmmrt serve's engine on an IDEFICS-9B-shaped model: 1 / 8 / 64 concurrent clients first, JSON after each
 run_stage bench_serve "$PY" -m bench.bench_serve --device cuda --pairs 1 --out "$OUT"
+# tensor parallelism (bench/bench_tp.py): tokens/s at tp=1 (tp=2 too with two GPUs) on an IDEFICS-9B shape and the
+# NCCL all-reduce cost; opt-in, STAGES="... bench_tp" (CAP_bench_tp, default 60 s): the default caps fill TOTAL_S
+[[ " ${STAGES:-} " == *" bench_tp "* ]] && CAP_bench_tp=${CAP_bench_tp:-60} run_stage bench_tp "$PY" -m bench.bench_tp --device cuda --out "$OUT"
 run_stage merge "$PY" -m bench.run --merge-only --out "$OUT"
 summary
 exit 0
