@@ -114,7 +114,8 @@ class GatedCrossAttention(nn.Module):
         else:  # GELU MLP
             self.ff_w1 = nn.Linear(d, xc.ffn_dim, bias=False)
         self.ff_w2 = nn.Linear(xc.ffn_dim, d, bias=False)
-        self.act = activation("silu" if idefics else "gelu")
+        # mllama: transformers builds the cross-attention layers' MLP with the text model's hidden_act
+        self.act = activation(cfg.decoder.act if xc.style == "mllama" else "silu" if idefics else "gelu")
         self.backend = "torch"
         self.gates_folded = False
         self.skip_attn = False

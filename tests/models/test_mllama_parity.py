@@ -154,3 +154,17 @@ def test_bfloat16_model_runs_close_to_float32(hf_model, model):
     low = lmmrt_from_hf(hf_model).to(torch.bfloat16)
     ids, ratios = PROMPTS["text_between_images"]
     assert_close(lmmrt_logits(low, ids, ratios, seed=4), lmmrt_logits(model, ids, ratios, seed=4), rel=0.05)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_text_activation_reaches_the_cross_attention_mlp(act):
+    """transformers builds every text MLP, the cross-attention layers' included, with ACT2FN[hidden_act]."""
+    from transformers.activations import ACT2FN
+
+    hf = tiny_mllama(seed=4)
+    hf.config.text_config.hidden_act = act
+    for layer in hf.model.language_model.layers:
+        layer.mlp.act_fn = ACT2FN[act]
+    model = lmmrt_from_hf(hf)
+    for ids, ratios in (PROMPTS["text_between_images"], PROMPTS["no_image"]):
+        assert_close(lmmrt_logits(model, ids, ratios, seed=5), hf_logits(hf, ids, ratios, seed=5))
