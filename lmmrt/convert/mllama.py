@@ -146,16 +146,22 @@ def text_weight_map(layers: int, cross: set[int], lm: str, head: str) -> dict[st
     return m
 
 
-def mllama_state_from_hf(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def mllama_state_from_hf(hf_state: Mapping[str, torch.Tensor], *,
+                         cross_attention_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """A transformers Mllama state dict (either key spelling; any Mapping, each tensor read once) ->
     lmmrt's MllamaModel state, the layer layout read from the names (a text layer with a
     cross_attn_attn_gate is a cross-attention layer). Tensors keep the source dtype. A missing
     source tensor is a CheckpointError naming them; the caller checks the shapes against the model
-    (lmmrt.runtime.weights.check_state)."""
+    (lmmrt.runtime.weights.check_state). cross_attention_layers: the config's; when given, the
+    layout of the weights must be that one (the shapes alone cannot tell a block moved to another
+    layer, which would convert into a silently wrong model)."""
     lm, vision, projector, head = _spelling(hf_state)
     layer = re.compile(re.escape(lm) + r"layers\.(\d+)\.")
     layers = 1 + max((int(m.group(1)) for k in hf_state.keys() if (m := layer.match(k))), default=-1)
     cross = {i for i in range(layers) if f"{lm}layers.{i}.cross_attn_attn_gate" in hf_state}
+    if cross_attention_layers is not None and sorted(cross_attention_layers) != sorted(cross):
+        raise CheckpointError(f"text_config.cross_attention_layers = {sorted(cross_attention_layers)}, but the "
+                              f"weights have cross-attention layers (cross_attn_attn_gate) at {sorted(cross)}")
     wmap = text_weight_map(layers, cross, lm, head)
     wmap["projector.weight"] = [projector + "weight"]
     wmap["projector.bias"] = [projector + "bias"]

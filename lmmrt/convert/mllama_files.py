@@ -134,7 +134,8 @@ def mllama_source(src_dir: str | Path, *, dtype: torch.dtype | None = None, prog
     tok = _tokenizer(src, cfg)
     tensors = SourceTensors(SourceWeights.open(src), src, progress)
     try:
-        state = mllama_state_from_hf(tensors)
+        cross = [c + k for k, c in enumerate(cfg.xattn.layers)]  # HF's indices, back from placement()
+        state = mllama_state_from_hf(tensors, cross_attention_layers=cross)
     finally:
         tensors.close()
     unread = tensors.unread()

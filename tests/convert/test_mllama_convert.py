@@ -4,6 +4,7 @@ its <|image|> token, the chat template, and every bad input named."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -156,3 +157,17 @@ def test_preprocessor_config(source, tmp_path):
     with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: size \[560, 560\], but config\.json's "
                                               r"vision_config has \[28, 28\]; max_image_tiles 4, but .* has 2"):
         convert_mllama(src, tmp_path / "out2", progress=False)
+
+
+@pytest.mark.parametrize("listed", [[0, 3], [1, 4], [1]])
+def test_cross_attention_layers_must_be_where_the_weights_have_them(source, tmp_path, listed):
+    """The weights' cross-attention layers are at [1, 3]: a config listing others would place the blocks
+    (whose shapes all fit) at the wrong depth."""
+    _, base, _ = source
+    src = _copy(base, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["cross_attention_layers"] = listed
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"cross_attention_layers = {re.escape(str(listed))}, but the "
+                                              r"weights have cross-attention layers .* at \[1, 3\]"):
+        convert_mllama(src, tmp_path / "out", progress=False)
