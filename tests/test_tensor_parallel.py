@@ -260,6 +260,18 @@ def test_rank_config_divides_heads_and_widths_and_names_every_bad_count():
         rank_config(cfg, 3)
 
 
+def test_a_family_the_plan_does_not_split_is_refused_by_name(tmp_path):
+    sys.path.insert(0, str(TESTS))
+    from mllama_util import tiny_mllama
+
+    from lmmrt.models.config import ModelConfig
+
+    tiny_mllama().save_pretrained(tmp_path / "hf")
+    assert cli(["convert", "mllama", str(tmp_path / "hf"), str(tmp_path / "out"), "--quiet"]) == 0
+    with pytest.raises(TensorParallelError, match="does not split mllama models yet"):
+        rank_config(ModelConfig.load(tmp_path / "out" / "config.json"), 2)
+
+
 def test_tp_without_a_process_group_or_torchrun_says_how_to_start(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
