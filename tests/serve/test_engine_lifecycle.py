@@ -190,3 +190,34 @@ def test_a_row_left_with_nan_is_cleared_before_the_next_request_uses_it():
     _steps(engine, [long, short])
     assert short.result(timeout=0)[1] == lmmrt.generate(model, "hi", max_new_tokens=8, ignore_eos=True)[0].token_ids
     assert long.result(timeout=0)[2] == "length"
+
+
+def test_events_start_from_the_first_whenever_the_reader_comes():
+    """A reader that starts after some or all of the events gets every one once, in order."""
+    import asyncio
+
+    from lmmrt.serve import Delta, Finished
+
+    engine = Engine(tiny_model("llava"), max_batch=1)
+    h = engine.submit(EngineRequest("tell <image>", images(1, 8), max_tokens=9, ignore_eos=True))
+
+    async def read_while_stepping():
+        out = []
+        async for ev in h.events():
+            out.append(ev)
+            if len(out) == 3:  # the rest arrives while this reader waits
+                for _ in range(20):
+                    engine.step()
+        return out
+
+    engine.step()
+    engine.step()  # 3 tokens before anyone reads
+    early = asyncio.run(asyncio.wait_for(read_while_stepping(), TIMEOUT))
+    late = asyncio.run(asyncio.wait_for(_collect(h), TIMEOUT))
+    assert early == late
+    assert [type(e) for e in early] == [Delta] * 9 + [Finished]
+    assert [t for e in early[:-1] for t in e.token_ids] == h.result(timeout=0)[1]
+
+
+async def _collect(handle):
+    return [ev async for ev in handle.events()]
