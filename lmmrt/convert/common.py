@@ -16,7 +16,7 @@ import torch
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.splice import build_model
 from lmmrt.runtime.json_file import read_json
-from lmmrt.runtime.safetensors_file import check_readable, why_missing
+from lmmrt.runtime.safetensors_file import FLOAT_DTYPES, check_readable, why_missing
 from lmmrt.runtime.weights import (
     CheckpointError,
     FiniteCheck,
@@ -79,6 +79,10 @@ def torch_load_weights_only(path: Path) -> dict:
             raise CheckpointError(f"{path} holds a pickled object ({found.group(1)}), not only tensors and "
                                   f"plain containers: lmmrt refuses to unpickle objects") from None
         raise CheckpointError(f"{path}: truncated or corrupted torch file ({first})") from None
+
+
+# the dtypes lmmrt's loader reads (lmmrt.runtime.safetensors_file.SafetensorsFile.check_float)
+_FLOAT_WEIGHT_DTYPES = frozenset(FLOAT_DTYPES.values())
 
 
 class SourceWeights:
@@ -152,10 +156,15 @@ class SourceWeights:
         return self.shape(k) if k in self._where else None
 
     def get(self, k) -> torch.Tensor:
+        """Tensor k, which must be floating point: the loader refuses any other dtype, and a cast to
+        float (dtype=) would make weights of numbers that never were (e.g. a quantized tensor)."""
         f, path = self._where[k]
-        if isinstance(f, dict):
-            return f[k]
-        return read_tensor(f, k, path)
+        t = f[k] if isinstance(f, dict) else read_tensor(f, k, path)
+        if t.dtype not in _FLOAT_WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, but lmmrt "
+                                  f"weights are floating point (float32, float16, bfloat16 or float64): "
+                                  f"convert from the unquantized checkpoint")
+        return t
 
 
 def find_tokenizer_json(src: Path) -> Path | None:

@@ -252,3 +252,13 @@ def test_bad_torch_file_is_one_checkpoint_error(tmp_path, kind):
     with pytest.raises(CheckpointError, match=f"{path}.*{want}") as e:
         torch_load_weights_only(path)
     assert "weights_only=False" not in str(e.value)  # torch's hint to unpickle anyway is not passed on
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_integer_source_tensor_is_named(single, dtype):
+    """Every converter reads through SourceWeights: an integer tensor is refused there, also when dtype=
+    would cast it to float (the loader refuses non-float weights, so it must not be converted)."""
+    key = "model.layers.1.mlp.up_proj.weight"
+    _edit_weights(single, lambda sd: sd.update({key: (sd[key] * 100).to(torch.int8)}))
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' is int8, but lmmrt weights are floating point"):
+        idefics_state(single, dtype=dtype, progress=False)

@@ -171,3 +171,16 @@ def test_cross_attention_layers_must_be_where_the_weights_have_them(source, tmp_
     with pytest.raises(CheckpointError, match=rf"cross_attention_layers = {re.escape(str(listed))}, but the "
                                               r"weights have cross-attention layers .* at \[1, 3\]"):
         convert_mllama(src, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_integer_source_tensor_is_refused_at_conversion(source, tmp_path, dtype):
+    """The loader takes floating-point weights only: an integer tensor (with dtype= as well, which casts
+    the float tensors) is refused now, naming it, not written into a checkpoint that cannot load."""
+    _, base, _ = source
+    key = "language_model.model.norm.weight"
+    src = _single_file(base, tmp_path / "src", lambda sd: sd.update({key: sd[key].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(key)}' is int32, but lmmrt weights are "
+                                              r"floating point"):
+        convert_mllama(src, tmp_path / "out", dtype=dtype, progress=False)
+    assert not (tmp_path / "out").exists()
