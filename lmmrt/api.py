@@ -207,7 +207,7 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     (prompt index, str) for several). Timings of the last call are in model.last_stats.
     """
     _check_generative(model)
-    if getattr(model, "tp", None) is not None and temperature > 0:
+    if model.tp is not None and temperature > 0:
         from lmmrt.parallel import broadcast_seed
 
         seed = broadcast_seed(model.tp, seed)  # every rank must draw the same tokens

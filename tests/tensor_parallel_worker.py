@@ -1,6 +1,7 @@
 """One rank of a tensor-parallel test run (tests/test_tensor_parallel.py starts one process per rank with
-torchrun's environment variables): loads each model of the job with tp = WORLD_SIZE and writes what it
-computed, or the error it got, to <out>/rank<R>.pt for the test to compare with a single-process run.
+torchrun's environment variables): creates the gloo process group itself (lmmrt.load joins it), loads
+each model of the job with tp = WORLD_SIZE and writes what it computed, or the error it got, to
+<out>/rank<R>.pt for the test to compare with a single-process run.
 
     python tests/tensor_parallel_worker.py JOB.pt     (JOB.pt: torch.save of the job dict, see run_job)
 """
@@ -11,9 +12,9 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 import lmmrt
-from lmmrt.parallel import leave_group
 from lmmrt.parallel.plan import shard_of
 
 
@@ -43,6 +44,10 @@ def run_model(spec: dict, rank: int, size: int) -> tuple[dict, lmmrt.Model | Non
         outs = lmmrt.generate(model, spec["prompts"], spec["images"], max_new_tokens=spec["new_tokens"],
                               ignore_eos=True)
         result["fixed_step_tokens"] = [o.token_ids for o in outs]
+        # sampling with no seed: every rank must still draw the same tokens
+        outs = lmmrt.generate(model, spec["prompts"], spec["images"], max_new_tokens=spec["new_tokens"],
+                              ignore_eos=True, temperature=1.5)
+        result["sampled_tokens"] = [o.token_ids for o in outs]
     try:
         model.save(os.path.join(os.path.dirname(path), f"saved-rank{rank}"))
     except Exception as e:
@@ -54,13 +59,11 @@ def main(job_path: str) -> int:
     job = torch.load(job_path, weights_only=False)  # written by the test itself
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)  # two ranks on a small CI box
-    results, tp = {}, None
-    for name, spec in job["models"].items():
-        results[name], model = run_model(spec, rank, size)
-        tp = tp or getattr(model, "tp", None)
+    dist.init_process_group("gloo")
+    results = {name: run_model(spec, rank, size)[0] for name, spec in job["models"].items()}
     torch.save(results, os.path.join(job["out"], f"rank{rank}.pt"))
-    if tp is not None:
-        leave_group(tp)
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

@@ -172,7 +172,9 @@ def test_two_ranks_give_the_single_process_logits_and_tokens(run, name):
             assert err <= RTOL, f"rank {rank}: logits rel err {err:.2e}"
         assert got["tokens"] == ref_tokens, f"rank {rank}"
         assert got["fixed_step_tokens"] == ref_tokens, f"rank {rank} (fixed-shape decode step)"
+        assert got["sampled_tokens"] == ranks[0][name]["sampled_tokens"], f"rank {rank} sampled other tokens"
         assert got["save_error"][0] == "TensorParallelError"
+    assert ranks[0][name]["sampled_tokens"] != ref_tokens  # sampling did sample
 
     # each rank holds half of the sharded weights (a vocabulary of odd size: one row apart) and all the rest
     tp = TensorParallel(rank=0, size=2)
