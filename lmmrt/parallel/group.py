@@ -70,6 +70,8 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
     if not dist.is_available():
         raise TensorParallelError(f"tp={tp} needs torch.distributed, which this torch build lacks")
     device = rank_device(device, tp)
+    if device.type == "cuda":  # NCCL's object collectives (the load agreement) use the current device
+        torch.cuda.set_device(device)
     started_here = False
     if dist.is_initialized():
         backend = dist.get_backend()
@@ -82,8 +84,6 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
             raise TensorParallelError(
                 f"tp={tp} needs one process per rank: start them with `torchrun --nproc-per-node {tp} ...` "
                 f"(or initialise torch.distributed yourself); {', '.join(missing)} not set in this process")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
         started_here = True
     world = dist.get_world_size()
