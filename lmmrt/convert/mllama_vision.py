@@ -13,6 +13,7 @@ the source dtype), so the lmmrt checkpoint holds no vision gates:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -21,6 +22,7 @@ import torch
 from lmmrt.errors import CheckpointError, ConfigError
 from lmmrt.models.mllama_vision import MllamaVisionEncoder
 from lmmrt.models.part_configs import VisionConfig
+from lmmrt.runtime.mllama_image import tile_arrangements
 from lmmrt.runtime.weights import describe_key_problems
 
 # transformers' CLIP mean / std, which MllamaImageProcessor uses by default
@@ -51,7 +53,7 @@ def mllama_vision_config(hf_vision: dict, *, image_mean=CLIP_MEAN, image_std=CLI
     hf = {**_HF_DEFAULTS, **{k: v for k, v in hf_vision.items() if v is not None}}
     if hf["num_channels"] != 3:
         raise ConfigError(f"vision_config.num_channels = {hf['num_channels']!r}: lmmrt takes RGB images (3)")
-    return VisionConfig(
+    cfg = VisionConfig(
         kind="mllama", image_size=_square(hf["image_size"], "image_size"),
         patch_size=_square(hf["patch_size"], "patch_size"), width=hf["hidden_size"],
         layers=hf["num_hidden_layers"], heads=hf["attention_heads"], mlp_dim=hf["intermediate_size"],
@@ -59,6 +61,15 @@ def mllama_vision_config(hf_vision: dict, *, image_mean=CLIP_MEAN, image_std=CLI
         max_num_tiles=hf["max_num_tiles"], supported_aspect_ratios=hf["supported_aspect_ratios"],
         global_layers=hf["num_global_layers"], intermediate_layers=hf["intermediate_layers_indices"],
         output_dim=hf["vision_output_dim"])
+    # transformers' model reads only the list's length (its aspect-ratio embedding rows); the image
+    # processor numbers the arrangements itself, so a list in another order means that numbering
+    numbered = [list(r) for r in tile_arrangements(cfg.max_num_tiles)]
+    if sorted(cfg.supported_aspect_ratios) != sorted(numbered):
+        raise ConfigError(f"vision_config.supported_aspect_ratios = {hf['supported_aspect_ratios']!r}: Mllama's "
+                          f"image processor numbers the {len(numbered)} tile arrangements of max_num_tiles = "
+                          f"{cfg.max_num_tiles} itself ({numbered}, aspect_ratio_id = index + 1), so the list "
+                          f"must hold those {len(numbered)}")
+    return dataclasses.replace(cfg, supported_aspect_ratios=numbered)
 
 
 def _layer_count(names, pattern: str) -> int:

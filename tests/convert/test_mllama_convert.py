@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import lmmrt
 from lmmrt.cli import main
 from lmmrt.convert.mllama_files import convert_mllama
-from lmmrt.errors import CheckpointError
+from lmmrt.errors import CheckpointError, ConfigError
 
 PROMPT = [BOS, 5, IMAGE_ID, 7, 8]
 
@@ -184,3 +184,33 @@ def test_integer_source_tensor_is_refused_at_conversion(source, tmp_path, dtype)
                                               r"floating point"):
         convert_mllama(src, tmp_path / "out", dtype=dtype, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _with_ratios(base, dst, ratios):
+    src = _copy(base, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vision_config"]["supported_aspect_ratios"] = ratios
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_supported_aspect_ratios_in_another_order_number_as_the_processor_does(source, image, tmp_path):
+    """transformers' model takes only the list's length; its processor numbers the tile arrangements
+    itself ([1, 1], [1, 2], [2, 1] for 2 tiles). A reordered list converts into that numbering and
+    gives the logits of the source model (a wide image: 2 tiles, aspect_ratio_id 2)."""
+    _, base, out = source
+    src = _with_ratios(base, tmp_path / "src", [[2, 1], [1, 1], [1, 2]])
+    convert_mllama(src, tmp_path / "out", progress=False)
+    model = lmmrt.load(tmp_path / "out", device="cpu", backend="torch")
+    assert model.config.vision.supported_aspect_ratios == [[1, 1], [1, 2], [2, 1]]
+    want = lmmrt.logits(lmmrt.load(out, device="cpu", backend="torch"), [PROMPT], [[image]])[0]
+    assert torch.equal(lmmrt.logits(model, [PROMPT], [[image]])[0], want)
+
+
+def test_supported_aspect_ratios_without_every_arrangement_are_refused(source, tmp_path):
+    _, base, _ = source
+    src = _with_ratios(base, tmp_path / "src", [[1, 1], [1, 2]])
+    with pytest.raises(ConfigError, match=r"supported_aspect_ratios = \[\[1, 1\], \[1, 2\]\]: Mllama's image "
+                                          r"processor numbers the 3 tile arrangements of max_num_tiles = 2 itself "
+                                          r"\(\[\[1, 1\], \[1, 2\], \[2, 1\]\]"):
+        convert_mllama(src, tmp_path / "out", progress=False)
