@@ -97,6 +97,9 @@ def _check_vision_config(vcfg) -> None:
                          f"{[list(r) for r in tile_arrangements(vcfg.max_num_tiles)]}")
 
 
+_MLLAMA_IMAGE_KINDS = "pass a PIL image or a uint8 (H, W, 3) array or tensor"
+
+
 def _rgb_uint8(img, vcfg, where: str) -> torch.Tensor:
     """(H, W, 3) uint8 (a tensor stays on its device), converted to RGB as transformers' processors
     convert (transparency composited onto white)."""
@@ -104,9 +107,13 @@ def _rgb_uint8(img, vcfg, where: str) -> torch.Tensor:
 
     if isinstance(img, Image.Image):
         return torch.from_numpy(np.array(pil_to_rgb(img, on_white=True, where=where)))
-    if isinstance(img, torch.Tensor) and img.is_floating_point():
-        raise TypeError(f"{where}: Mllama images are tiled from their 0-255 pixels; pass a PIL image or a uint8 "
-                        f"(H, W, 3) array or tensor, not a float tensor of shape {tuple(img.shape)}")
+    # refused here, not in _to_uint8_hwc, whose hints offer float (3, H, W) tensors, which Mllama does not take
+    if not isinstance(img, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"{where}: unsupported image type {type(img).__name__}; {_MLLAMA_IMAGE_KINDS}")
+    if img.dtype not in (np.uint8, torch.uint8):
+        kind = "numpy array" if isinstance(img, np.ndarray) else "tensor"
+        raise TypeError(f"{where}: Mllama images are tiled from their 0-255 pixels; {_MLLAMA_IMAGE_KINDS}, not a "
+                        f"{kind} of dtype {img.dtype} and shape {tuple(img.shape)}")
     u8 = _to_uint8_hwc(img, vcfg, where)
     if min(u8.shape[0], u8.shape[1]) < 1:
         raise ValueError(f"{where}: empty image of shape {tuple(u8.shape)}")

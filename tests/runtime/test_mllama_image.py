@@ -145,7 +145,7 @@ def test_no_images_gives_empty_batch():
 
 
 @pytest.mark.parametrize("image, error, words", [
-    (torch.rand(3, 28, 28), TypeError, "float tensor"),
+    (torch.rand(3, 28, 28), TypeError, "not a tensor of dtype torch.float32"),
     (np.zeros((8, 8, 3), np.uint16) + 1, TypeError, "uint8"),
     (np.ones((8, 8, 4), np.uint8), ValueError, "(H, W, 3)"),
     (np.ones((8, 8), np.uint8), ValueError, "(H, W, 3)"),
@@ -170,3 +170,14 @@ def test_bad_configs_and_options_are_refused():
         preprocess_mllama_images(images, swapped, where="images")
     with pytest.raises(ValueError, match="resampler"):
         preprocess_mllama_images(images, _vcfg(2), where="images", resampler="bicubic")
+
+
+@pytest.mark.parametrize("image", [np.random.default_rng(5).random((8, 8, 3), dtype=np.float32),
+                                   torch.rand(8, 8, 3, dtype=torch.float64), torch.ones(8, 8, 3, dtype=torch.int32),
+                                   "cat.png"], ids=["float32-array", "float64-tensor", "int32-tensor", "a-path"])
+def test_bad_image_hints_name_what_mllama_takes(image):
+    """Not the other families' hint (a normalized float (3, H, W) tensor), which Mllama refuses."""
+    with pytest.raises(TypeError, match=r"images\[0\]") as info:
+        preprocess_mllama_images([image], _vcfg(2), where="images")
+    assert "pass a PIL image or a uint8 (H, W, 3) array or tensor" in str(info.value)
+    assert "(3, H, W)" not in str(info.value)
