@@ -56,7 +56,6 @@ def launch(argv: list[str], size: int = 2, *, env_extra: dict | None = None) -> 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 def idefics_checkpoint(root: Path) -> Path:
-    sys.path.insert(0, str(TESTS))
     from idefics_util import tiny_idefics
 
     hf = tiny_idefics(seed=3, qk_layer_norms=True, alpha_type="vector")
@@ -76,7 +75,6 @@ def openflamingo_checkpoint(root: Path, family: str) -> Path:
 
 
 def splice_checkpoint(root: Path, family: str) -> Path:
-    sys.path.insert(0, str(TESTS))
     if family == "llava":
         from llava_util import tiny_llava
 
@@ -118,7 +116,6 @@ def run(tmp_path_factory):
     models = {"idefics": {"path": idefics_checkpoint(root),
                           "prompts": [[1, 4, i, 7, 8, i, 9, 10], [1, 5, 6, 2, 11, 12, 13]],
                           "images": [pixels(2, 28, 1), []]}}
-    sys.path.insert(0, str(TESTS))
     import openflamingo_util as U
 
     if U.have_open_flamingo():
@@ -263,7 +260,6 @@ def test_rank_config_divides_heads_and_widths_and_names_every_bad_count():
 
 
 def test_a_family_the_plan_does_not_split_is_refused_by_name(tmp_path):
-    sys.path.insert(0, str(TESTS))
     from mllama_util import tiny_mllama
 
     from lmmrt.models.config import ModelConfig
