@@ -2,7 +2,8 @@
 torchrun's environment (tests/tensor_parallel_worker.py), against the single-process model on the same
 checkpoints: tiny IDEFICS (vector gates, q/k norms), OpenFlamingo MPT (6 heads: ALiBi slopes of a non-power
 of two, a vocabulary of 93 split unevenly, tied embeddings), OpenFlamingo NeoX (biases, parallel residual,
-partial rotary), and the splice families LLaVA (LLaMA with grouped K/V heads) and BLIP-2 (OPT). One launch runs every model and both error cases, with a time limit so nothing hangs."""
+partial rotary), the splice families LLaVA (LLaMA with grouped K/V heads) and BLIP-2 (OPT), and Mllama
+(grouped K/V heads in its cross-attention too, an LM head 8 rows shorter than its embedding). One launch runs every model and both error cases, with a time limit so nothing hangs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +91,14 @@ def splice_checkpoint(root: Path, family: str) -> Path:
     return convert(root / f"{family}-hf", root / family, progress=False)
 
 
+def mllama_checkpoint(root: Path) -> Path:
+    from mllama_util import tiny_mllama
+
+    tiny_mllama(seed=6).save_pretrained(root / "mllama-hf")
+    assert cli(["convert", "mllama", str(root / "mllama-hf"), str(root / "mllama"), "--quiet"]) == 0
+    return root / "mllama"
+
+
 def odd_kv_heads_checkpoint(root: Path) -> Path:
     """A random IDEFICS-style model with 6 heads in 3 K/V groups: tp=2 divides the heads, not the groups."""
     import dataclasses
@@ -131,6 +141,14 @@ def run(tmp_path_factory):
                        "prompts": [[1, 5, LLAVA_IMAGE, 7, 8, LLAVA_IMAGE, 9], [1, 6, 12, 13]]}
     models["blip2"] = {"path": splice_checkpoint(root, "blip2"), "images": [pixels(1, 28, 7), []],
                        "prompts": [[BLIP2_IMAGE, 2, 10, 11, 12], [2, 30, 31, 32, 33]]}
+    from mllama_util import BOS
+    from mllama_util import IMAGE_ID as MLLAMA_IMAGE
+
+    rng = np.random.default_rng(8)
+    models["mllama"] = {"path": mllama_checkpoint(root),
+                        "prompts": [[BOS, 5, 6, MLLAMA_IMAGE, 7, 8, 9], [MLLAMA_IMAGE, BOS, 13, MLLAMA_IMAGE, 15]],
+                        "images": [[(rng.random((20, 50, 3)) * 255).astype(np.uint8)],
+                                   [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in ((45, 19), (33, 30))]]}
     for spec in models.values():
         spec["new_tokens"] = NEW_TOKENS
     models["odd-kv-heads"] = {"path": odd_kv_heads_checkpoint(root)}
@@ -153,7 +171,7 @@ def single_process(spec: dict) -> tuple[lmmrt.Model, list[torch.Tensor], list[li
     return model, logits, [o.token_ids for o in outs]
 
 
-@pytest.mark.parametrize("name", ["idefics", "openflamingo-mpt", "openflamingo-neox", "llava", "blip2"])
+@pytest.mark.parametrize("name", ["idefics", "openflamingo-mpt", "openflamingo-neox", "llava", "blip2", "mllama"])
 def test_two_ranks_give_the_single_process_logits_and_tokens(run, name):
     models, ranks = run
     if name not in models:
@@ -257,17 +275,6 @@ def test_rank_config_divides_heads_and_widths_and_names_every_bad_count():
     with pytest.raises(TensorParallelError, match=r"tp=3 does not divide decoder.heads = 8, decoder.kv_heads = 8, "
                                                   r"decoder.ffn_dim = 688, xattn.heads = 8"):
         rank_config(cfg, 3)
-
-
-def test_a_family_the_plan_does_not_split_is_refused_by_name(tmp_path):
-    from mllama_util import tiny_mllama
-
-    from lmmrt.models.config import ModelConfig
-
-    tiny_mllama().save_pretrained(tmp_path / "hf")
-    assert cli(["convert", "mllama", str(tmp_path / "hf"), str(tmp_path / "out"), "--quiet"]) == 0
-    with pytest.raises(TensorParallelError, match="does not split mllama models yet"):
-        rank_config(ModelConfig.load(tmp_path / "out" / "config.json"), 2)
 
 
 def test_tp_without_a_process_group_or_torchrun_says_how_to_start(monkeypatch):

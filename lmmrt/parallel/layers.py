@@ -88,7 +88,7 @@ class TensorParallelDecoder(Decoder):
     (`make_tensor_parallel`): its parameters and state_dict keys are Decoder's."""
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_vocab(super().head(x), self.cfg.vocab_size, self.tp_size, self.tp_group)
+        return gather_vocab(super().head(x), self.head_rows, self.tp_size, self.tp_group)
 
     def alibi_slopes(self, device) -> torch.Tensor | None:
         if not self.cfg.alibi:
@@ -99,14 +99,18 @@ class TensorParallelDecoder(Decoder):
             self.global_heads, self.cfg.alibi_bias_max, device)[start:start + self.cfg.heads])
 
 
-def make_tensor_parallel(decoder: Decoder, *, rank: int, size: int, global_heads: int, group=None) -> None:
+def make_tensor_parallel(decoder: Decoder, *, rank: int, size: int, global_heads: int, head_rows: int,
+                         group=None) -> None:
     """Turn a rank's decoder (built from the per-rank config) into a TensorParallelDecoder: a
-    vocabulary-parallel embedding and LM head, the rank's ALiBi slopes."""
+    vocabulary-parallel embedding and LM head (of `head_rows` rows in all: Mllama's is shorter than
+    its embedding), the rank's ALiBi slopes."""
     cfg = decoder.cfg
     start, end = vocab_range(cfg.vocab_size, rank, size)
+    head_start, head_end = vocab_range(head_rows, rank, size)
     with torch.device(decoder.embed.weight.device):
         decoder.embed = VocabParallelEmbedding(end - start, cfg.embed_dim, start, group)
         if not cfg.tie_embeddings:
-            decoder.lm_head = nn.Linear(cfg.embed_dim, end - start, bias=False)
+            decoder.lm_head = nn.Linear(cfg.embed_dim, head_end - head_start, bias=False)
     decoder.__class__ = TensorParallelDecoder
     decoder.tp_rank, decoder.tp_size, decoder.tp_group, decoder.global_heads = rank, size, group, global_heads
+    decoder.head_rows = head_rows

@@ -5,8 +5,8 @@ Sharded, Megatron style: the decoder's attention (q/k/v output rows per head, wo
 MLP (gate/up or fc1 output rows, down / fc2 input columns), the same in the gated cross-attention
 blocks (their media K/V projection too, so each rank caches only its heads' media K/V), and the
 vocabulary rows of the embedding and LM head. Replicated: norms, gates, biases added after a sum
-(wo / fc2), the vision encoder, perceiver and splice connectors (small beside the LM, and run once
-per image: replicas need no collective), OPT's positions and projections.
+(wo / fc2), the vision encoder, perceiver, splice connectors and Mllama's projector (small beside the
+LM, and run once per image: replicas need no collective), OPT's positions and projections.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lmmrt.models.config import ModelConfig
+from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, ModelConfig
 from lmmrt.models.splice import build_model
 from lmmrt.parallel.group import TensorParallel, TensorParallelError
 from lmmrt.parallel.layers import make_tensor_parallel, row_parallel, vocab_range
@@ -29,12 +29,7 @@ DECODER_SPLITS = {"wqkv.weight": ("qkv", 0), "wqkv.bias": ("qkv", 0), "wo.weight
                   "fc1.weight": ("ffn", 0), "fc1.bias": ("ffn", 0), "fc2.weight": ("ffn", 1)}
 XATTN_SPLITS = {"wq.weight": ("heads", 0), "wkv.weight": ("kv", 0), "wo.weight": ("heads", 1),
                 "ff_w13.weight": ("ffn2", 0), "ff_w1.weight": ("ffn", 0), "ff_w2.weight": ("ffn", 1)}
-VOCAB_KEYS = ("decoder.embed.weight", "decoder.lm_head.weight")
 ROW_PARALLEL = {"decoder": ("wo", "w2", "fc2"), "xattn": ("wo", "ff_w2")}
-# The families whose every tensor the plan places (tests/test_tensor_parallel.py runs each but MiniGPT-4,
-# whose decoder and its split are LLaVA's). Mllama's LM head has fewer rows than its embedding and its
-# own cross-attention layers: not split yet.
-FAMILIES = ("idefics", "openflamingo", "llava", "blip2", "minigpt4")
 
 
 @dataclass(frozen=True)
@@ -49,41 +44,34 @@ class Shard:
         return sum(b - a for a, b in self.ranges)
 
 
-def _xattn_kv_heads(x) -> int:
-    # Mllama's blocks have grouped K/V heads (xattn.kv_heads); the Flamingo ones project one per head
-    return getattr(x, "kv_heads", x.heads)
+def head_rows(cfg: ModelConfig) -> int:
+    """Rows of the LM head: the vocabulary, but for Mllama, whose embedding has 8 rows more."""
+    return cfg.decoder.vocab_size - (MLLAMA_EXTRA_EMBEDDINGS if cfg.family == "mllama" else 0)
 
 
 def rank_config(cfg: ModelConfig, size: int) -> ModelConfig:
     """The config of one rank's model: head counts and feed-forward widths divided by `size`; the
     vocabulary stays global (its split is VocabParallelEmbedding's). Every count `size` does not
     divide is named in one TensorParallelError."""
-    if cfg.family not in FAMILIES:
-        raise TensorParallelError(f"tensor parallelism does not split {cfg.family} models yet (it does "
-                                  f"{', '.join(FAMILIES)}): load it with tp=1")
     d, x = cfg.decoder, cfg.xattn
     counts = {"decoder.heads": d.heads, "decoder.kv_heads": d.kv_heads, "decoder.ffn_dim": d.ffn_dim}
     if x.layers:
-        counts.update({"xattn.heads": x.heads, "xattn.kv_heads": _xattn_kv_heads(x), "xattn.ffn_dim": x.ffn_dim})
+        counts.update({"xattn.heads": x.heads, "xattn.kv_heads": x.kv_heads, "xattn.ffn_dim": x.ffn_dim})
     bad = [f"{name} = {n}" for name, n in counts.items() if n % size]
     if bad:
         raise TensorParallelError(f"tp={size} does not divide {', '.join(bad)}: tensor parallelism gives every "
                                   f"rank the same number of heads and feed-forward rows; use a tp that divides "
                                   f"them")
     decoder = dataclasses.replace(d, heads=d.heads // size, kv_heads=d.kv_heads // size, ffn_dim=d.ffn_dim // size)
-    xattn = x
-    if x.layers:
-        per_rank = {"heads": x.heads // size, "ffn_dim": x.ffn_dim // size}
-        if hasattr(x, "kv_heads"):
-            per_rank["kv_heads"] = x.kv_heads // size
-        xattn = dataclasses.replace(x, **per_rank)
+    xattn = dataclasses.replace(x, heads=x.heads // size, kv_heads=x.kv_heads // size,
+                                ffn_dim=x.ffn_dim // size) if x.layers else x
     return dataclasses.replace(cfg, decoder=decoder, xattn=xattn)
 
 
 def _parts(kind: str, cfg: ModelConfig, section: str) -> list[int]:
     if section == "xattn":
         x = cfg.xattn
-        inner, kv = x.heads * x.head_dim, _xattn_kv_heads(x) * x.head_dim
+        inner, kv = x.heads * x.head_dim, x.kv_heads * x.head_dim
         return {"heads": [inner], "kv": [kv, kv], "ffn": [x.ffn_dim], "ffn2": [x.ffn_dim] * 2}[kind]
     d = cfg.decoder
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
@@ -93,8 +81,10 @@ def _parts(kind: str, cfg: ModelConfig, section: str) -> list[int]:
 def shard_of(key: str, cfg: ModelConfig, tp: TensorParallel) -> Shard | None:
     """This rank's slice of checkpoint tensor `key` of a model with (global) config `cfg`; None when
     every rank holds it whole."""
-    if key in VOCAB_KEYS:
+    if key == "decoder.embed.weight":
         return Shard(0, (vocab_range(cfg.decoder.vocab_size, tp.rank, tp.size),))
+    if key == "decoder.lm_head.weight":
+        return Shard(0, (vocab_range(head_rows(cfg), tp.rank, tp.size),))
     section, _, rest = key.partition(".")
     splits = {"decoder": DECODER_SPLITS, "xattn": XATTN_SPLITS}.get(section)
     if splits is None or (section == "decoder" and not rest.startswith("layers.")):
@@ -121,5 +111,6 @@ def build_rank_model(cfg: ModelConfig, rank_cfg: ModelConfig, tp: TensorParallel
             for name in ROW_PARALLEL[section]:
                 if isinstance(getattr(block, name, None), nn.Linear):
                     setattr(block, name, row_parallel(getattr(block, name), tp.group))
-    make_tensor_parallel(model.decoder, rank=tp.rank, size=tp.size, global_heads=cfg.decoder.heads, group=tp.group)
+    make_tensor_parallel(model.decoder, rank=tp.rank, size=tp.size, global_heads=cfg.decoder.heads,
+                         head_rows=head_rows(cfg), group=tp.group)
     return model
