@@ -284,6 +284,17 @@ def test_tp_without_a_process_group_or_torchrun_says_how_to_start(monkeypatch):
         join_group(2, torch.device("cpu"))
 
 
+def test_cli_tp_without_torchrun_is_one_error_line(monkeypatch, tmp_path, capsys):
+    from cli_util import assert_one_error_line
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli(["generate", str(tmp_path), "-p", "x", "--device", "cpu", "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "torchrun --nproc-per-node 2" in err
+
+
 @pytest.mark.parametrize("tp", [0, -1, 2.0, "2", True])
 def test_tp_must_be_a_positive_integer(tp):
     with pytest.raises(TypeError, match="tp must be an integer >= 1"):
