@@ -116,8 +116,10 @@ def _cmd_generate(args) -> int:
     cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                        progress=not args.quiet, cuda_graph=cuda_graph, tp=args.tp)
-    # under tensor parallelism every rank generates the same text: rank 0 alone prints it
-    shown = model.tp is None or model.tp.rank == 0
+    # under tensor parallelism every rank generates the same text: rank 0 alone prints it (a CLIP
+    # checkpoint loads as a ClipRuntime, without `tp`: lmmrt.generate then refuses it by name)
+    tp = getattr(model, "tp", None)
+    shown = tp is None or tp.rank == 0
     if args.video:
         try:
             prompt, images = lmmrt.video_prompt(model, args.video, prompt, mode=args.video_mode, fps=args.fps,
@@ -141,10 +143,10 @@ def _cmd_generate(args) -> int:
     s = model.last_stats
     if s is not None and not args.quiet and shown:
         print(f"[{finish_note(model, args, result)}; {s.summary()}]", file=sys.stderr)
-    if model.tp is not None:
+    if tp is not None:
         from lmmrt.parallel import leave_group
 
-        leave_group(model.tp)
+        leave_group(tp)
     return 0
 
 
