@@ -151,25 +151,31 @@ def _prefill_config(T: int, dh: int, dtype: torch.dtype, device) -> dict:
                 BLOCK_D=block_d, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
 
 
-def _decode_config(BH: int, N: int, L: int, dh: int, whole_range: bool, device) -> dict:
-    """Decode (T == 1) launch: how many key splits (flash-decoding).
+def _decode_config(BH: int, N: int, L: int, dh: int, whole_range: bool, device, *, dtype: torch.dtype,
+                   grouped: bool) -> dict:
+    """Decode (T == 1) launch: how many key splits (flash-decoding), and the key tile.
 
     Chosen from shapes only — the real key range lives in text_time on the device and reading it
     would be a host sync (and break CUDA-graph capture). The bound is L keys in immediate mode and
     N * L (every packed media item) in cumulative and range modes; splits that find no keys exit
-    at once.
+    at once. BH counts (sequence, head) programs: kv heads when grouped.
     """
     block_d = max(16, _next_pow2(dh))
     key_bound = L * (N if whole_range else 1)
     if _interpreted(device):
-        block_n, min_keys, target = 128, 256, 4
-    else:
-        # enough (b, head, split) programs for two waves, each split streaming >= 256 keys
-        block_n, min_keys = 64, 256
-        target = triton.cdiv(2 * _sm_count(device), max(BH, 1))
-    n_splits = max(1, min(target, triton.cdiv(key_bound, min_keys), 128))
-    return dict(BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=n_splits,
-                num_warps=4 if block_d <= 64 else 8, num_stages=1 if _interpreted(device) else 3)
+        return dict(BLOCK_N=128, BLOCK_D=block_d, NUM_SPLITS=max(1, min(4, triton.cdiv(key_bound, 256))),
+                    num_warps=4, num_stages=1)
+    # enough (b, head, split) programs for two waves, each split streaming >= 256 keys
+    target = triton.cdiv(2 * _sm_count(device), max(BH, 1))
+    n_splits = max(1, min(target, triton.cdiv(key_bound, 256), 128))
+    if grouped:
+        # the tl.dot kernel stages K and V tiles in shared memory: the prefill's tile sizes fit
+        # (64-key tiles in fp32 at dh 256 would need ~280 KiB)
+        tiles = _attention_tiles(block_d, dtype)
+        return dict(BLOCK_N=tiles["BLOCK_N"], BLOCK_D=block_d, NUM_SPLITS=n_splits, num_warps=tiles["num_warps"],
+                    num_stages=tiles["num_stages"])
+    return dict(BLOCK_N=64, BLOCK_D=block_d, NUM_SPLITS=n_splits, num_warps=4 if block_d <= 64 else 8,
+                num_stages=3)
 
 
 def _masked_cross_attention_launch(q, k, v, text_time, text_time_first, media_start, media_count, media_len,
@@ -208,7 +214,8 @@ def _masked_cross_attention_launch(q, k, v, text_time, text_time_first, media_st
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
             return
-        cfg = _decode_config(B * KVH, N, L, dh, mode_id != _MODE_IDS["immediate"], q.device)
+        cfg = _decode_config(B * KVH, N, L, dh, mode_id != _MODE_IDS["immediate"], q.device, dtype=q.dtype,
+                             grouped=group > 1)
         splits = num_splits if num_splits > 0 else cfg["NUM_SPLITS"]
         if splits > 1:
             ws_acc, ws_m, ws_l = _split_workspaces(B * H * splits, cfg["BLOCK_D"], q.device)
