@@ -35,20 +35,26 @@ def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) float32 -> token ids (B,) on the same device; NAN_TOKEN for a row with a NaN
-    logit. temperature 0 is greedy (argmax)."""
+    logit. temperature 0 is greedy (argmax), and so is a temperature so small that a finite logit
+    divided by it overflows to +-inf: its softmax would be NaN, and the distribution it stands for is
+    the greedy one (all the mass on the top token)."""
+    greedy = logits.argmax(dim=-1)
     if temperature <= 0.0:
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy
     else:
         scaled = logits / temperature
+        overflow = (scaled.isinf() & logits.isfinite()).any(dim=-1)
         if top_k > 0 and top_k < scaled.shape[-1]:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         if top_p < 1.0:
             sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
             probs = torch.softmax(sorted_logits, dim=-1)
-            # drop a token when the mass before it already reaches top_p (the top token always stays)
+            # drop a token when the mass before it already reaches top_p; the top token always stays,
+            # also when top_p is below float32's smallest number (0 >= top_p in float32)
             drop = probs.cumsum(dim=-1) - probs >= top_p
+            drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-        tokens = exponential_race(torch.softmax(scaled, dim=-1), generator)
+        tokens = torch.where(overflow, greedy, exponential_race(torch.softmax(scaled, dim=-1), generator))
     return torch.where(logits.isnan().any(dim=-1), NAN_TOKEN, tokens)

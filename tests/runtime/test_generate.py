@@ -153,3 +153,29 @@ def test_streaming_does_not_leak_inference_mode(model):
         assert not torch.is_inference_mode_enabled()
         t = torch.ones(2, requires_grad=True)
         assert (t * 2).requires_grad  # user code between pieces keeps autograd
+
+
+def test_top_p_below_float32_range_keeps_the_top_token():
+    """top_p=1e-300 is 0 in float32: the mass before the top token (0) reached it, and the top token was
+    dropped with the rest (every token -inf: a uniform draw over NaN)."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        got = sample(logits, temperature=1.0, top_k=0, top_p=1e-300, generator=g)
+        assert got.tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 5e-324])
+def test_a_temperature_whose_scaled_logits_overflow_is_greedy(temperature):
+    """logits / 5e-324 is inf in float32 (the temperature is 0 there): softmax gave NaN and the draw token 0;
+    now the top token, with or without top-k / top-p."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 3
+    logits[:, 0] = -5.0  # token 0 is nobody's top token: the old answer is visibly wrong
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 1e-300)):
+        got = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        assert got.tolist() == logits.argmax(dim=-1).tolist(), (top_k, top_p)
+
+
+def test_tiny_temperature_generates_the_greedy_tokens(model):
+    assert _gen(model, temperature=5e-324, seed=1).token_ids == _gen(model).token_ids
