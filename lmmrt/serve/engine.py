@@ -134,7 +134,9 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shutting down and takes no new request")
-            if len(self._queue) >= self.max_queue:
+            # the queue's head takes the free rows at the scheduler's next step: those are room too (else a
+            # burst of max_queue + 1 requests onto an idle engine is refused while its rows are free)
+            if len(self._queue) >= self.max_queue + self.kv.free:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); try again later",
                                 retry_after=self._retry_after())
             self._queue.append(seq)

@@ -72,14 +72,16 @@ def test_bad_requests_raise_at_submit_and_running_ones_are_undisturbed(model):
 
 
 def test_full_queue_refuses_with_retry_after_and_shutdown_cancels_the_waiting(model):
-    engine = Engine(model, max_batch=1, max_queue=2)  # not started: requests stay queued
-    waiting = [engine.submit(EngineRequest("q", [], max_tokens=3)) for _ in range(2)]
+    """Room is the free slot rows plus the queue: with 2 rows and a queue of 2, the engine (not started, so
+    nothing leaves the queue) takes 4 requests, not 2 (a burst onto free rows was refused)."""
+    engine = Engine(model, max_batch=2, max_queue=2)
+    waiting = [engine.submit(EngineRequest("q", [], max_tokens=3)) for _ in range(4)]
     with pytest.raises(QueueFull, match="queue is full") as refused:
         engine.submit(EngineRequest("one more", [], max_tokens=3))
     assert refused.value.retry_after >= 1
-    assert engine.metrics()["queue_len"] == 2
+    assert engine.metrics()["queue_len"] == 4
     engine.shutdown(grace_s=0)
-    assert [h.result(timeout=0)[2] for h in waiting] == ["cancelled", "cancelled"]
+    assert [h.result(timeout=0)[2] for h in waiting] == ["cancelled"] * 4
     with pytest.raises(EngineClosed):
         engine.submit(EngineRequest("late", [], max_tokens=3))
 
