@@ -44,6 +44,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"lmmrt: error: {message} (see `{self.prog} --help`)\n")
 
 
+class CommandParser(Parser):
+    """A subcommand's parser (`lmmrt serve`, `lmmrt convert mllama`): refuses an option it does not know
+    itself, so the error points at its own help. argparse leaves them to the top-level parser, whose help
+    (`lmmrt --help`) does not list them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+
 def _cmd_info(args) -> int:
     import json
 
@@ -116,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                "CLIP. `lmmrt convert --help` lists the checkpoint formats it reads.",
                                 epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
                                 "unexpected one.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses",
                        description="print what was built (the CUDA extension, the NVRTC kernels), the versions of "

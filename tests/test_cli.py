@@ -305,3 +305,18 @@ def test_demo_prints_its_header_first_and_streams_the_same_request(capsys):
     assert out.index("RANDOM weights") < out.index("building the demo model") < out.index("built in")
     assert "special tokens that print as nothing" in out
     assert "5 tokens" in out and "the same text as above" in out, out
+
+
+@pytest.mark.parametrize("args, unknown, command", [
+    (["serve", "ckpt", "--tp", "2"], "--tp 2", "lmmrt serve"),
+    (["convert", "mllama", "a", "b", "--foo"], "--foo", "lmmrt convert mllama"),
+    (["convert", "--foo", "mllama", "a", "b"], "--foo", "lmmrt convert"),
+    (["--foo", "info"], "--foo", "lmmrt"),
+])
+def test_unknown_option_points_at_the_help_of_the_command_it_was_given_to(args, unknown, command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"unrecognized arguments: {unknown} (see `{command} --help`)" in err, err
