@@ -57,7 +57,9 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON type that is not the field's is refused ("5" or 5.0 or true for max_tokens, "0.5" for
+    # temperature, "yes" for stream), not coerced; a float field takes a JSON int
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(_Strict):
@@ -121,10 +123,10 @@ class _Sampling(_Strict):
     parallel_tool_calls: bool | None = None
     user: str | None = None
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature", "top_p", mode="before")
     @classmethod
-    def _check_finite(cls, v, info):
-        return _finite(info.field_name, v)
+    def _check_finite(cls, v, info):  # before the range check, which would say NaN is not >= 0
+        return _finite(info.field_name, v) if isinstance(v, float) else v
 
     @field_validator("n")
     @classmethod

@@ -48,3 +48,21 @@ def test_bad_fields_are_named():
     bad(CompletionRequest, {"model": "m", "prompt": ""}, "the prompt is empty")
     bad(CompletionRequest, {"model": "m", "prompt": [1, -1]}, "token ids must be >= 0")
     bad(CompletionRequest, {"prompt": "x"}, "model")
+
+
+@pytest.mark.parametrize("field, value, kind", [
+    ("max_tokens", "5", "integer"), ("max_tokens", 5.0, "integer"), ("max_tokens", True, "integer"),
+    ("temperature", "0.5", "number"), ("stream", "yes", "boolean"), ("seed", "1", "integer"),
+    ("top_k", 1.0, "integer")])
+def test_wrong_json_types_are_refused_naming_the_field(field, value, kind):
+    """Strict types: pydantic's lax mode turned "5", 5.0 and true into max_tokens=5 (or 1)."""
+    with pytest.raises(APIError, match=rf"^{field}: Input should be a valid {kind}") as e:
+        parse_request(ChatCompletionRequest, {**CHAT, field: value})
+    assert e.value.param == field
+
+
+def test_floats_take_json_ints_and_nan_is_said_to_be_not_finite():
+    r = parse_request(ChatCompletionRequest, {**CHAT, "temperature": 1, "top_p": 1})
+    assert (r.temperature, r.top_p) == (1.0, 1.0) and isinstance(r.temperature, float)
+    bad(ChatCompletionRequest, {**CHAT, "temperature": float("nan")}, "temperature must be a finite number")
+    bad(ChatCompletionRequest, {**CHAT, "top_p": float("nan")}, "top_p must be a finite number")
