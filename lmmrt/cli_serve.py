@@ -81,6 +81,9 @@ def _check_checkpoint(path: str) -> None:
 def _cmd_serve(args) -> int:
     if args.api_key == "":
         raise ValueError(f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or leave it out for no key")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name is empty: give a name, or leave it out for the checkpoint "
+                         "directory's name")
     _check_checkpoint(args.model)
     _require_server_packages()
     from lmmrt.serve.chat_template import compile_template, read_chat_template
@@ -106,7 +109,7 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
     from lmmrt.serve.chat_template import ChatFormatter
     from lmmrt.serve.engine import Engine
 
-    name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model)))
+    name = args.served_model_name if args.served_model_name is not None else os.path.basename(os.path.normpath(os.path.abspath(args.model)))
     print(f"lmmrt serve: loading {args.model} ...", file=sys.stderr, flush=True)
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     memory = dict(max_memory=args.max_memory) if args.max_memory is not None else \

@@ -81,9 +81,15 @@ def _metric(name: str, kind: str, help_text: str, samples: list[str]) -> list[st
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
 
 
+def label_value(text: str) -> str:
+    """`text` as a label value of the text format: backslash, double quote and newline escaped (a model
+    name with a quote or a newline would otherwise break the line, or forge another sample)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def render(server: ServerMetrics, engine: dict, *, model_name: str) -> str:
     """The exposition text. `engine`: Engine.metrics()."""
-    label = f'model="{model_name}"'
+    label = f'model="{label_value(model_name)}"'
     hits, misses = engine.get("media_cache_hits", 0), engine.get("media_cache_misses", 0)
     kv_total = engine.get("kv_total", 0)
     gauges = [

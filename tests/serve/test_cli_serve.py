@@ -39,6 +39,8 @@ def test_bad_options_fail_before_the_load(capsys, checkpoint, tmp_path):
     assert "not allowed with" in run(capsys, checkpoint, "--max-memory", "1G", "--memory-fraction", "0.5")
     assert "--max-batch" in run(capsys, checkpoint, "--max-batch", "0")
     assert "--api-key" in run(capsys, checkpoint, "--api-key", "")
+    assert "--served-model-name is empty" in run(capsys, checkpoint, "--served-model-name", "")
+    assert "--served-model-name is empty" in run(capsys, checkpoint, "--served-model-name", " ")
     assert "not found" in run(capsys, tmp_path / "missing")
     (tmp_path / "chat_template.jinja").write_text("{% if %}")
     (tmp_path / "config.json").write_text("{}")

@@ -6,7 +6,8 @@ import re
 
 from lmmrt.serve.metrics import TTFT_BUCKETS, Histogram, ServerMetrics, render
 
-SAMPLE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
+VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'  # a label value: no raw quote, backslash or newline; those escaped
+SAMPLE = re.compile(rf'^[a-z_]+(\{{[a-z_]+={VALUE}(,[a-z_]+={VALUE})*\}})? -?[0-9.e+-]+$')
 
 
 def test_histogram_buckets_are_cumulative():
@@ -38,3 +39,13 @@ def test_render_is_valid_exposition_text():
     assert 'lmmrt_requests_finished_total{model="m",finish_reason="cancelled"} 1' in text
     assert 'lmmrt_prompt_tokens_total{model="m"} 15' in text
     assert "lmmrt_generation_tokens_per_second{model=\"m\"} 0.5" in text  # 5 tokens over the 10 s window
+
+
+def test_label_values_are_escaped():
+    """A served model name with a quote, a backslash and a newline: every line stays one well-formed sample
+    (unescaped, the newline split a sample and the quote ended the label early)."""
+    name = 'my "model"\\v2\nlmmrt_forged{model="x"} 1'
+    text = render(ServerMetrics(), {"kv_total": 1}, model_name=name)
+    for line in text.splitlines():
+        assert line.startswith("# ") or SAMPLE.match(line), line
+    assert 'lmmrt_queue_length{model="my \\"model\\"\\\\v2\\nlmmrt_forged{model=\\"x\\"} 1"} 0' in text
