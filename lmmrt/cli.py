@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -175,11 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library writes an argument both ways, "pass force=True (--force)", "tp=2 (--tp 2)": the command line
+# shows only its own spelling.
+_BOTH_SPELLINGS = re.compile(r"\b[a-z_]+=\S+ \((--[a-z][a-z-]*(?: [^\s()]+)?)\)")
+
+
 def cli_wording(e: BaseException) -> str:
-    """An lmmrt error's message, with the Python API's keyword for an existing output said as the option."""
-    text = str(e) or type(e).__name__
+    """An lmmrt error's message, with the Python API's keywords said as the options."""
+    text = _BOTH_SPELLINGS.sub(r"\1", str(e) or type(e).__name__)
     if isinstance(e, FileExistsError):
-        text = text.replace("pass force=True (--force)", "pass --force").replace("even with force", "even with --force")
+        text = text.replace("even with force", "even with --force")
     return text
 
 

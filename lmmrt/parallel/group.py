@@ -89,7 +89,7 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
     world = dist.get_world_size()
     if world != tp:
         raise TensorParallelError(f"tp={tp}, but the process group has {world} ranks: tensor parallelism "
-                                  f"splits the model over all of them (start {tp} processes, or pass tp={world})")
+                                  f"splits the model over all of them (start {tp} processes, or pass tp={world} (--tp {world}))")
     return TensorParallel(rank=dist.get_rank(), size=world, started_here=started_here), device
 
 

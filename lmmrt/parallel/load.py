@@ -32,6 +32,7 @@ from lmmrt.runtime.weights import (
     FiniteCheck,
     _read_config_json,
     check_state,
+    convert_first,
 )
 
 
@@ -75,6 +76,9 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
     """(global config, this rank's config, this rank's model) from an lmmrt checkpoint directory."""
     path = Path(path)
     cfg_json = _read_config_json(path)
+    if "model_type" in cfg_json and "decoder" not in cfg_json:  # even IDEFICS: tp converts nothing in memory
+        raise TensorParallelError(f"{convert_first(path, cfg_json['model_type'])}; tensor parallelism loads lmmrt "
+                                  "checkpoints only")
     if "decoder" not in cfg_json:
         raise TensorParallelError(f"{path} is not an lmmrt checkpoint of a language model: tensor parallelism "
                                   f"loads lmmrt checkpoints only (convert it first: `lmmrt convert --help`)")

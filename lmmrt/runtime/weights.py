@@ -24,6 +24,20 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 CHAT_TEMPLATE = "chat_template.jinja"  # a chat model's template, kept from its source (Jinja, as transformers')
 CHECKPOINT_DIR_HINT = "expected an lmmrt checkpoint directory made by `lmmrt convert`"
+# The `lmmrt convert` format for each transformers model_type that one source directory converts from
+# (OpenFlamingo and MiniGPT-4 are assembled from several sources: no model_type names them).
+CONVERT_FORMATS = {"idefics": "idefics", "llava": "llava", "blip-2": "blip2", "mllama": "mllama", "clip": "clip"}
+
+
+def convert_first(path: Path, model_type) -> str:
+    """What to say of a transformers directory given where an lmmrt checkpoint is needed: the command that
+    converts it, when its model_type is one lmmrt converts."""
+    import shlex
+
+    fmt = CONVERT_FORMATS.get(model_type) if isinstance(model_type, str) else None
+    how = f"`lmmrt convert {fmt} {shlex.quote(str(path))} OUT`" if fmt else "`lmmrt convert --help` lists the formats"
+    return (f"{path} holds a transformers checkpoint (model_type={model_type!r}), not an lmmrt one: "
+            f"convert it first ({how})")
 
 
 def describe_key_problems(missing, unexpected, misshapen, where: str) -> str:
@@ -124,8 +138,7 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
         raise CheckpointError(f"{path} is a CLIP checkpoint (embeddings, no language model): load it with "
                               f"lmmrt.load and use lmmrt.embed / lmmrt.zero_shot")
     if "model_type" in cfg_json and "decoder" not in cfg_json:
-        raise CheckpointError(f"{path} holds a transformers checkpoint (model_type={cfg_json['model_type']!r}), "
-                              f"not an lmmrt one: convert it first (`lmmrt convert --help`)")
+        raise CheckpointError(convert_first(path, cfg_json["model_type"]))
     cfg = ModelConfig.from_dict(cfg_json, where=str(path / CONFIG))
     wpath = path / WEIGHTS
     weights = SafetensorsFile(wpath)
