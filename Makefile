@@ -83,6 +83,7 @@ install-test: $(VENV)/.installed-test $(EXTRA_STAMPS)
 
 demo: $(VENV)/.installed $(EXTRA_STAMPS)
 	$(VENV)/bin/lmmrt demo
+	@echo "next: README.md, 'Convert and run a real checkpoint' and 'Python API' ($(VENV)/bin/lmmrt --help lists the commands)"
 
 test: $(VENV)/.installed-test $(EXTRA_STAMPS)
 	$(PY) -c "import lmmrt; print(lmmrt.info_text())"
