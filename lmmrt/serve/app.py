@@ -107,6 +107,9 @@ class Server:
             body = json.loads(data)
         except ValueError as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # the parser recurses per nesting level
+            raise APIError(400, "the request body is nested too deeply to parse (arrays / objects inside each "
+                                "other hundreds of levels deep)") from None
         req = parse_request(kind, body)
         self.check_model(req.model)
         return req

@@ -194,10 +194,34 @@ class CompletionRequest(_Sampling):
         return v
 
 
+def _lone_surrogate(body: Any) -> str | None:
+    """The place (as "messages.0.content") of the first string in `body` holding a lone UTF-16 surrogate
+    (JSON's "\\ud800" escape decodes to one; it is no text, and the tokenizer fails deep inside on it), else
+    None. Iterative: the body may be nested as deeply as the JSON parser allows."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            todo += [(f"{where}.{k}" if where else str(k), v) for k, v in reversed(value.items())]
+            todo += [(f"{where or 'the body'} (a key)", k) for k in value]  # checked first
+        elif isinstance(value, list):
+            todo += [(f"{where}.{i}" if where else str(i), v) for i, v in reversed(list(enumerate(value)))]
+    return None
+
+
 def parse_request(kind: type[_Sampling], body: Any) -> _Sampling:
     """The request body as `kind`, or an APIError(400) naming what is wrong."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    where = _lone_surrogate(body)
+    if where is not None:
+        raise APIError(400, f"{where}: the string holds a lone UTF-16 surrogate (such as \\ud800 without its "
+                            "pair), which is not text", param=where)
     if isinstance(body.get("prompt"), list) and body["prompt"] and not all(
             isinstance(t, int) and not isinstance(t, bool) for t in body["prompt"]):
         raise APIError(400, "prompt must be one string or one list of token ids (lmmrt serve takes one prompt "

@@ -66,3 +66,15 @@ def test_floats_take_json_ints_and_nan_is_said_to_be_not_finite():
     assert (r.temperature, r.top_p) == (1.0, 1.0) and isinstance(r.temperature, float)
     bad(ChatCompletionRequest, {**CHAT, "temperature": float("nan")}, "temperature must be a finite number")
     bad(ChatCompletionRequest, {**CHAT, "top_p": float("nan")}, "top_p must be a finite number")
+
+
+def test_a_lone_surrogate_is_refused_naming_its_place():
+    """json.loads turns the escape "\\ud800" into a lone surrogate, which the tokenizer refused deep inside
+    ("TextInputSequence must be str")."""
+    bad(ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": "x \ud800 y"}]},
+        r"^messages\.0\.content: the string holds a lone UTF-16 surrogate")
+    parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udfff"}]
+    bad(ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": parts}]},
+        r"^messages\.0\.content\.1\.text: ")
+    bad(CompletionRequest, {"model": "m", "prompt": "a", "\ud800": 1}, r"^the body \(a key\): ")
+    assert parse_request(ChatCompletionRequest, {**CHAT, "user": "\U0001f600 \u00e9"}).user == "\U0001f600 \u00e9"

@@ -194,6 +194,11 @@ def test_bodies_beyond_the_limit_are_413_and_bad_json_400(server):
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     r = httpx.post(server.base_url + "/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.base_url + "/completions", content=b"[" * 100000 + b"]" * 100000, timeout=60)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]  # was a RecursionError
+    lone = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800 hi"}]}'
+    r = httpx.post(server.base_url + "/chat/completions", content=lone, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
 
 
 def test_a_bad_request_does_not_disturb_a_running_one(client, server, images):
