@@ -68,6 +68,7 @@ async def _cancel_on_disconnect(request: Request, handle) -> None:
     message the server has for this request is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    request.state.client_left = True  # the request's end is the client's doing, not the server's
     handle.cancel()
 
 
@@ -171,7 +172,7 @@ class Server:
                 if isinstance(ev, Delta):
                     text += ev.text
                 else:
-                    _raise_unfinished(ev)
+                    _raise_unfinished(ev, client_left=getattr(request.state, "client_left", False))
                     return JSONResponse(shape.full(text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
         raise APIError(500, "the engine ended the request without finishing it", type="server_error")
 
@@ -242,8 +243,17 @@ def api_wording(message: str) -> str:
     return message.replace("max_new_tokens=", "max_tokens=").replace("prompt 0 ", "the prompt ")
 
 
-def _raise_unfinished(ev: Finished) -> None:
-    """A request that ended without an answer (cancelled at shutdown, failed in the engine) as an APIError."""
+# nginx's status for a request whose client closed the connection first: nobody reads the answer, but the
+# metrics and the access log tell it from the server's own refusals (503)
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _raise_unfinished(ev: Finished, *, client_left: bool = False) -> None:
+    """A request that ended without an answer (its client left, cancelled at shutdown, failed in the engine)
+    as an APIError."""
+    if ev.finish_reason == "cancelled" and client_left:
+        raise APIError(CLIENT_CLOSED_REQUEST, "the client closed the connection before the answer was complete",
+                       code="client_closed_request")
     if ev.finish_reason == "cancelled":
         raise APIError(503, "the request was cancelled (the server is shutting down)", type="server_error",
                        code="cancelled")

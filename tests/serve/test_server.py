@@ -102,6 +102,12 @@ def metric(server, name: str, *, finish_reason: str | None = None) -> float:
     return float(found[0])
 
 
+def status_count(server, status: int) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    key = f'lmmrt_http_responses_total{{model="{MODEL}",status="{status}"}} '
+    return sum(float(line[len(key):]) for line in text.splitlines() if line.startswith(key))
+
+
 def wait_for(predicate, what: str, timeout_s: float = 30.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -230,11 +236,15 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     wait_for(lambda: metric(server, "lmmrt_running_requests") == 0, "the slot freed after the disconnect")
     wait_for(lambda: metric(server, "lmmrt_requests_finished_total", finish_reason="cancelled") == cancelled + 1,
              "the request counted as cancelled")
-    # a client waiting for a non-streamed answer that gives up (its timeout) cancels it too
+    # a client waiting for a non-streamed answer that gives up (its timeout) cancels it too, counted as the
+    # client's doing (499), not as the server's refusal (503: "the server is shutting down")
+    refused, left = status_count(server, 503), status_count(server, 499)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base_url + "/chat/completions", json={**body, "stream": False}, timeout=2)
     wait_for(lambda: metric(server, "lmmrt_requests_finished_total", finish_reason="cancelled") == cancelled + 2
              and metric(server, "lmmrt_running_requests") == 0, "the non-streamed request cancelled")
+    wait_for(lambda: status_count(server, 499) == left + 1, "the client's leaving counted as 499")
+    assert status_count(server, 503) == refused
 
 
 def test_models_404_and_metrics(client, server):
