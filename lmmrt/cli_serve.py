@@ -17,6 +17,9 @@ import sys
 from lmmrt.cli_options import BACKEND_OPTION, DTYPE_OPTION, POSITIVE_INT, HelpFormatter, _number
 
 API_KEY_ENV = "LMMRT_API_KEY"
+# uvicorn cuts the connections still open this long after the engine's grace period ended (by then the
+# engine has cancelled every request and their answers have gone out)
+SHUTDOWN_MARGIN_S = 5.0
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -128,13 +131,25 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
 
     app = build_app(engine, model, options, formatter, on_ready=ready)
 
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace,
+    grace = args.shutdown_grace
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn, with the engine's grace period starting at the signal, when uvicorn stops accepting:
+        running requests finish or are cancelled (a stream's error event and [DONE], a 503) by then, and
+        uvicorn's own deadline, SHUTDOWN_MARGIN_S later, only backs it up (at it uvicorn cuts connections)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            engine.begin_shutdown(grace)
+
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN_S,
                             access_log=args.access_log)
-    server = uvicorn.Server(config)
-    # uvicorn re-raises the SIGINT / SIGTERM that stopped it once it has shut down; with these handlers in
-    # place that is a no-op, and a stop by signal exits 0 (a clean shutdown), not by the signal.
+    server = GracefulServer(config)
+    # uvicorn takes over SIGINT / SIGTERM while it runs and re-raises the one that stopped it once it has
+    # shut down; these handlers make that a no-op (a stop by signal exits 0, a clean shutdown), and a
+    # signal in the moment before uvicorn's handlers are in place still stops it.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     server.run(sockets=[sock])
     print("lmmrt serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -169,13 +169,20 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="lmmrt-serve-scheduler", daemon=True)
             self._thread.start()
 
-    def shutdown(self, grace_s: float = 10.0) -> None:
-        """Admit nothing new; let queued and running requests finish for up to grace_s seconds, then
-        cancel what is left; stop the scheduler thread."""
+    def begin_shutdown(self, grace_s: float = 10.0) -> None:
+        """Admit nothing new from now on, and cancel what is still running grace_s seconds from now;
+        returns at once (the server calls it at SIGTERM, so that the grace period starts there). A
+        later call never extends the first one's deadline."""
         with self._cond:
             self._closing = True
             self._deadline = min(self._deadline, time.monotonic() + max(0.0, grace_s))
             self._cond.notify_all()
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Admit nothing new; let queued and running requests finish for up to grace_s seconds (counted
+        from begin_shutdown when that came first), then cancel what is left; stop the scheduler thread."""
+        self.begin_shutdown(grace_s)
+        with self._cond:
             thread = self._thread
         if thread is not None:
             thread.join()
