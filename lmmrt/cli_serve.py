@@ -81,6 +81,12 @@ def _check_checkpoint(path: str) -> None:
                          "families (use lmmrt classify or lmmrt.embed for CLIP)")
 
 
+def _interrupt_load(signum, frame):
+    print(f"lmmrt serve: {signal.Signals(signum).name} while loading the model: stopping", file=sys.stderr,
+          flush=True)
+    raise KeyboardInterrupt
+
+
 def _cmd_serve(args) -> int:
     if args.api_key == "":
         raise ValueError(f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or leave it out for no key")
@@ -113,6 +119,8 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
     from lmmrt.serve.engine import Engine
 
     name = args.served_model_name if args.served_model_name is not None else os.path.basename(os.path.normpath(os.path.abspath(args.model)))
+    # SIGTERM while the model loads stops like Ctrl-C (a message, exit status 130), not silently by the signal
+    signal.signal(signal.SIGTERM, _interrupt_load)
     print(f"lmmrt serve: loading {args.model} ...", file=sys.stderr, flush=True)
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     memory = dict(max_memory=args.max_memory) if args.max_memory is not None else \

@@ -58,3 +58,36 @@ def test_a_port_in_use_fails_before_the_load(capsys, checkpoint):
 def test_byte_sizes():
     assert [byte_size(s) for s in ("1073741824", "1G", "1GiB", "512M", "1.5k")] == [1 << 30, 1 << 30, 1 << 30,
                                                                                    512 << 20, 1536]
+
+
+def test_sigterm_while_loading_stops_with_a_message(tmp_path):
+    """The weights file is a FIFO nobody writes: the load blocks in it, deterministically, when SIGTERM
+    comes. It stops as Ctrl-C does (a message, status 130); before, the signal killed it silently (-15)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmmrt.demo import char_tokenizer, demo_config
+    from lmmrt.runtime.checkpoint_writer import save_checkpoint
+
+    tok = char_tokenizer()
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, demo_config(tok.get_vocab_size()), {}, tokenizer=tok, metadata={"source": "test"})
+    for weights in ckpt.glob("*.safetensors"):
+        weights.unlink()
+        os.mkfifo(weights)
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lmmrt", "serve", str(ckpt), "--port", "0", "--device",
+                                 "cpu"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "loading" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130, log.read_text()
+    finally:
+        proc.kill()
+    assert "SIGTERM while loading the model: stopping" in log.read_text()
