@@ -62,7 +62,12 @@ def _cmd_info(args) -> int:
 
     import lmmrt
 
-    if args.json:
+    if args.checkpoint is not None:
+        from lmmrt.checkpoint_info import checkpoint_info, checkpoint_info_text
+
+        print(json.dumps(checkpoint_info(args.checkpoint), indent=2) if args.json
+              else checkpoint_info_text(args.checkpoint))
+    elif args.json:
         print(json.dumps(lmmrt.info(args.backend), indent=2))
     else:
         print(lmmrt.info_text(args.backend))
@@ -131,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "unexpected one.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
 
-    s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses",
+    s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses; or "
+                       "what a checkpoint is (its family, its image marker)",
                        description="print what was built (the CUDA extension, the NVRTC kernels), the versions of "
-                       "python, torch and triton, the GPU, and which implementation each op uses",
+                       "python, torch and triton, the GPU, and which implementation each op uses; with CHECKPOINT, "
+                       "what that checkpoint is instead: its family, the image marker its prompts use, its language "
+                       "model's size, whether it has a tokenizer and a chat template (no weights are read)",
                        formatter_class=HelpFormatter)
+    s.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="a checkpoint directory to describe (an lmmrt checkpoint or a transformers IDEFICS directory)")
     s.add_argument("--backend", **BACKEND_OPTION)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_cmd_info)

@@ -154,8 +154,11 @@ def _add_generate(s):
     s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`), or a transformers IDEFICS "
                    "directory (converted in memory)")
     s.add_argument("--prompt", "-p", required=True,
-                   help="prompt text; write <image> where each image goes; \\n is a newline")
-    s.add_argument("--image", "-i", action="append", default=[], help="image file, once per <image> marker, in order")
+                   help="prompt text; write the checkpoint's image marker where each image goes (<image> for "
+                        "IDEFICS, OpenFlamingo, LLaVA and BLIP-2, <|image|> for Llama 3.2 Vision, <ImageHere> for "
+                        "MiniGPT-4; `lmmrt info CHECKPOINT` shows it); \\n is a newline")
+    s.add_argument("--image", "-i", action="append", default=[],
+                   help="image file, once per image marker in the prompt, in order")
     s.add_argument("--video", default=None, help="a video file (PyAV); write {video} in the prompt where it goes "
                    "(default: at the start)")
     s.add_argument("--fps", type=_number(float, "> 0", lambda v: v > 0), default=1.0,
