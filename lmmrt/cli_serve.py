@@ -129,7 +129,8 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
                     media_cache_bytes=args.media_cache_bytes, **memory)
     formatter = ChatFormatter(model.config, model.tokenizer, template) if model.tokenizer is not None else None
     options = ServeOptions(model_name=name, api_key=args.api_key, allow_local_files=args.allow_local_files,
-                           max_images=args.max_images, shutdown_grace_s=args.shutdown_grace)
+                           max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+                           max_request_pixels=args.max_request_pixels, shutdown_grace_s=args.shutdown_grace)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     how = formatter.source if formatter is not None else "no chat (no tokenizer)"
@@ -185,6 +186,12 @@ def add_serve(sub) -> None:
     n.add_argument("--allow-local-files", action="store_true",
                    help="accept file:// image URLs, read from this machine's disk (off: base64 data URLs only)")
     n.add_argument("--max-images", type=POSITIVE_INT, default=16, help="images per request at most")
+    n.add_argument("--max-image-pixels", type=POSITIVE_INT, default=16 << 20, metavar="PIXELS",
+                   help="pixels per image at most (width x height, read from the image's header before it is "
+                        "decoded; default 4096x4096)")
+    n.add_argument("--max-request-pixels", type=POSITIVE_INT, default=64 << 20, metavar="PIXELS",
+                   help="pixels of a request's images together at most (bounds the memory one request's decoded "
+                        "images take)")
     e = s.add_argument_group("engine")
     e.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="requests decoded together at most (KV slots)")
     e.add_argument("--max-queue", type=POSITIVE_INT, default=64,

@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import json
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,13 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmmrt.serve import metrics as prometheus
 from lmmrt.serve.chat_template import ChatFormatter, openai_messages_to_template
-from lmmrt.serve.images import load_images
+from lmmrt.serve.images import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, load_images
 from lmmrt.serve.openai_responses import SSE_DONE, ResponseShape, sse
 from lmmrt.serve.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from lmmrt.serve.prompt_length import prompt_length
 from lmmrt.serve.requests import Delta, EngineClosed, EngineRequest, Finished, QueueFull
 
 MAX_BODY_BYTES = 128 << 20  # a request body (images included, base64) at most
+# requests whose images are decoded at once: with the per-request pixel budget, a bound on decoded pixels
+# in memory (the others wait; their limits are checked before they wait)
+IMAGE_DECODE_SLOTS = 2
 
 
 @dataclass
@@ -41,6 +45,8 @@ class ServeOptions:
     api_key: str | None = None
     allow_local_files: bool = False
     max_images: int = 16  # per request
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, read from its header before decoding
+    max_request_pixels: int = MAX_REQUEST_PIXELS  # all of a request's images together
     shutdown_grace_s: float = 10.0  # what the engine gets to finish or cancel its requests at shutdown
 
 
@@ -81,6 +87,7 @@ class Server:
         self.started = int(time.time())
         # Engine.submit tokenizes and checks the request synchronously: off the event loop, one at a time.
         self.submit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmmrt-submit")
+        self.decode_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
 
     # -- checks -----------------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -226,8 +233,10 @@ class Server:
     async def images(self, urls):
         if not urls:
             return []
-        return await asyncio.to_thread(load_images, urls, allow_local_files=self.options.allow_local_files,
-                                       max_images=self.options.max_images)
+        o = self.options
+        return await asyncio.to_thread(load_images, urls, allow_local_files=o.allow_local_files,
+                                       max_images=o.max_images, max_image_pixels=o.max_image_pixels,
+                                       max_request_pixels=o.max_request_pixels, decode_slots=self.decode_slots)
 
     async def models(self, request: Request) -> dict:
         self.check_key(request)

@@ -8,36 +8,44 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
+import threading
 import urllib.parse
 
 from lmmrt.serve.openai_schema import APIError
 
 # A request's image bytes (after base64 decoding) are bounded, so one client cannot make the server hold
-# gigabytes; pixels are bounded too, against decompression bombs (a small PNG of a huge canvas).
+# gigabytes. Pixels are bounded too, per image and per request, from each image's header before any is
+# decoded: a small PNG of a huge solid canvas decodes to gigabytes (16 of 8000x8000 took 5.4 GB).
 MAX_IMAGE_BYTES = 32 << 20
-MAX_IMAGE_PIXELS = 64 << 20
+MAX_IMAGE_PIXELS = 16 << 20  # per image (4096 x 4096), --max-image-pixels
+MAX_REQUEST_PIXELS = 64 << 20  # all of a request's images together, --max-request-pixels
 
 
-def _open_image(data: bytes, where: str):
+def _open_header(data: bytes, where: str):
+    """The image, opened lazily: its size and mode are read from the header, no pixel is decoded yet."""
     from PIL import Image, UnidentifiedImageError
 
-    from lmmrt.runtime.processor import check_pil_mode
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise APIError(400, f"{where}: the image is {im.width}x{im.height} pixels, more than the "
-                                    f"{MAX_IMAGE_PIXELS} this server decodes")
-            im.load()
-            image = im.copy()  # unconverted: lmmrt makes it RGB as the model's family does (alpha)
-    except APIError:
-        raise
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise APIError(400, f"{where}: cannot decode the image: its bytes are in no image format PIL reads "
                             "(PNG, JPEG, GIF, WebP, BMP, ...)") from None
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError for truncation, ...)
+    except Exception as e:  # PIL raises many types for a broken header
+        raise APIError(400, f"{where}: cannot decode the image: {e}") from None
+
+
+def _decode(im, where: str):
+    """The pixels of an image _open_header opened, decoded (and its file closed)."""
+    from lmmrt.runtime.processor import check_pil_mode
+
+    try:
+        with im:
+            im.load()
+            image = im.copy()  # unconverted: lmmrt makes it RGB as the model's family does (alpha)
+    except Exception as e:  # PIL raises many types (OSError for truncation, ...)
         raise APIError(400, f"{where}: cannot decode the image: {e}") from None
     try:
         check_pil_mode(image, where)
@@ -85,25 +93,46 @@ def _file_url_bytes(url: str, where: str, allow_local_files: bool) -> bytes:
         raise APIError(400, f"{where}: cannot read {path}: {e.strerror or e}") from None
 
 
-def load_image(url: str, where: str, *, allow_local_files: bool = False):
-    """The PIL image behind `url`; `where` names it in errors (e.g. "messages[0].content[1]")."""
+def _url_bytes(url: str, where: str, allow_local_files: bool) -> bytes:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        data = _data_url_bytes(url, where)
-    elif scheme == "file":
-        data = _file_url_bytes(url, where, allow_local_files)
-    elif scheme in ("http", "https"):
+        return _data_url_bytes(url, where)
+    if scheme == "file":
+        return _file_url_bytes(url, where, allow_local_files)
+    if scheme in ("http", "https"):
         raise APIError(400, f"{where}: lmmrt serve does not fetch remote URLs; send the image as a base64 data URL"
                             + (" or a file:// URL" if allow_local_files else ""))
-    else:
-        raise APIError(400, f"{where}: unsupported image URL {url[:40]!r}: use a base64 data URL "
-                            "(data:image/png;base64,...)")
-    return _open_image(data, where)
+    raise APIError(400, f"{where}: unsupported image URL {url[:40]!r}: use a base64 data URL "
+                        "(data:image/png;base64,...)")
 
 
-def load_images(urls: list[tuple[str, str]], *, allow_local_files: bool = False, max_images: int) -> list:
-    """PIL images from (url, where) pairs, in order; more than max_images is an error naming the limit."""
+def load_image(url: str, where: str, *, allow_local_files: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
+    """The PIL image behind `url`; `where` names it in errors (e.g. "messages[0].content[1]")."""
+    return load_images([(url, where)], allow_local_files=allow_local_files, max_images=1,
+                       max_image_pixels=max_pixels)[0]
+
+
+def load_images(urls: list[tuple[str, str]], *, allow_local_files: bool = False, max_images: int,
+                max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS,
+                decode_slots: threading.Semaphore | None = None) -> list:
+    """PIL images from (url, where) pairs, in order. Every limit is checked before any pixel is decoded:
+    more than max_images, an image over max_image_pixels, or all over max_request_pixels is an error
+    naming the limit. The decoding holds one of decode_slots (shared by the server's requests), which
+    bounds how many requests' pixels are in memory at once."""
     if len(urls) > max_images:
         raise APIError(400, f"the request has {len(urls)} images; this server takes at most {max_images} per "
                             "request (--max-images)")
-    return [load_image(url, where, allow_local_files=allow_local_files) for url, where in urls]
+    opened, total = [], 0
+    for url, where in urls:
+        im = _open_header(_url_bytes(url, where, allow_local_files), where)
+        opened.append((im, where))
+        pixels = im.width * im.height
+        if pixels > max_image_pixels:
+            raise APIError(400, f"{where}: the image is {im.width}x{im.height} pixels, more than the "
+                                f"{max_image_pixels} this server decodes per image (--max-image-pixels)")
+        total += pixels
+    if total > max_request_pixels:
+        raise APIError(400, f"the request's images have {total} pixels together, more than the {max_request_pixels} "
+                            "this server decodes per request (--max-request-pixels)")
+    with decode_slots if decode_slots is not None else contextlib.nullcontext():
+        return [_decode(im, where) for im, where in opened]

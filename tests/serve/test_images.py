@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -64,3 +65,32 @@ def test_too_many_images():
     assert len(load_images([(url, "a")] * 3, max_images=3)) == 3
     with pytest.raises(APIError, match="4 images; this server takes at most 3"):
         load_images([(url, "a")] * 4, max_images=3)
+
+
+def test_pixel_limits_are_checked_from_the_headers_before_decoding():
+    """A 3000x3000 PNG cut after its header: refused for its size, not for its broken pixel data, so the
+    size was read before any decoding (16 solid 8000x8000 PNGs of 200 KB each took 5.4 GB decoded)."""
+    header_only = data_url(png(Image.new("L", (3000, 3000)))[:100])
+    refused(header_only, r"3000x3000 pixels, more than the 1000000 this server decodes per image "
+                         r"\(--max-image-pixels\)", max_pixels=1_000_000)
+    refused(header_only, "cannot decode")  # within the default limit: decoding finds the truncation
+    url = data_url(png(Image.new("RGB", (1000, 1000), (9, 8, 7))))
+    assert len(load_images([(url, "a")] * 2, max_images=3, max_request_pixels=2_500_000)) == 2
+    with pytest.raises(APIError, match=r"3000000 pixels together, more than the 2500000 .*--max-request-pixels"):
+        load_images([(url, "a"), (url, "b"), (url, "c")], max_images=3, max_request_pixels=2_500_000)
+
+
+def test_decoding_waits_for_a_decode_slot_and_limits_do_not():
+    slots = threading.BoundedSemaphore(1)
+    url = data_url(png(Image.new("RGB", (6, 5), (1, 2, 3))))
+    got = []
+    with slots:  # another request is decoding
+        with pytest.raises(APIError, match="--max-image-pixels"):  # refused at once, not after the wait
+            load_images([(url, "a")], max_images=1, max_image_pixels=29, decode_slots=slots)
+        waiting = threading.Thread(target=lambda: got.extend(load_images([(url, "a")], max_images=1,
+                                                                         decode_slots=slots)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not got
+    waiting.join(30)
+    assert len(got) == 1 and got[0].size == (6, 5)

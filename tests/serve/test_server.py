@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -177,6 +178,7 @@ def test_bad_requests_are_400_naming_the_problem(client, images):
          "cannot decode the image"),
         (dict(messages=user("x", "data:image/png;base64,@@@")), "not valid base64"),
         (dict(messages=user("x", *images, images[0], images[1])), "at most 3"),
+        (dict(messages=user("x", png_url(np.zeros((5000, 5000), np.uint8)))), "(--max-image-pixels)"),
         (dict(messages=user("x"), max_tokens=5000), "context"),
         (dict(messages=user("x"), temperature=-1), "temperature"),
         (dict(messages=user("x"), top_p=1.5), "top_p"),
