@@ -309,11 +309,15 @@ def llama_layers_map(prefix: str, layers: int) -> dict[str, list[str]]:
     q/k/v and gate/up fused."""
     m: dict[str, list[str]] = {}
     for i in range(layers):
-        src, dst = prefix + f"{i}.", f"decoder.layers.{i}."
-        m[dst + "wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
-        m[dst + "wo.weight"] = [src + "self_attn.o_proj.weight"]
-        m[dst + "w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
-        m[dst + "w2.weight"] = [src + "mlp.down_proj.weight"]
-        m[dst + "attn_norm.weight"] = [src + "input_layernorm.weight"]
-        m[dst + "mlp_norm.weight"] = [src + "post_attention_layernorm.weight"]
+        m.update(llama_layer_map(prefix + f"{i}.", f"decoder.layers.{i}."))
     return m
+
+
+def llama_layer_map(src: str, dst: str) -> dict[str, list[str]]:
+    """One transformers LLaMA decoder layer (names under `src`) -> lmmrt's LlamaLayer under `dst`."""
+    return {dst + "wqkv.weight": [src + f"self_attn.{p}_proj.weight" for p in "qkv"],
+            dst + "wo.weight": [src + "self_attn.o_proj.weight"],
+            dst + "w13.weight": [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"],
+            dst + "w2.weight": [src + "mlp.down_proj.weight"],
+            dst + "attn_norm.weight": [src + "input_layernorm.weight"],
+            dst + "mlp_norm.weight": [src + "post_attention_layernorm.weight"]}

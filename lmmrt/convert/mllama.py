@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from lmmrt.convert.common import llama_layer_map
 from lmmrt.convert.mllama_vision import mllama_vision_config, mllama_vision_state
 from lmmrt.errors import CheckpointError, ConfigError
 from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, DecoderConfig, ModelConfig, XAttnConfig
@@ -135,14 +136,8 @@ def text_weight_map(layers: int, cross: set[int], lm: str, head: str) -> dict[st
             m[dst + "ff_w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
             m[dst + "ff_w2.weight"] = [src + "mlp.down_proj.weight"]
         else:
-            dst = f"decoder.layers.{i}."
+            m.update(llama_layer_map(src, f"decoder.layers.{i}."))
             i += 1
-            m[dst + "wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
-            m[dst + "wo.weight"] = [src + "self_attn.o_proj.weight"]
-            m[dst + "w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
-            m[dst + "w2.weight"] = [src + "mlp.down_proj.weight"]
-            m[dst + "attn_norm.weight"] = [src + "input_layernorm.weight"]
-            m[dst + "mlp_norm.weight"] = [src + "post_attention_layernorm.weight"]
     return m
 
 
