@@ -81,6 +81,18 @@ def _check_checkpoint(path: str) -> None:
                          "families (use lmmrt classify or lmmrt.embed for CLIP)")
 
 
+def _local_media_root(args) -> str | None:
+    """The resolved directory file:// URLs may read from ("/" for --allow-local-files), or None."""
+    if args.allow_local_files:
+        return os.sep
+    if args.allowed_local_media_path is None:
+        return None
+    root = os.path.realpath(args.allowed_local_media_path)
+    if not os.path.isdir(root):
+        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    return root
+
+
 def _interrupt_load(signum, frame):
     print(f"lmmrt serve: {signal.Signals(signum).name} while loading the model: stopping", file=sys.stderr,
           flush=True)
@@ -93,6 +105,7 @@ def _cmd_serve(args) -> int:
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name is empty: give a name, or leave it out for the checkpoint "
                          "directory's name")
+    _local_media_root(args)
     _check_checkpoint(args.model)
     _require_server_packages()
     from lmmrt.serve.chat_template import compile_template, read_chat_template
@@ -128,7 +141,7 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
                     media_cache_bytes=args.media_cache_bytes, **memory)
     formatter = ChatFormatter(model.config, model.tokenizer, template) if model.tokenizer is not None else None
-    options = ServeOptions(model_name=name, api_key=args.api_key, allow_local_files=args.allow_local_files,
+    options = ServeOptions(model_name=name, api_key=args.api_key, local_media_root=_local_media_root(args),
                            max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                            max_request_pixels=args.max_request_pixels, shutdown_grace_s=args.shutdown_grace)
     host, port = sock.getsockname()[:2]
@@ -183,8 +196,13 @@ def add_serve(sub) -> None:
     n.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model's name in the API (requests must name it; default: the checkpoint's directory "
                         "name)")
-    n.add_argument("--allow-local-files", action="store_true",
-                   help="accept file:// image URLs, read from this machine's disk (off: base64 data URLs only)")
+    local = n.add_mutually_exclusive_group()
+    local.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="accept file:// image URLs of files inside DIR (symlinks and .. resolved first; off: "
+                            "base64 data URLs only)")
+    local.add_argument("--allow-local-files", action="store_true",
+                       help="accept file:// image URLs of any file this process can read (trusted clients only; "
+                            "prefer --allowed-local-media-path)")
     n.add_argument("--max-images", type=POSITIVE_INT, default=16, help="images per request at most")
     n.add_argument("--max-image-pixels", type=POSITIVE_INT, default=16 << 20, metavar="PIXELS",
                    help="pixels per image at most (width x height, read from the image's header before it is "

@@ -43,7 +43,7 @@ IMAGE_DECODE_SLOTS = 2
 class ServeOptions:
     model_name: str
     api_key: str | None = None
-    allow_local_files: bool = False
+    local_media_root: str | None = None  # file:// URLs are read inside it (resolved; "/": any file); None: refused
     max_images: int = 16  # per request
     max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, read from its header before decoding
     max_request_pixels: int = MAX_REQUEST_PIXELS  # all of a request's images together
@@ -234,7 +234,7 @@ class Server:
         if not urls:
             return []
         o = self.options
-        return await asyncio.to_thread(load_images, urls, allow_local_files=o.allow_local_files,
+        return await asyncio.to_thread(load_images, urls, local_root=o.local_media_root,
                                        max_images=o.max_images, max_image_pixels=o.max_image_pixels,
                                        max_request_pixels=o.max_request_pixels, decode_slots=self.decode_slots)
 

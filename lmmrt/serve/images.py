@@ -1,5 +1,6 @@
-"""Images of a request, from their URLs: base64 `data:` URLs, and `file://` paths when the server was started
-with --allow-local-files. Remote (http) URLs are refused: the server fetches nothing from the network.
+"""Images of a request, from their URLs: base64 `data:` URLs, and `file://` paths inside the directory the
+server was given (--allowed-local-media-path DIR; --allow-local-files: any file). Remote (http) URLs are
+refused: the server fetches nothing from the network.
 
 Every failure is an APIError(400) naming the image (its place in the request) and what is wrong with it.
 """
@@ -72,50 +73,62 @@ def _data_url_bytes(url: str, where: str) -> bytes:
         raise APIError(400, f"{where}: the data URL's payload is not valid base64 ({e})") from None
 
 
-def _file_url_bytes(url: str, where: str, allow_local_files: bool) -> bytes:
-    if not allow_local_files:
+def _file_url_bytes(url: str, where: str, local_root: str | None) -> bytes:
+    if local_root is None:
         raise APIError(400, f"{where}: file:// URLs are refused unless the server is started with "
-                            "--allow-local-files; send the image as a base64 data URL")
+                            "--allowed-local-media-path DIR; send the image as a base64 data URL")
     parsed = urllib.parse.urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         raise APIError(400, f"{where}: a file:// URL must name a local path (file:///path), got host "
                             f"{parsed.netloc!r}")
     path = urllib.parse.unquote(parsed.path)
+    if not os.path.isabs(path):
+        raise APIError(400, f"{where}: a file URL must hold an absolute path (file:///dir/image.png), got "
+                            f"{url[:80]!r}")
+    real = os.path.realpath(path)  # symlinks and .. resolved: where the bytes really come from
+    if real != local_root and not real.startswith(local_root.rstrip(os.sep) + os.sep):
+        # the same words whether the file exists or not: the server's disk outside the root stays unknown
+        raise APIError(400, f"{where}: {path} is not inside the directory this server reads images from "
+                            "(--allowed-local-media-path)")
     try:
-        if not os.path.isfile(path):
-            raise APIError(400, f"{where}: {path} is not a file" if os.path.exists(path) else
+        if not os.path.isfile(real):
+            raise APIError(400, f"{where}: {path} is not a file" if os.path.exists(real) else
                            f"{where}: no such file {path}")
-        if os.path.getsize(path) > MAX_IMAGE_BYTES:
+        if os.path.getsize(real) > MAX_IMAGE_BYTES:
             raise APIError(400, f"{where}: {path} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
-        with open(path, "rb") as f:
-            return f.read()
+        with open(real, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)  # bounded: a file may grow, or say size 0 (/proc)
     except OSError as e:
         raise APIError(400, f"{where}: cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise APIError(400, f"{where}: {path} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    return data
 
 
-def _url_bytes(url: str, where: str, allow_local_files: bool) -> bytes:
+def _url_bytes(url: str, where: str, local_root: str | None) -> bytes:
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _data_url_bytes(url, where)
     if scheme == "file":
-        return _file_url_bytes(url, where, allow_local_files)
+        return _file_url_bytes(url, where, local_root)
     if scheme in ("http", "https"):
         raise APIError(400, f"{where}: lmmrt serve does not fetch remote URLs; send the image as a base64 data URL"
-                            + (" or a file:// URL" if allow_local_files else ""))
+                            + (" or a file:// URL" if local_root is not None else ""))
     raise APIError(400, f"{where}: unsupported image URL {url[:40]!r}: use a base64 data URL "
                         "(data:image/png;base64,...)")
 
 
-def load_image(url: str, where: str, *, allow_local_files: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
+def load_image(url: str, where: str, *, local_root: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """The PIL image behind `url`; `where` names it in errors (e.g. "messages[0].content[1]")."""
-    return load_images([(url, where)], allow_local_files=allow_local_files, max_images=1,
+    return load_images([(url, where)], local_root=local_root, max_images=1,
                        max_image_pixels=max_pixels)[0]
 
 
-def load_images(urls: list[tuple[str, str]], *, allow_local_files: bool = False, max_images: int,
+def load_images(urls: list[tuple[str, str]], *, local_root: str | None = None, max_images: int,
                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS,
                 decode_slots: threading.Semaphore | None = None) -> list:
-    """PIL images from (url, where) pairs, in order. Every limit is checked before any pixel is decoded:
+    """PIL images from (url, where) pairs, in order. file:// URLs are read when they resolve inside
+    local_root (an absolute, resolved directory; "/" for any file; None refuses them). Every limit is checked before any pixel is decoded:
     more than max_images, an image over max_image_pixels, or all over max_request_pixels is an error
     naming the limit. The decoding holds one of decode_slots (shared by the server's requests), which
     bounds how many requests' pixels are in memory at once."""
@@ -124,7 +137,7 @@ def load_images(urls: list[tuple[str, str]], *, allow_local_files: bool = False,
                             "request (--max-images)")
     opened, total = [], 0
     for url, where in urls:
-        im = _open_header(_url_bytes(url, where, allow_local_files), where)
+        im = _open_header(_url_bytes(url, where, local_root), where)
         opened.append((im, where))
         pixels = im.width * im.height
         if pixels > max_image_pixels:

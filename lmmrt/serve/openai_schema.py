@@ -181,7 +181,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(description="one prompt: text with the model's image markers, or token ids")
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     # lmmrt extension: one image per marker in the prompt, in order, as data: URLs (file:// URLs with
-    # --allow-local-files); OpenAI's completions API has no images.
+    # --allowed-local-media-path); OpenAI's completions API has no images.
     images: list[str] = Field(default_factory=list)
 
     @field_validator("prompt")

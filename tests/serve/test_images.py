@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_data_and_file_urls_decode_to_the_same_pixels(tmp_path):
     path = tmp_path / "a b.png"  # a space: the file URL is percent-encoded
     path.write_bytes(data)
     from_data = load_image(data_url(data), "x")
-    from_file = load_image(path.as_uri(), "x", allow_local_files=True)
+    from_file = load_image(path.as_uri(), "x", local_root=str(tmp_path.resolve()))
     assert np.array_equal(np.asarray(from_data), pixels) and np.array_equal(np.asarray(from_file), pixels)
     rgba = load_image(data_url(png(Image.new("RGBA", (5, 4), (1, 2, 3, 4)))), "x")
     assert rgba.mode == "RGBA"  # unconverted: the model's family decides how alpha goes
@@ -54,10 +55,11 @@ def test_bad_urls_are_refused_naming_the_image(tmp_path):
     refused("ftp://host/cat.png", "unsupported image URL")
     path = tmp_path / "x.png"
     path.write_bytes(png(Image.new("RGB", (4, 4))))
-    refused(path.as_uri(), "--allow-local-files")
-    refused((tmp_path / "missing.png").as_uri(), "no such file", allow_local_files=True)
-    refused(tmp_path.as_uri(), "is not a file", allow_local_files=True)
-    refused("file://otherhost/x.png", "must name a local path", allow_local_files=True)
+    refused(path.as_uri(), "--allowed-local-media-path DIR")
+    root = str(tmp_path.resolve())
+    refused((tmp_path / "missing.png").as_uri(), "no such file", local_root=root)
+    refused(tmp_path.as_uri(), "is not a file", local_root=root)
+    refused("file://otherhost/x.png", "must name a local path", local_root=root)
 
 
 def test_too_many_images():
@@ -94,3 +96,29 @@ def test_decoding_waits_for_a_decode_slot_and_limits_do_not():
         assert waiting.is_alive() and not got
     waiting.join(30)
     assert len(got) == 1 and got[0].size == (6, 5)
+
+
+def test_file_urls_stay_inside_the_allowed_directory(tmp_path):
+    """--allowed-local-media-path: a file outside it is refused in the same words whether it exists or
+    not (with --allow-local-files any file was read, and 'no such file' vs 'not a file' told what exists);
+    symlinks and .. are resolved first; a relative file: URL is refused."""
+    root, outside = tmp_path / "media", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    image = png(Image.new("RGB", (3, 2), (5, 6, 7)))
+    (root / "ok.png").write_bytes(image)
+    (outside / "secret.png").write_bytes(image)
+    (root / "link.png").symlink_to(outside / "secret.png")
+    allowed = str(root.resolve())
+    assert load_image((root / "ok.png").as_uri(), "x", local_root=allowed).size == (3, 2)
+    assert load_image(f"file://{root}/sub/../ok.png", "x", local_root=allowed).size == (3, 2)
+    messages = []
+    for url in [(outside / "secret.png").as_uri(), (outside / "missing.png").as_uri(), outside.as_uri(),
+                (root / "link.png").as_uri(), f"file://{root}/../private/secret.png", "file:///etc/passwd"]:
+        with pytest.raises(APIError, match=r"is not inside the directory this server reads images from") as e:
+            load_image(url, "x", local_root=allowed)
+        messages.append(e.value.message.replace(urllib.parse.urlparse(url).path, "PATH"))
+    assert len(set(messages)) == 1, messages
+    refused("file:media/ok.png", "must hold an absolute path", local_root=allowed)
+    # "/" (--allow-local-files) reads any file, through the link too
+    assert load_image((root / "link.png").as_uri(), "x", local_root="/").size == (3, 2)

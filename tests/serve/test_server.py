@@ -185,7 +185,7 @@ def test_bad_requests_are_400_naming_the_problem(client, images):
         (dict(messages=user("x"), n=2), "n must be 1"),
         (dict(messages=user("x"), extra_body={"max_tokenz": 3}), "unknown field 'max_tokenz'"),
         (dict(messages=user("x"), extra_body={"tools": []}), "'tools' is not supported"),
-        (dict(messages=user("x", "file:///etc/hostname")), "--allow-local-files"),
+        (dict(messages=user("x", "file:///etc/hostname")), "--allowed-local-media-path"),
         (dict(messages=user("x", "https://example.com/cat.png")), "remote URLs"),
     ]
     for kw, message in cases:
