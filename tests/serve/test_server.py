@@ -172,6 +172,15 @@ def test_completions_with_image_extension_and_token_ids(client, images):
     assert ids.usage.prompt_tokens == 4
 
 
+def test_vanishing_temperature_and_top_p_answer_greedily(client):
+    """A temperature whose scaled logits overflow float32, or a top_p below its range, is the greedy answer
+    (they answered token 0 over and over: NaN probabilities, every token dropped)."""
+    greedy = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=6, temperature=0).choices[0].text
+    for kw in (dict(temperature=5e-324), dict(temperature=1.0, top_p=1e-300), dict(temperature=1e-30, top_p=1e-300)):
+        r = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=6, seed=1, **kw)
+        assert r.choices[0].text == greedy, kw
+
+
 def test_bad_requests_are_400_naming_the_problem(client, images):
     cases = [
         (dict(messages=user("x", "data:image/png;base64," + base64.b64encode(b"not a png").decode())),
