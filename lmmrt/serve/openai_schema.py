@@ -201,7 +201,7 @@ def _lone_surrogate(body: Any) -> str | None:
     todo: list[tuple[str, Any]] = [("", body)]
     while todo:
         where, value = todo.pop()
-        if isinstance(value, str):
+        if isinstance(value, str) and not value.isascii():  # ASCII (base64 images): no copy made
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
