@@ -184,6 +184,16 @@ def _expanded_markers_hint(ids: list[int], cfg) -> str:
             f"marker per image (lmmrt expands each to the {cfg.media_tokens} feature positions itself)")
 
 
+def encode_text_prompt(model, text: str) -> list[int]:
+    """A text prompt's token ids as the family writes it: media markers expanded by the checkpoint's
+    template (IDEFICS' wrappers), Mllama's BOS rule, a splice family's marker encoding. A splice
+    model's markers are expanded to feature positions later (expand_feature_markers)."""
+    cfg = model.config
+    if cfg.family == "mllama":
+        return encode_mllama_prompt(model.tokenizer, text, cfg)
+    return encode_prompt(model.tokenizer, expand_image_markers(text, cfg), cfg)
+
+
 def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
     cfg = model.config
     prompts = normalize_prompts(prompts)
@@ -194,8 +204,7 @@ def build_batch(model, prompts, images, *, max_new_tokens: int = 0) -> Batch:
                 raise ValueError("this model has no tokenizer (no tokenizer.json in its directory): put the "
                                  "checkpoint's tokenizer.json there, or pass prompts as lists of token ids "
                                  "(Python API)")
-            ids = (encode_mllama_prompt(model.tokenizer, p, cfg) if cfg.family == "mllama"
-                   else encode_prompt(model.tokenizer, expand_image_markers(p, cfg), cfg))
+            ids = encode_text_prompt(model, p)
         else:
             ids = p
         if len(ids) == 0:
