@@ -221,6 +221,17 @@ def test_a_rank_that_fails_to_load_makes_every_rank_fail_with_its_error(run):
     assert message0 == f"rank 1 of 2 failed while loading: {message1}"
 
 
+def test_a_group_of_one_rank_is_named_in_the_singular():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(TensorParallelError, match=r"the process group has 1 rank: "):
+            join_group(2, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cli_under_torchrun_prints_the_single_process_text_once(tmp_path, capsys):
     from lmmrt.demo import save_demo
 

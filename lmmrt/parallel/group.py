@@ -63,6 +63,10 @@ def rank_device(device: torch.device, tp: int) -> torch.device:
     return torch.device("cuda", local)
 
 
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
 def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
     """The group of `tp` ranks this process belongs to, and its device. Uses the default process group
     when one exists (it must have exactly `tp` ranks), else initialises it from torchrun's environment."""
@@ -88,7 +92,7 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
         started_here = True
     world = dist.get_world_size()
     if world != tp:
-        raise TensorParallelError(f"tp={tp}, but the process group has {world} ranks: tensor parallelism "
+        raise TensorParallelError(f"tp={tp}, but the process group has {_ranks(world)}: tensor parallelism "
                                   f"splits the model over all of them (start {tp} processes, or pass tp={world} (--tp {world}))")
     return TensorParallel(rank=dist.get_rank(), size=world, started_here=started_here), device
 
