@@ -169,7 +169,7 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
 def _load_tensor_parallel(path, device: torch.device, dtype: torch.dtype | None, *, backend: str, progress: bool,
                           cuda_graph: bool | str, tp: int) -> Model:
     """This rank's shard (lmmrt.parallel), or, when any rank failed, that failure raised on every rank."""
-    from lmmrt.parallel import agree_on_load, join_group, load_shard
+    from lmmrt.parallel import agree_on_load, join_group, leave_group, load_shard
 
     group, device = join_group(tp, device)
     model = error = None
@@ -183,7 +183,11 @@ def _load_tensor_parallel(path, device: torch.device, dtype: torch.dtype | None,
                       global_config=cfg)
     except Exception as e:
         error = e
-    agree_on_load(group, error)
+    try:
+        agree_on_load(group, error)
+    except Exception:
+        leave_group(group)  # every rank raises here: no model holds this reference
+        raise
     return model
 
 
@@ -207,6 +211,10 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     (prompt index, str) for several). Timings of the last call are in model.last_stats.
     """
     _check_generative(model)
+    if model.tp is not None:
+        from lmmrt.parallel.group import check_group_alive
+
+        check_group_alive(model.tp)
     if model.tp is not None and temperature > 0:
         from lmmrt.parallel import broadcast_seed
 
@@ -223,6 +231,10 @@ def logits(model: Model, prompts, images=None) -> list[torch.Tensor]:
     feature positions: each image marker counts as the connector's feature count
     (model.config.media_tokens) of positions, as in the reference's expanded input_ids."""
     _check_generative(model)
+    if model.tp is not None:
+        from lmmrt.parallel.group import check_group_alive
+
+        check_group_alive(model.tp)
     return _gen.prompt_logits(model, prompts, images)
 
 

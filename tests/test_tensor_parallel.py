@@ -113,6 +113,20 @@ def odd_kv_heads_checkpoint(root: Path) -> Path:
     return save_checkpoint(root / "odd-kv-heads", cfg, random_model(cfg, seed=5).state_dict())
 
 
+def small_checkpoint(root: Path, name: str, seed: int) -> Path:
+    """A random two-layer IDEFICS-style model (the demo's shapes otherwise)."""
+    import dataclasses
+
+    from lmmrt.demo import demo_config
+    from lmmrt.models.random_init import random_model
+    from lmmrt.runtime.checkpoint_writer import save_checkpoint
+
+    cfg = demo_config(120)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, layers=2),
+                              xattn=dataclasses.replace(cfg.xattn, layers=[1]))
+    return save_checkpoint(root / name, cfg, random_model(cfg, seed=seed).state_dict())
+
+
 def pixels(n: int, size: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(3, size, size, generator=g) for _ in range(n)]
@@ -219,6 +233,47 @@ def test_a_rank_that_fails_to_load_makes_every_rank_fail_with_its_error(run):
     kind0, message0 = ranks[0]["rank1-missing"]["error"]
     assert kind0 == "FileNotFoundError"
     assert message0 == f"rank 1 of 2 failed while loading: {message1}"
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    """What each of two ranks saw in tests/tensor_parallel_lifecycle_worker.py (lmmrt starts the group)."""
+    root = tmp_path_factory.mktemp("tp-lifecycle")
+    job = {"out": str(root), "path": small_checkpoint(root, "a", seed=1)}
+    torch.save(job, root / "job.pt")
+    procs = launch([sys.executable, str(TESTS / "tensor_parallel_lifecycle_worker.py"), str(root / "job.pt")])
+    # each step's outcome is saved as soon as known: a rank that aborted leaves the steps it reached
+    files = [root / f"lifecycle-rank{r}.pt" for r in range(2)]
+    return [torch.load(f) if f.exists() else {} for f in files], procs
+
+
+def test_lifecycle_ranks_exit_cleanly_with_a_model_still_held(lifecycle):
+    for p in lifecycle[1]:
+        assert p.returncode == 0, p.stderr[-4000:]
+        assert "terminate called" not in p.stderr, p.stderr[-4000:]
+
+
+def test_leave_group_releases_one_model_and_the_last_ends_the_group(lifecycle):
+    lifecycle = lifecycle[0]
+    for results in lifecycle:
+        assert results["a"][0] == "ok"
+        assert results["b_after_leave_a"] == results["a"]  # b shares a's weights: the same tokens
+        assert results["b_after_second_leave_a"] == results["a"]
+        kind, message = results["a_after_leave_a"]
+        assert kind == "TensorParallelError" and "released with leave_group" in message
+        assert results["group_ended"] == ("ok", False)
+
+
+def test_loading_again_after_the_last_leave_group_starts_a_fresh_group(lifecycle):
+    lifecycle = lifecycle[0]
+    for results in lifecycle:
+        for i in range(3):
+            assert results[f"reload{i}"] == results["a"]
+
+
+def test_a_model_still_held_at_exit_keeps_working_until_then(lifecycle):
+    lifecycle = lifecycle[0]
+    assert all(results["held_at_exit"] == lifecycle[0]["a"] for results in lifecycle)
 
 
 def test_a_group_of_one_rank_is_named_in_the_singular():

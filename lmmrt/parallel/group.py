@@ -1,13 +1,15 @@
 """The tensor-parallel process group: joined when the caller made one, else started from torchrun's
-environment (NCCL on CUDA, one GPU per local rank; gloo on the CPU), and the end-of-load agreement
-that turns one rank's failure into the same error on every rank instead of a hang in the first
-collective of the others."""
+environment (NCCL on CUDA, one GPU per local rank; gloo on the CPU) and shared by the models loaded
+into it until the last is released, and the end-of-load agreement that turns one rank's failure into
+the same error on every rank instead of a hang in the first collective of the others."""
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +33,14 @@ class TensorParallelError(ValueError):
 class TensorParallel:
     """This process's place in the tensor-parallel group: rank in [0, size); group None is the
     default (world) group, which tensor parallelism uses whole; started_here: lmmrt initialised it
-    (from torchrun's environment), so `leave_group` ends it."""
+    (from torchrun's environment) and `handle` is this model's reference to it, which `leave_group`
+    releases."""
 
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
     started_here: bool = False
+    handle: int = 0
 
 
 def check_tp(tp) -> int:
@@ -63,20 +67,48 @@ def rank_device(device: torch.device, tp: int) -> torch.device:
     return torch.device("cuda", local)
 
 
+class _StartedGroup:
+    """The process group lmmrt started in this process, shared by every model loaded into it: each holds
+    one reference (a handle), `leave_group` releases one, and the last release (or interpreter exit)
+    ends the group after every rank is done with it. The rendezvous store is made once per process and
+    kept: a later group rendezvouses under a fresh key prefix in it. Re-initialising from torchrun's
+    environment instead made a second store on the same port, which could find the first one's keys
+    (multi-tenant: the same server while rank 0 still had it open) and hang."""
+
+    store = None
+    epoch = 0  # groups started so far in this process; the live one's number while handles are held
+    handles: set[int] = set()
+    next_handle = 1
+    atexit_registered = False
+
+
+def _start_group(backend: str) -> None:
+    if _StartedGroup.store is None:
+        _StartedGroup.store, _, _ = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+    _StartedGroup.epoch += 1
+    store = dist.PrefixStore(f"lmmrt-group-{_StartedGroup.epoch}", _StartedGroup.store)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=COLLECTIVE_TIMEOUT)
+    if not _StartedGroup.atexit_registered:
+        atexit.register(_end_at_exit)
+        _StartedGroup.atexit_registered = True
+
+
 def _ranks(n: int) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.device]:
     """The group of `tp` ranks this process belongs to, and its device. Uses the default process group
-    when one exists (it must have exactly `tp` ranks), else initialises it from torchrun's environment."""
+    when one exists (it must have exactly `tp` ranks), else initialises it from torchrun's environment;
+    a group lmmrt started gets one more reference, which the caller releases with `leave_group`."""
     check_tp(tp)
     if not dist.is_available():
         raise TensorParallelError(f"tp={tp} needs torch.distributed, which this torch build lacks")
     device = rank_device(device, tp)
     if device.type == "cuda":  # NCCL's object collectives (the load agreement) use the current device
         torch.cuda.set_device(device)
-    started_here = False
+    started_here = bool(_StartedGroup.handles)
     if dist.is_initialized():
         backend = dist.get_backend()
         if device.type == "cpu" and backend == "nccl":
@@ -88,22 +120,67 @@ def join_group(tp: int, device: torch.device) -> tuple[TensorParallel, torch.dev
             raise TensorParallelError(
                 f"tp={tp} needs one process per rank: start them with `torchrun --nproc-per-node {tp} ...` "
                 f"(or initialise torch.distributed yourself); {', '.join(missing)} not set in this process")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        _start_group("nccl" if device.type == "cuda" else "gloo")
         started_here = True
     world = dist.get_world_size()
     if world != tp:
+        if started_here and not _StartedGroup.handles:  # every rank sees the same size: all end it here
+            dist.destroy_process_group()
         raise TensorParallelError(f"tp={tp}, but the process group has {_ranks(world)}: tensor parallelism "
                                   f"splits the model over all of them (start {tp} processes, or pass tp={world} (--tp {world}))")
-    return TensorParallel(rank=dist.get_rank(), size=world, started_here=started_here), device
+    handle = 0
+    if started_here:
+        handle = _StartedGroup.next_handle
+        _StartedGroup.next_handle += 1
+        _StartedGroup.handles.add(handle)
+    return TensorParallel(rank=dist.get_rank(), size=world, started_here=started_here, handle=handle), device
 
 
 def leave_group(tp: TensorParallel) -> None:
-    """End the process group lmmrt started, once every rank is done with it (a rank tearing its
-    connections down while another still uses them can abort the other); one the caller made is left
-    to the caller."""
-    if tp.started_here and dist.is_initialized():
+    """Release this model's reference to the process group lmmrt started; the last one ends the group,
+    once every rank is done with it (a rank tearing its connections down while another still uses them
+    can abort the other). Releasing twice is a no-op; a group the caller made is left to the caller."""
+    if not tp.started_here or tp.handle not in _StartedGroup.handles:
+        return
+    _StartedGroup.handles.discard(tp.handle)
+    if not _StartedGroup.handles and dist.is_initialized():
         dist.barrier(group=tp.group)
         dist.destroy_process_group()
+
+
+def check_group_alive(tp: TensorParallel) -> None:
+    """Raise TensorParallelError when the group this model was loaded into has ended."""
+    if tp.started_here and tp.handle not in _StartedGroup.handles:
+        raise TensorParallelError(f"this tp={tp.size} model (rank {tp.rank}) was released with leave_group: its "
+                                  f"ranks no longer work together; load it again with tp={tp.size}")
+    if not dist.is_initialized():
+        raise TensorParallelError(f"the process group this tp={tp.size} model (rank {tp.rank}) was loaded into "
+                                  f"has been destroyed: load it again with tp={tp.size}")
+
+
+# Another rank that has already exited (an error on its side) would never arrive: waiting longer than
+# this at exit only delays this process's own exit.
+EXIT_BARRIER_TIMEOUT = 30.0
+
+
+def _end_at_exit() -> None:
+    """End a group lmmrt started that models still hold at interpreter exit, after every rank gets here
+    (through the store, with a time limit: a collective barrier would wait COLLECTIVE_TIMEOUT for a rank
+    that died). Exiting with gloo or NCCL still set up could abort ("terminate called without an active
+    exception") while another rank was still talking to this one."""
+    if not _StartedGroup.handles or not dist.is_initialized():
+        return
+    _StartedGroup.handles.clear()
+    key, world = f"lmmrt-exit-{_StartedGroup.epoch}", dist.get_world_size()
+    try:
+        store = _StartedGroup.store
+        store.add(key, 1)
+        deadline = time.monotonic() + EXIT_BARRIER_TIMEOUT
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001 - rank 0 (the store's host) already gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def _same_kind(kind: str, message: str) -> Exception:
