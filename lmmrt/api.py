@@ -169,10 +169,10 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
 def _load_tensor_parallel(path, device: torch.device, dtype: torch.dtype | None, *, backend: str, progress: bool,
                           cuda_graph: bool | str, tp: int) -> Model:
     """This rank's shard (lmmrt.parallel), or, when any rank failed, that failure raised on every rank."""
-    from lmmrt.parallel import agree_on_load, join_group, leave_group, load_shard
+    from lmmrt.parallel import agree_on_load, checkpoint_identity, join_group, leave_group, load_shard
 
     group, device = join_group(tp, device)
-    model = error = None
+    model = error = identity = None
     try:
         tok_path = Path(path) / TOKENIZER
         tok = Tokenizer.from_file(tok_path) if tok_path.exists() or tok_path.is_symlink() else None
@@ -181,10 +181,11 @@ def _load_tensor_parallel(path, device: torch.device, dtype: torch.dtype | None,
             check_image_token(tok, cfg, tokenizer_path=tok_path, config_path=Path(path) / CONFIG)
         model = Model(module, rank_cfg, tok, backend=backend, path=str(path), cuda_graph=cuda_graph, tp=group,
                       global_config=cfg)
+        identity = checkpoint_identity(path, dtype)
     except Exception as e:
         error = e
     try:
-        agree_on_load(group, error)
+        agree_on_load(group, error, identity)
     except Exception:
         leave_group(group)  # every rank raises here: no model holds this reference
         raise
@@ -212,13 +213,13 @@ def generate(model: Model, prompts, images=None, *, max_new_tokens: int = 64, te
     """
     _check_generative(model)
     if model.tp is not None:
-        from lmmrt.parallel.group import check_group_alive
+        from lmmrt.parallel import agree_on_inputs, broadcast_seed
 
-        check_group_alive(model.tp)
-    if model.tp is not None and temperature > 0:
-        from lmmrt.parallel import broadcast_seed
-
-        seed = broadcast_seed(model.tp, seed)  # every rank must draw the same tokens
+        agree_on_inputs(model.tp, "generate", prompts=prompts, images=images, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, seed=seed, stream=stream)
+        if temperature > 0:
+            seed = broadcast_seed(model.tp, seed)  # every rank must draw the same tokens
     return text_output.generate(model, prompts, images, stream=stream, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, stop=stop, stop_token_ids=stop_token_ids,
@@ -232,9 +233,9 @@ def logits(model: Model, prompts, images=None) -> list[torch.Tensor]:
     (model.config.media_tokens) of positions, as in the reference's expanded input_ids."""
     _check_generative(model)
     if model.tp is not None:
-        from lmmrt.parallel.group import check_group_alive
+        from lmmrt.parallel import agree_on_inputs
 
-        check_group_alive(model.tp)
+        agree_on_inputs(model.tp, "logits", prompts=prompts, images=images)
     return _gen.prompt_logits(model, prompts, images)
 
 

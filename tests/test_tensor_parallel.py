@@ -239,7 +239,7 @@ def test_a_rank_that_fails_to_load_makes_every_rank_fail_with_its_error(run):
 def lifecycle(tmp_path_factory):
     """What each of two ranks saw in tests/tensor_parallel_lifecycle_worker.py (lmmrt starts the group)."""
     root = tmp_path_factory.mktemp("tp-lifecycle")
-    job = {"out": str(root), "path": small_checkpoint(root, "a", seed=1)}
+    job = {"out": str(root), "path": small_checkpoint(root, "a", seed=1), "other_path": small_checkpoint(root, "b", seed=2)}
     torch.save(job, root / "job.pt")
     procs = launch([sys.executable, str(TESTS / "tensor_parallel_lifecycle_worker.py"), str(root / "job.pt")])
     # each step's outcome is saved as soon as known: a rank that aborted leaves the steps it reached
@@ -251,6 +251,19 @@ def test_lifecycle_ranks_exit_cleanly_with_a_model_still_held(lifecycle):
     for p in lifecycle[1]:
         assert p.returncode == 0, p.stderr[-4000:]
         assert "terminate called" not in p.stderr, p.stderr[-4000:]
+
+
+@pytest.mark.parametrize("step", ["other_prompt", "other_length", "other_seed", "other_max_new_tokens",
+                                  "other_logits"])
+def test_ranks_given_different_inputs_fail_on_every_rank_naming_the_rank(lifecycle, step):
+    lifecycle = lifecycle[0]
+    for results in lifecycle:
+        kind, message = results[step]
+        assert kind == "TensorParallelError", (kind, message)
+        assert "rank 1 of 2 passed other inputs than rank 0" in message
+    for results in lifecycle:  # and the group still works
+        assert results["after_mismatch"] == lifecycle[0]["a"]
+        assert results["after_mismatch"][0] == "ok"
 
 
 def test_leave_group_releases_one_model_and_the_last_ends_the_group(lifecycle):
@@ -271,9 +284,13 @@ def test_loading_again_after_the_last_leave_group_starts_a_fresh_group(lifecycle
             assert results[f"reload{i}"] == results["a"]
 
 
-def test_a_model_still_held_at_exit_keeps_working_until_then(lifecycle):
+def test_ranks_loading_different_checkpoints_fail_on_every_rank(lifecycle):
     lifecycle = lifecycle[0]
-    assert all(results["held_at_exit"] == lifecycle[0]["a"] for results in lifecycle)
+    for results in lifecycle:
+        kind, message = results["other_checkpoint"]
+        assert kind == "TensorParallelError", (kind, message)
+        assert "rank 1 of 2 loaded another checkpoint than rank 0" in message
+        assert results["group_ended_after_failed_load"] == ("ok", False)
 
 
 def test_a_group_of_one_rank_is_named_in_the_singular():

@@ -1,12 +1,10 @@
 """The tensor-parallel process group: joined when the caller made one, else started from torchrun's
 environment (NCCL on CUDA, one GPU per local rank; gloo on the CPU) and shared by the models loaded
-into it until the last is released, and the end-of-load agreement that turns one rank's failure into
-the same error on every rank instead of a hang in the first collective of the others."""
+into it until the last is released."""
 
 from __future__ import annotations
 
 import atexit
-import builtins
 import datetime
 import os
 import time
@@ -14,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from lmmrt import errors
 
 # torchrun sets these for every worker (env:// rendezvous).
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -181,41 +177,3 @@ def _end_at_exit() -> None:
     except Exception:  # noqa: BLE001 - rank 0 (the store's host) already gone: nothing left to wait for
         pass
     dist.destroy_process_group()
-
-
-def _same_kind(kind: str, message: str) -> Exception:
-    """An exception of the failed rank's type when it is one of Python's or lmmrt's own (so that callers
-    catching CheckpointError or FileNotFoundError see the same on every rank), else TensorParallelError."""
-    cls = getattr(errors, kind, None) or getattr(builtins, kind, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return cls(message)
-        except TypeError:  # a constructor wanting more than a message
-            pass
-    return TensorParallelError(message)
-
-
-def agree_on_load(tp: TensorParallel, error: BaseException | None) -> None:
-    """Exchange every rank's load outcome; when any rank failed, raise on every rank: the failed rank
-    its own exception, the others one of the same type naming that rank. Called by every rank after
-    its load, whether it failed or not, so that no rank is left waiting in a collective."""
-    outcome = None if error is None else (type(error).__name__, str(error))
-    outcomes: list = [None] * tp.size
-    dist.all_gather_object(outcomes, outcome, group=tp.group)
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-    if not failed:
-        return
-    if error is not None:
-        raise error
-    r, (kind, message) = failed[0]
-    raise _same_kind(kind, f"rank {r} of {tp.size} failed while loading: {message}")
-
-
-def broadcast_seed(tp: TensorParallel, seed: int | None) -> int:
-    """One sampling seed for every rank (rank 0's): ranks that sampled differently would feed different
-    tokens to the same collectives."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    box = [seed]
-    dist.broadcast_object_list(box, src=0, group=tp.group)
-    return box[0]
