@@ -140,8 +140,7 @@ def leave_group(tp: TensorParallel) -> None:
         return
     _StartedGroup.handles.discard(tp.handle)
     if not _StartedGroup.handles and dist.is_initialized():
-        dist.barrier(group=tp.group)
-        dist.destroy_process_group()
+        _meet_and_destroy("leave")
 
 
 def check_group_alive(tp: TensorParallel) -> None:
@@ -167,7 +166,16 @@ def _end_at_exit() -> None:
     if not _StartedGroup.handles or not dist.is_initialized():
         return
     _StartedGroup.handles.clear()
-    key, world = f"lmmrt-exit-{_StartedGroup.epoch}", dist.get_world_size()
+    _meet_and_destroy("exit")
+
+
+def _meet_and_destroy(why: str) -> None:
+    """Wait (through the store, at most EXIT_BARRIER_TIMEOUT) until every rank gets here, then destroy the
+    group. Not dist.barrier(): gloo's barrier work holds the collectives still in flight before it, and
+    its worker thread releases them (and their tensors, which need the GIL) after the barrier returns;
+    at interpreter exit that release raced the finalizing interpreter and aborted the process
+    ("terminate called without an active exception", caught in a core dump)."""
+    key, world = f"lmmrt-{why}-{_StartedGroup.epoch}", dist.get_world_size()
     try:
         store = _StartedGroup.store
         store.add(key, 1)
