@@ -82,6 +82,8 @@ def _file_url_bytes(url: str, where: str, local_root: str | None) -> bytes:
         raise APIError(400, f"{where}: a file:// URL must name a local path (file:///path), got host "
                             f"{parsed.netloc!r}")
     path = urllib.parse.unquote(parsed.path)
+    if "\0" in path:  # the OS takes no NUL in a path (os.path.realpath raised ValueError: a 500)
+        raise APIError(400, f"{where}: a file URL's path must not hold a NUL byte (%00), got {url[:80]!r}")
     if not os.path.isabs(path):
         raise APIError(400, f"{where}: a file URL must hold an absolute path (file:///dir/image.png), got "
                             f"{url[:80]!r}")

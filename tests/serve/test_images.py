@@ -122,3 +122,11 @@ def test_file_urls_stay_inside_the_allowed_directory(tmp_path):
     refused("file:media/ok.png", "must hold an absolute path", local_root=allowed)
     # "/" (--allow-local-files) reads any file, through the link too
     assert load_image((root / "link.png").as_uri(), "x", local_root="/").size == (3, 2)
+
+
+def test_a_nul_byte_in_a_file_url_is_a_400(tmp_path):
+    """os.path.realpath raised ValueError('embedded null byte'): the server answered 500."""
+    (tmp_path / "x.png").write_bytes(png(Image.new("RGB", (3, 2))))
+    root = str(tmp_path.resolve())
+    for url in [(tmp_path / "x.png").as_uri() + "%00", (tmp_path / "x.png").as_uri() + "\0"]:
+        refused(url, "must not hold a NUL byte", local_root=root)
