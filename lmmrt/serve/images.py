@@ -81,6 +81,9 @@ def _file_url_bytes(url: str, where: str, local_root: str | None) -> bytes:
     if parsed.netloc not in ("", "localhost"):
         raise APIError(400, f"{where}: a file:// URL must name a local path (file:///path), got host "
                             f"{parsed.netloc!r}")
+    if "?" in url or "#" in url:  # a file has no query or fragment: ignoring one would read another file than named
+        raise APIError(400, f"{where}: a file URL must not hold a query (?) or fragment (#); percent-encode "
+                            f"those characters in a file name (%3F, %23), got {url[:80]!r}")
     path = urllib.parse.unquote(parsed.path)
     if "\0" in path:  # the OS takes no NUL in a path (os.path.realpath raised ValueError: a 500)
         raise APIError(400, f"{where}: a file URL's path must not hold a NUL byte (%00), got {url[:80]!r}")

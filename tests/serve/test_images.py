@@ -130,3 +130,13 @@ def test_a_nul_byte_in_a_file_url_is_a_400(tmp_path):
     root = str(tmp_path.resolve())
     for url in [(tmp_path / "x.png").as_uri() + "%00", (tmp_path / "x.png").as_uri() + "\0"]:
         refused(url, "must not hold a NUL byte", local_root=root)
+
+
+def test_a_file_url_with_a_query_or_fragment_is_refused(tmp_path):
+    """file:///x.png?x=1 read x.png, the query silently dropped; a name with ? or # is percent-encoded."""
+    (tmp_path / "x.png").write_bytes(png(Image.new("RGB", (3, 2))))
+    (tmp_path / "a?b#c.png").write_bytes(png(Image.new("RGB", (5, 4))))
+    root = str(tmp_path.resolve())
+    for tail in ["?x=1", "#frag", "?"]:
+        refused((tmp_path / "x.png").as_uri() + tail, r"must not hold a query \(\?\) or fragment", local_root=root)
+    assert load_image((tmp_path / "a?b#c.png").as_uri(), "x", local_root=root).size == (5, 4)
