@@ -87,6 +87,9 @@ def _local_media_root(args) -> str | None:
         return os.sep
     if args.allowed_local_media_path is None:
         return None
+    if not args.allowed_local_media_path.strip():  # realpath('') is the current directory: never meant
+        raise ValueError("--allowed-local-media-path is empty: give a directory, or leave it out to refuse "
+                         "file:// URLs")
     root = os.path.realpath(args.allowed_local_media_path)
     if not os.path.isdir(root):
         raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")

@@ -43,6 +43,7 @@ def test_bad_options_fail_before_the_load(capsys, checkpoint, tmp_path):
     assert "--served-model-name is empty" in run(capsys, checkpoint, "--served-model-name", " ")
     assert "not found" in run(capsys, tmp_path / "missing")
     assert "--allowed-local-media-path" in run(capsys, checkpoint, "--allowed-local-media-path", tmp_path / "none")
+    assert "--allowed-local-media-path is empty" in run(capsys, checkpoint, "--allowed-local-media-path", "")
     assert "not allowed with" in run(capsys, checkpoint, "--allowed-local-media-path", tmp_path,
                                      "--allow-local-files")
     (tmp_path / "chat_template.jinja").write_text("{% if %}")
