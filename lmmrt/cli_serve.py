@@ -34,6 +34,19 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
+def pixel_count(text: str) -> int:
+    """An argparse type: a pixel count, as 16777216 or WIDTHxHEIGHT (4096x4096)."""
+    width, sep, height = text.lower().partition("x")
+    try:
+        value = int(width) * int(height) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count such as 16777216 or 4096x4096, got {text!r}") \
+            from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text!r}")
+    return value
+
+
 PORT = _number(int, "a port in [0, 65535] (0: any free port)", lambda v: 0 <= v <= 65535)
 FRACTION = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)
 SECONDS = _number(float, ">= 0", lambda v: v >= 0)
@@ -207,12 +220,12 @@ def add_serve(sub) -> None:
                        help="accept file:// image URLs of any file this process can read (trusted clients only; "
                             "prefer --allowed-local-media-path)")
     n.add_argument("--max-images", type=POSITIVE_INT, default=16, help="images per request at most")
-    n.add_argument("--max-image-pixels", type=POSITIVE_INT, default=16 << 20, metavar="PIXELS",
-                   help="pixels per image at most (width x height, read from the image's header before it is "
-                        "decoded; default 4096x4096)")
-    n.add_argument("--max-request-pixels", type=POSITIVE_INT, default=64 << 20, metavar="PIXELS",
-                   help="pixels of a request's images together at most (bounds the memory one request's decoded "
-                        "images take)")
+    n.add_argument("--max-image-pixels", type=pixel_count, default=16 << 20, metavar="PIXELS",
+                   help="pixels per image at most, as a count or WxH (read from the image's header before it is "
+                        "decoded; above PIL's own decompression-bomb limit raises it; default 4096x4096)")
+    n.add_argument("--max-request-pixels", type=pixel_count, default=64 << 20, metavar="PIXELS",
+                   help="pixels of a request's images together at most, as a count or WxH (bounds the memory one "
+                        "request's decoded images take; default 8192x8192)")
     e = s.add_argument_group("engine")
     e.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="requests decoded together at most (KV slots)")
     e.add_argument("--max-queue", type=POSITIVE_INT, default=64,

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmmrt.serve import metrics as prometheus
 from lmmrt.serve.chat_template import ChatFormatter, openai_messages_to_template
-from lmmrt.serve.images import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, load_images
+from lmmrt.serve.images import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, load_images, set_pil_pixel_limit
 from lmmrt.serve.openai_responses import SSE_DONE, ResponseShape, sse
 from lmmrt.serve.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from lmmrt.serve.prompt_length import prompt_length
@@ -88,6 +88,7 @@ class Server:
         # Engine.submit tokenizes and checks the request synchronously: off the event loop, one at a time.
         self.submit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmmrt-submit")
         self.decode_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
+        set_pil_pixel_limit(options.max_image_pixels)
 
     # -- checks -----------------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:

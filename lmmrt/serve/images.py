@@ -25,12 +25,30 @@ MAX_IMAGE_PIXELS = 16 << 20  # per image (4096 x 4096), --max-image-pixels
 MAX_REQUEST_PIXELS = 64 << 20  # all of a request's images together, --max-request-pixels
 
 
+def set_pil_pixel_limit(max_image_pixels: int) -> None:
+    """Let PIL open images of up to max_image_pixels (--max-image-pixels), once at startup: its own
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, a process-wide setting) is checked first, in
+    Image.open, and refused larger images in words that do not name the option. It is only ever raised
+    (to max(option, its value)); load_images checks the option itself from each header."""
+    import warnings
+
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_image_pixels)
+    # PIL warns from MAX_IMAGE_PIXELS on and refuses from twice it: those images are over the option anyway
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def _open_header(data: bytes, where: str):
     """The image, opened lazily: its size and mode are read from the header, no pixel is decoded yet."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL's limit is at least --max-image-pixels (set_pil_pixel_limit)
+        raise APIError(400, f"{where}: the image has more pixels than this server decodes per image "
+                            "(--max-image-pixels)") from None
     except UnidentifiedImageError:
         raise APIError(400, f"{where}: cannot decode the image: its bytes are in no image format PIL reads "
                             "(PNG, JPEG, GIF, WebP, BMP, ...)") from None

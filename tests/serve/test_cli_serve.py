@@ -9,7 +9,7 @@ import pytest
 from cli_util import assert_one_error_line
 
 from lmmrt.cli import main
-from lmmrt.cli_serve import byte_size
+from lmmrt.cli_serve import byte_size, pixel_count
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,13 @@ def test_a_port_in_use_fails_before_the_load(capsys, checkpoint):
         taken.listen(1)
         port = taken.getsockname()[1]
         assert f"cannot listen on 127.0.0.1:{port}" in run(capsys, checkpoint, "--port", port)
+
+
+def test_pixel_counts(capsys, checkpoint):
+    """The help says 'default 4096x4096': that spelling was refused ('expected an integer')."""
+    assert [pixel_count(s) for s in ("16777216", "4096x4096", "640X480")] == [16 << 20, 16 << 20, 640 * 480]
+    assert "--max-image-pixels" in run(capsys, checkpoint, "--max-image-pixels", "0x5")
+    assert "--max-request-pixels" in run(capsys, checkpoint, "--max-request-pixels", "4096x")
 
 
 def test_byte_sizes():

@@ -140,3 +140,37 @@ def test_a_file_url_with_a_query_or_fragment_is_refused(tmp_path):
     for tail in ["?x=1", "#frag", "?"]:
         refused((tmp_path / "x.png").as_uri() + tail, r"must not hold a query \(\?\) or fragment", local_root=root)
     assert load_image((tmp_path / "a?b#c.png").as_uri(), "x", local_root=root).size == (5, 4)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of width x height cut after its header (IHDR) and the start of its pixel data (IDAT): PIL opens
+    it without a huge allocation here."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + \
+        struct.pack(">I", 1000) + b"IDAT" + zlib.compress(b"\0" * 64)
+
+
+def test_max_image_pixels_above_pils_own_limit_takes_effect(monkeypatch):
+    """PIL refuses images of over twice Image.MAX_IMAGE_PIXELS in Image.open, before the server's check:
+    --max-image-pixels above it had no effect, and the refusal ('decompression bomb') named no option."""
+    from lmmrt.serve.images import set_pil_pixel_limit
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 7  # over PIL's refusal limit
+    url = data_url(png_header(side, side))
+
+    def load(url, max_pixels):
+        return load_images([(url, "x")], max_images=1, max_image_pixels=max_pixels, max_request_pixels=1 << 40)
+
+    set_pil_pixel_limit(side * side)
+    with pytest.raises(APIError, match="image file is truncated"):  # let through to decoding, which finds the cut
+        load(url, side * side)
+    with pytest.raises(APIError, match=rf"{side}x{side} pixels, more than the {side * side - 1} .*--max-image-pix"):
+        load(url, side * side - 1)
+    set_pil_pixel_limit(1000)  # never lowers PIL's limit
+    assert Image.MAX_IMAGE_PIXELS == side * side
+    with pytest.raises(APIError, match=r"more pixels than this server decodes per image \(--max-image-pixels\)"):
+        load(data_url(png_header(side * 3, side)), side * side)
