@@ -15,7 +15,6 @@ import contextlib
 import hmac
 import json
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmmrt.serve import metrics as prometheus
 from lmmrt.serve.chat_template import ChatFormatter, openai_messages_to_template
-from lmmrt.serve.images import MAX_IMAGE_PIXELS, MAX_REQUEST_PIXELS, load_images, set_pil_pixel_limit
+from lmmrt.serve.images import (
+    MAX_IMAGE_PIXELS,
+    MAX_REQUEST_PIXELS,
+    decode_images,
+    open_images,
+    set_pil_pixel_limit,
+)
 from lmmrt.serve.openai_responses import SSE_DONE, ResponseShape, sse
 from lmmrt.serve.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from lmmrt.serve.prompt_length import prompt_length
@@ -35,7 +40,9 @@ from lmmrt.serve.requests import Delta, EngineClosed, EngineRequest, Finished, Q
 
 MAX_BODY_BYTES = 128 << 20  # a request body (images included, base64) at most
 # requests whose images are decoded at once: with the per-request pixel budget, a bound on decoded pixels
-# in memory (the others wait; their limits are checked before they wait)
+# in memory (the others wait; their limits are checked before they wait). A request holds its slot until
+# the engine has its images as pixel tensors (submitted): decoded images waiting for the submit thread are
+# counted too (8 concurrent requests of four 4096^2 images each took 4.3 GB when the slot ended at decoding)
 IMAGE_DECODE_SLOTS = 2
 
 
@@ -87,7 +94,7 @@ class Server:
         self.started = int(time.time())
         # Engine.submit tokenizes and checks the request synchronously: off the event loop, one at a time.
         self.submit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmmrt-submit")
-        self.decode_slots = threading.BoundedSemaphore(IMAGE_DECODE_SLOTS)
+        self.decode_slots = asyncio.Semaphore(IMAGE_DECODE_SLOTS)
         set_pil_pixel_limit(options.max_image_pixels)
 
     # -- checks -----------------------------------------------------------------------------------------
@@ -133,19 +140,30 @@ class Server:
                              top_p=req.top_p, top_k=max(req.top_k, 0), stop=stop, seed=req.seed,
                              ignore_eos=req.ignore_eos)
 
-    async def submit(self, ereq: EngineRequest):
+    async def submit(self, urls, make_request):
+        """Decode the images of `urls` and submit make_request(images) to the engine; its handle. A full
+        queue is found before any image is decoded, and the images are dropped once the engine has them
+        as tensors (a decode slot is held until then)."""
+        self.engine_room()  # a request the engine would refuse decodes nothing
+        if not urls:
+            return await self.engine_submit(make_request([]))
+        o = self.options
+        opened = await asyncio.to_thread(open_images, urls, local_root=o.local_media_root, max_images=o.max_images,
+                                         max_image_pixels=o.max_image_pixels, max_request_pixels=o.max_request_pixels)
+        async with self.decode_slots:
+            self.engine_room()  # the queue may have filled while this request waited
+            images = await asyncio.to_thread(decode_images, opened)
+            del opened
+            return await self.engine_submit(make_request(images))
+
+    def engine_room(self) -> None:
+        with _engine_errors():
+            self.engine.check_room()
+
+    async def engine_submit(self, ereq: EngineRequest):
         loop = asyncio.get_running_loop()
-        try:
+        with _engine_errors():
             return await loop.run_in_executor(self.submit_pool, self.engine.submit, ereq)
-        except QueueFull as e:
-            retry = max(1, math.ceil(e.retry_after))
-            raise APIError(503, f"the server is overloaded ({e}); retry after {retry} s", type="server_error",
-                           code="queue_full", headers={"Retry-After": str(retry)}) from None
-        except EngineClosed as e:
-            raise APIError(503, f"the server is shutting down ({e})", type="server_error", code="shutting_down") \
-                from None
-        except (ValueError, TypeError) as e:
-            raise APIError(400, api_wording(str(e))) from None
 
     async def events(self, request: Request, handle, t0: float):
         """The handle's events, timed into the metrics; the request is cancelled when the client leaves or
@@ -211,12 +229,11 @@ class Server:
             raise APIError(400, "this model has no tokenizer, so no chat: use /v1/completions with token ids")
         messages, urls = openai_messages_to_template(req.messages)
         prompt = self.formatter.render(messages)
-        images = await self.images(urls)
         n = prompt.text.count(self.formatter.marker)
-        if n != len(images):
-            raise APIError(400, f"{self.formatter.source} wrote {n} image marker(s) for the {len(images)} image(s) "
+        if n != len(urls):
+            raise APIError(400, f"{self.formatter.source} wrote {n} image marker(s) for the {len(urls)} image(s) "
                                 "of the messages", param="messages")
-        handle = await self.submit(self.engine_request(req, prompt.text, images, prompt.stop))
+        handle = await self.submit(urls, lambda images: self.engine_request(req, prompt.text, images, prompt.stop))
         shape = ResponseShape(chat=True, request_id=handle.id, created=int(time.time()),
                               model=self.options.model_name, include_usage=req.include_usage)
         return await self.answer(request, handle, shape, req.stream, t0)
@@ -225,19 +242,10 @@ class Server:
         t0 = time.monotonic()
         req = await self.read_body(request, CompletionRequest)
         urls = [(url, f"images[{i}]") for i, url in enumerate(req.images)]
-        images = await self.images(urls)
-        handle = await self.submit(self.engine_request(req, req.prompt, images))
+        handle = await self.submit(urls, lambda images: self.engine_request(req, req.prompt, images))
         shape = ResponseShape(chat=False, request_id=handle.id, created=int(time.time()),
                               model=self.options.model_name, include_usage=req.include_usage)
         return await self.answer(request, handle, shape, req.stream, t0)
-
-    async def images(self, urls):
-        if not urls:
-            return []
-        o = self.options
-        return await asyncio.to_thread(load_images, urls, local_root=o.local_media_root,
-                                       max_images=o.max_images, max_image_pixels=o.max_image_pixels,
-                                       max_request_pixels=o.max_request_pixels, decode_slots=self.decode_slots)
 
     async def models(self, request: Request) -> dict:
         self.check_key(request)
@@ -246,6 +254,22 @@ class Server:
     def model_card(self) -> dict:
         return {"id": self.options.model_name, "object": "model", "created": self.started, "owned_by": "lmmrt",
                 "max_model_len": self.engine.max_context}
+
+
+@contextlib.contextmanager
+def _engine_errors():
+    """The engine's refusals as API errors: 503 (queue full, with Retry-After; shutting down), 400."""
+    try:
+        yield
+    except QueueFull as e:
+        retry = max(1, math.ceil(e.retry_after))
+        raise APIError(503, f"the server is overloaded ({e}); retry after {retry} s", type="server_error",
+                       code="queue_full", headers={"Retry-After": str(retry)}) from None
+    except EngineClosed as e:
+        raise APIError(503, f"the server is shutting down ({e})", type="server_error", code="shutting_down") \
+            from None
+    except (ValueError, TypeError) as e:
+        raise APIError(400, api_wording(str(e))) from None
 
 
 def api_wording(message: str) -> str:

@@ -132,16 +132,25 @@ class Engine:
             handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", len(ids), self._wake)
             seq = Sequence(handle, batch, ids, args, keys, model.tokenizer, model.device)
         with self._cond:
-            if self._closing:
-                raise EngineClosed("the engine is shutting down and takes no new request")
-            # the queue's head takes the free rows at the scheduler's next step: those are room too (else a
-            # burst of max_queue + 1 requests onto an idle engine is refused while its rows are free)
-            if len(self._queue) >= self.max_queue + self.kv.free:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); try again later",
-                                retry_after=self._retry_after())
+            self._check_room()
             self._queue.append(seq)
             self._cond.notify_all()
         return handle
+
+    def check_room(self) -> None:
+        """Raise what submit would for want of room (QueueFull, EngineClosed) now: the server asks before
+        it decodes a request's images, so that one it would refuse takes no memory. submit checks again."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closing:
+            raise EngineClosed("the engine is shutting down and takes no new request")
+        # the queue's head takes the free rows at the scheduler's next step: those are room too (else a
+        # burst of max_queue + 1 requests onto an idle engine is refused while its rows are free)
+        if len(self._queue) >= self.max_queue + self.kv.free:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); try again later",
+                            retry_after=self._retry_after())
 
     def metrics(self) -> dict:
         """Gauges and counters: queue_len, running (prefilling + decoding), kv_used / kv_total (slot

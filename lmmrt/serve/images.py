@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import os
-import threading
 import urllib.parse
 
 from lmmrt.serve.openai_schema import APIError
@@ -148,13 +146,19 @@ def load_image(url: str, where: str, *, local_root: str | None = None, max_pixel
 
 
 def load_images(urls: list[tuple[str, str]], *, local_root: str | None = None, max_images: int,
-                max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS,
-                decode_slots: threading.Semaphore | None = None) -> list:
-    """PIL images from (url, where) pairs, in order. file:// URLs are read when they resolve inside
-    local_root (an absolute, resolved directory; "/" for any file; None refuses them). Every limit is checked before any pixel is decoded:
-    more than max_images, an image over max_image_pixels, or all over max_request_pixels is an error
-    naming the limit. The decoding holds one of decode_slots (shared by the server's requests), which
-    bounds how many requests' pixels are in memory at once."""
+                max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS) -> list:
+    """PIL images from (url, where) pairs, in order: open_images then decode_images (the server runs the
+    two apart, decoding inside a slot that bounds how many requests' pixels are in memory at once)."""
+    return decode_images(open_images(urls, local_root=local_root, max_images=max_images,
+                                     max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels))
+
+
+def open_images(urls: list[tuple[str, str]], *, local_root: str | None = None, max_images: int,
+                max_image_pixels: int = MAX_IMAGE_PIXELS, max_request_pixels: int = MAX_REQUEST_PIXELS) -> list:
+    """The images of (url, where) pairs, opened (their bytes read, no pixel decoded), for decode_images.
+    file:// URLs are read when they resolve inside local_root (an absolute, resolved directory; "/" for any
+    file; None refuses them). Every limit is checked here: more than max_images, an image over
+    max_image_pixels, or all over max_request_pixels is an error naming the limit."""
     if len(urls) > max_images:
         raise APIError(400, f"the request has {len(urls)} images; this server takes at most {max_images} per "
                             "request (--max-images)")
@@ -170,5 +174,9 @@ def load_images(urls: list[tuple[str, str]], *, local_root: str | None = None, m
     if total > max_request_pixels:
         raise APIError(400, f"the request's images have {total} pixels together, more than the {max_request_pixels} "
                             "this server decodes per request (--max-request-pixels)")
-    with decode_slots if decode_slots is not None else contextlib.nullcontext():
-        return [_decode(im, where) for im, where in opened]
+    return opened
+
+
+def decode_images(opened: list) -> list:
+    """The PIL images of what open_images returned, decoded, in order."""
+    return [_decode(im, where) for im, where in opened]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 import urllib.parse
 
 import numpy as np
@@ -80,22 +79,6 @@ def test_pixel_limits_are_checked_from_the_headers_before_decoding():
     assert len(load_images([(url, "a")] * 2, max_images=3, max_request_pixels=2_500_000)) == 2
     with pytest.raises(APIError, match=r"3000000 pixels together, more than the 2500000 .*--max-request-pixels"):
         load_images([(url, "a"), (url, "b"), (url, "c")], max_images=3, max_request_pixels=2_500_000)
-
-
-def test_decoding_waits_for_a_decode_slot_and_limits_do_not():
-    slots = threading.BoundedSemaphore(1)
-    url = data_url(png(Image.new("RGB", (6, 5), (1, 2, 3))))
-    got = []
-    with slots:  # another request is decoding
-        with pytest.raises(APIError, match="--max-image-pixels"):  # refused at once, not after the wait
-            load_images([(url, "a")], max_images=1, max_image_pixels=29, decode_slots=slots)
-        waiting = threading.Thread(target=lambda: got.extend(load_images([(url, "a")], max_images=1,
-                                                                         decode_slots=slots)))
-        waiting.start()
-        waiting.join(0.5)
-        assert waiting.is_alive() and not got
-    waiting.join(30)
-    assert len(got) == 1 and got[0].size == (6, 5)
 
 
 def test_file_urls_stay_inside_the_allowed_directory(tmp_path):
