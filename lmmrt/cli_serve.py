@@ -178,7 +178,12 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
-            engine.begin_shutdown(grace)
+            engine.begin_shutdown(0.0 if self.force_exit else grace)  # a second Ctrl-C: cancel now
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets=sockets)
+            if self.force_exit:  # uvicorn skips the app's shutdown then: its lifespan task was cancelled at
+                await self.lifespan.shutdown()  # exit with a CancelledError traceback, the engine not shut down
 
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN_S,
                             access_log=args.access_log)

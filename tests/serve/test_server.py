@@ -347,3 +347,24 @@ def test_sigterm_ends_running_requests_cleanly_within_the_grace_period(small_ser
     assert "lmmrt serve: stopped" in small_server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(small_server.url + "/health", timeout=5)
+
+
+def test_a_second_ctrl_c_cancels_at_once_without_a_traceback(checkpoint):
+    """uvicorn skips the app's shutdown at a second SIGINT: the lifespan task was cancelled at exit and
+    logged a CancelledError traceback. Now the engine cancels at once and shuts down; exit 0, quietly."""
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with ServerProcess(checkpoint, "--device", "cpu", "--max-batch", "1", "--shutdown-grace", "60",
+                       "--max-memory", "256M") as s:
+        with httpx.Client(timeout=60) as h, h.stream("POST", s.base_url + "/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            s.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "Waiting for connections to close" in s.log(), "the first SIGINT's shutdown")
+            s.proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"cancelled"' in rest[-2], rest[-3:]  # cancelled at once
+        assert s.proc.wait(30) == 0, s.log()
+        assert time.monotonic() - t0 < 10, s.log()
+        assert "Traceback" not in s.log() and "CancelledError" not in s.log(), s.log()
+        assert "lmmrt serve: stopped" in s.log()
