@@ -109,13 +109,16 @@ def _local_media_root(args) -> str | None:
     return root
 
 
-def _interrupt_load(signum, frame):
-    print(f"lmmrt serve: {signal.Signals(signum).name} while loading the model: stopping", file=sys.stderr,
-          flush=True)
+def _interrupt_start(signum, frame):
+    print(f"lmmrt serve: {signal.Signals(signum).name} while starting (checks, imports, loading the model): "
+          "stopping", file=sys.stderr, flush=True)
     raise KeyboardInterrupt
 
 
 def _cmd_serve(args) -> int:
+    # SIGTERM before the server runs stops like Ctrl-C (a message, exit status 130), not silently by the
+    # signal: from here, before the checks import torch (a second or more); the arguments parse in milliseconds
+    signal.signal(signal.SIGTERM, _interrupt_start)
     if args.api_key == "":
         raise ValueError(f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or leave it out for no key")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -148,8 +151,6 @@ def _serve(args, sock: socket.socket, template: str | None) -> int:
     from lmmrt.serve.engine import Engine
 
     name = args.served_model_name if args.served_model_name is not None else os.path.basename(os.path.normpath(os.path.abspath(args.model)))
-    # SIGTERM while the model loads stops like Ctrl-C (a message, exit status 130), not silently by the signal
-    signal.signal(signal.SIGTERM, _interrupt_load)
     print(f"lmmrt serve: loading {args.model} ...", file=sys.stderr, flush=True)
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     memory = dict(max_memory=args.max_memory) if args.max_memory is not None else \

@@ -101,4 +101,39 @@ def test_sigterm_while_loading_stops_with_a_message(tmp_path):
         assert proc.wait(60) == 130, log.read_text()
     finally:
         proc.kill()
-    assert "SIGTERM while loading the model: stopping" in log.read_text()
+    assert "SIGTERM while starting (checks, imports, loading the model): stopping" in log.read_text()
+
+
+def test_sigterm_before_the_model_loads_stops_with_a_message(tmp_path):
+    """config.json is a FIFO: the pre-load checks block reading it (before torch is imported) when SIGTERM
+    comes. Before, the handler was installed only just before the load: the signal killed it silently (-15)."""
+    import errno
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.mkfifo(ckpt / "config.json")
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lmmrt", "serve", str(ckpt), "--port", "0", "--device",
+                                 "cpu"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline, writer = time.monotonic() + 60, None
+        while writer is None and proc.poll() is None and time.monotonic() < deadline:
+            try:  # succeeds once the server has the FIFO open for reading (it then blocks in read)
+                writer = os.open(ckpt / "config.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                assert e.errno == errno.ENXIO, e
+                time.sleep(0.05)
+        assert writer is not None, log.read_text()
+        time.sleep(0.2)  # into its read
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130, log.read_text()
+        os.close(writer)
+    finally:
+        proc.kill()
+    assert "SIGTERM while starting" in log.read_text() and "serve: loading" not in log.read_text()
