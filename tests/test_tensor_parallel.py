@@ -382,3 +382,19 @@ def test_cli_tp_without_torchrun_is_one_error_line(monkeypatch, tmp_path, capsys
 def test_tp_must_be_a_positive_integer(tp):
     with pytest.raises(TypeError, match="tp must be an integer >= 1"):
         lmmrt.load("/nonexistent", device="cpu", tp=tp)
+
+
+def test_generate_video_stream_refuses_a_tensor_parallel_model(tmp_path):
+    # Its chunks bypass lmmrt.generate's input agreement and seed broadcast: with temperature > 0 the ranks
+    # drew different tokens into the shared all-reduces (a silent wrong answer). Refused until it has them.
+    import numpy as np
+
+    import lmmrt
+    from lmmrt.demo import save_demo
+    from lmmrt.parallel import TensorParallel, TensorParallelError
+
+    model = lmmrt.load(str(save_demo(tmp_path / "demo")), device="cpu")
+    model.tp = TensorParallel(rank=0, size=2)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(TensorParallelError, match="generate_video_stream does not run under tensor parallelism"):
+        next(iter(lmmrt.generate_video_stream(model, [frames], temperature=1.0, pipelined=False)))

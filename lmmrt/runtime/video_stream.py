@@ -181,6 +181,12 @@ def generate_video_stream(model, chunks, prompt_template: str = VIDEO, *, chunk_
 
     Each item also carries .result (token_ids, finish_reason), .timestamps, .frame_indices, .stats.
     """
+    if getattr(model, "tp", None) is not None:
+        # its chunks bypass lmmrt.generate, whose input agreement and seed broadcast keep the ranks in step
+        from lmmrt.parallel import TensorParallelError
+
+        raise TensorParallelError("generate_video_stream does not run under tensor parallelism yet: call "
+                                  "lmmrt.generate on each chunk's video_prompt instead (the same result per chunk)")
     if model.tokenizer is None:
         raise ValueError("generate_video_stream needs a tokenizer (text prompts); this model has none")
     chunk_frames = check_count("chunk_frames", chunk_frames, optional=True)
