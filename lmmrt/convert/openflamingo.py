@@ -81,7 +81,9 @@ def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         out[k] = v
     if not out:
         raise CheckpointError(f"{path} holds no tensors")
-    return out
+    # as for a .safetensors file: an integer (e.g. quantized) tensor is refused, naming it, not cast to float
+    w = SourceWeights.from_state_dict(out, str(path))
+    return {k: w.get(k) for k in w.keys()}
 
 
 class _Sources:
