@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import hashlib
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,16 @@ from lmmrt.parallel.group import TensorParallel, TensorParallelError, check_grou
 # shapes, offsets) is at the start; reading all of it on every rank would double the load's I/O.
 IDENTITY_HEAD_BYTES = 1 << 20
 
+# The generation options lmmrt.generate reads as numbers: 0 and 0.0 are the same temperature.
+_REAL_OPTIONS = ("temperature", "top_p", "repetition_penalty")
+_INT_OPTIONS = ("max_new_tokens", "top_k", "seed")
+
 
 def _feed(h, value) -> None:
     """Hash `value` into h, with its type, so that equal digests mean equal inputs ([1, 2] vs "12")."""
-    h.update(type(value).__name__.encode() + b"\0")
+    # a list and a tuple alike: every sequence lmmrt takes may be either
+    kind = "sequence" if isinstance(value, (list, tuple)) else type(value).__name__
+    h.update(kind.encode() + b"\0")
     if value is None or isinstance(value, (bool, int, float, complex)):
         h.update(repr(value).encode())
     elif isinstance(value, str):
@@ -68,11 +75,56 @@ def _differing(values: list) -> list[int]:
     return [r for r, v in enumerate(values) if v != values[0]]
 
 
+def _stop_token_ids(ids):
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        ids = ids.reshape(-1).tolist()
+    if isinstance(ids, numbers.Integral):
+        ids = [ids]
+    if any(isinstance(t, bool) for t in ids):  # refused by the call: kept as given
+        raise TypeError("stop_token_ids holds a bool")
+    return sorted(int(t) for t in ids)  # a set of stop tokens: the order does not matter
+
+
+def _canonical(inputs: dict) -> dict:
+    """The inputs as the call will use them (prompts and images nested as lmmrt.generate nests them,
+    numbers as the numbers it reads), so that equal calls spelled differently digest alike. An input
+    the call will refuse stays as given: every rank refuses it alike, or the digests differ."""
+    from lmmrt.runtime.batch import normalize_images, normalize_prompts
+
+    out = dict(inputs)
+    try:
+        out["prompts"] = normalize_prompts(inputs["prompts"])
+        out["images"] = normalize_images(inputs.get("images"), [0] * len(out["prompts"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    for name, kind, cast in [(n, numbers.Real, float) for n in _REAL_OPTIONS] + \
+                            [(n, numbers.Integral, int) for n in _INT_OPTIONS]:
+        value = inputs.get(name)
+        if isinstance(value, kind) and not isinstance(value, bool):
+            out[name] = cast(value)
+    stop = inputs.get("stop")
+    if stop is None or isinstance(stop, str):
+        out["stop"] = [] if stop is None else [stop]
+    if "stop_token_ids" in inputs:
+        try:
+            out["stop_token_ids"] = _stop_token_ids([] if inputs["stop_token_ids"] is None
+                                                    else inputs["stop_token_ids"])
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def input_digest(call: str, **inputs) -> str:
+    """The digest the ranks compare for a call of `call` with `inputs` (keyword arguments as given)."""
+    return digest(call, _canonical(inputs))
+
+
 def agree_on_inputs(tp: TensorParallel, call: str, **inputs) -> None:
     """Raise TensorParallelError on every rank unless every rank passed the same inputs to `call`
-    (compared by digest); also when the model's group has ended. The first collective of each call."""
+    (compared by digest, after normalizing); also when the model's group has ended. The first
+    collective of each call."""
     check_group_alive(tp)
-    mine = digest(call, inputs)
+    mine = input_digest(call, **inputs)
     digests: list = [None] * tp.size
     dist.all_gather_object(digests, mine, group=tp.group)
     differ = _differing(digests)
