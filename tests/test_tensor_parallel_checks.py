@@ -5,10 +5,13 @@ torch's). The two-process behaviour is in tests/test_tensor_parallel.py."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from lmmrt.parallel import checkpoint_identity
 from lmmrt.parallel.agree import input_digest
 
 
@@ -43,3 +46,21 @@ def test_equal_token_ids_images_and_stops_in_other_forms_have_the_same_digest():
 ])
 def test_another_call_has_another_digest(changes):
     assert generate_digest(**changes) != generate_digest()
+
+
+def test_checkpoint_identity_covers_the_end_and_the_middle_of_the_weights_file(tmp_path):
+    # 5 MiB of weights: a byte changed past the first 2 MiB (a fine-tune that froze the first tensors)
+    # or in a block sampled from the middle must change the identity the ranks compare at load
+    size = 5 << 20
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    (tmp_path / "config.json").write_text(json.dumps({"a": 1}))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(data.tobytes())
+    base = checkpoint_identity(tmp_path, None)
+    for offset in (size - 7, size * 5 // 16 + 3, size * 9 // 16 + 100):  # the end, two of the 8 blocks
+        changed = data.copy()
+        changed[offset] ^= 0xFF
+        weights.write_bytes(changed.tobytes())
+        assert checkpoint_identity(tmp_path, None) != base, offset
+    weights.write_bytes(data.tobytes())
+    assert checkpoint_identity(tmp_path, None) == base

@@ -18,9 +18,13 @@ import torch.distributed as dist
 from lmmrt import errors
 from lmmrt.parallel.group import TensorParallel, TensorParallelError, check_group_alive
 
-# How many bytes of a checkpoint's weights file identify it: its safetensors header (names, dtypes,
-# shapes, offsets) is at the start; reading all of it on every rank would double the load's I/O.
+# Which bytes of a checkpoint's weights file identify it: reading all of it on every rank would double
+# the load's I/O. Its start (the safetensors header: names, dtypes, shapes, offsets), its end, and
+# blocks spread evenly between: a fine-tune that froze the first tensors changes the later bytes.
 IDENTITY_HEAD_BYTES = 1 << 20
+IDENTITY_TAIL_BYTES = 1 << 20
+IDENTITY_BLOCKS = 8
+IDENTITY_BLOCK_BYTES = 64 << 10
 
 # The generation options lmmrt.generate reads as numbers: 0 and 0.0 are the same temperature.
 _REAL_OPTIONS = ("temperature", "top_p", "repetition_penalty")
@@ -136,9 +140,24 @@ def agree_on_inputs(tp: TensorParallel, call: str, **inputs) -> None:
             f"model must make the same call with the same arguments")
 
 
+def _identifying_bytes(fh, size: int) -> list[bytes]:
+    """The start and end of an open file of `size` bytes and IDENTITY_BLOCKS blocks evenly spaced
+    over it (all of it when it is small)."""
+    starts = [0, max(size - IDENTITY_TAIL_BYTES, 0)]
+    lengths = [IDENTITY_HEAD_BYTES, IDENTITY_TAIL_BYTES]
+    for i in range(IDENTITY_BLOCKS):
+        starts.append(size * (2 * i + 1) // (2 * IDENTITY_BLOCKS))
+        lengths.append(IDENTITY_BLOCK_BYTES)
+    out = []
+    for start, length in zip(starts, lengths):
+        fh.seek(start)
+        out.append(fh.read(length))
+    return out
+
+
 def checkpoint_identity(path, dtype: torch.dtype | None) -> str:
-    """A digest of what a rank loads: its config.json, tokenizer.json, the start of its weights file
-    (the safetensors header) and that file's size, and the dtype asked for."""
+    """A digest of what a rank loads: its config.json and tokenizer.json, its weights file's size,
+    start (the safetensors header), end and blocks evenly spaced between, and the dtype asked for."""
     from lmmrt.runtime.weights import CONFIG, TOKENIZER, WEIGHTS
 
     path = Path(path)
@@ -147,7 +166,8 @@ def checkpoint_identity(path, dtype: torch.dtype | None) -> str:
         f = path / name
         try:
             with open(f, "rb") as fh:
-                parts += [name, fh.read(IDENTITY_HEAD_BYTES), f.stat().st_size]
+                size = f.stat().st_size
+                parts += [name, size, _identifying_bytes(fh, size)]
         except OSError:
             parts += [name, None]
     return digest(*parts)
