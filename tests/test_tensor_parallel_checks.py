@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
-from lmmrt.parallel import checkpoint_identity
+import lmmrt
+from lmmrt.parallel import TensorParallelError, checkpoint_identity
 from lmmrt.parallel.agree import input_digest
 
 
@@ -64,3 +66,20 @@ def test_checkpoint_identity_covers_the_end_and_the_middle_of_the_weights_file(t
         assert checkpoint_identity(tmp_path, None) != base, offset
     weights.write_bytes(data.tobytes())
     assert checkpoint_identity(tmp_path, None) == base
+
+
+def test_a_group_that_ends_during_a_generate_stream_raises_a_tensor_parallel_error(tmp_path):
+    from lmmrt.api import _load_tensor_parallel
+    from lmmrt.demo import save_demo
+
+    path = save_demo(tmp_path / "demo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _load_tensor_parallel(path, torch.device("cpu"), None, backend="torch", progress=False,
+                                      cuda_graph=False, tp=1)
+        stream = lmmrt.generate(model, "a photo of", max_new_tokens=6, ignore_eos=True, stream=True)
+        next(stream)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(TensorParallelError, match="process group of this tensor-parallel model has ended"):
+        list(stream)

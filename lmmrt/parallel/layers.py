@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lmmrt.kernels.cpu_linear import linear
 from lmmrt.models.decoder import Decoder, alibi_slopes
+from lmmrt.parallel.group import TensorParallelError
 
 # torch renamed all_gather_into_tensor (deprecated from 2.10 on); the tested range has one or the other
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -28,6 +29,16 @@ def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
     return min(rank * chunk, vocab_size), min((rank + 1) * chunk, vocab_size)
 
 
+def check_group_exists() -> None:
+    """Raise TensorParallelError when the process group has been destroyed: a call still running (a
+    generate stream) when its group ended (leave_group) would otherwise get torch's raw "Default
+    process group has not been initialized". A Python-level check: not part of a captured CUDA graph."""
+    if not dist.is_initialized():
+        raise TensorParallelError("the process group of this tensor-parallel model has ended (leave_group, or "
+                                  "torch.distributed.destroy_process_group) while a call was still using it: "
+                                  "load the model again to use it")
+
+
 class RowParallelLinear(nn.Linear):
     """y = sum over ranks of x_r @ W_r^T, then + bias: this rank holds the input columns of its heads
     (or of its slice of the feed-forward width); the bias, replicated, is added once, after the sum."""
@@ -38,6 +49,7 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)
+        check_group_exists()
         dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 
@@ -63,6 +75,7 @@ class VocabParallelEmbedding(nn.Embedding):
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.num_embeddings)
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
+        check_group_exists()
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -77,6 +90,7 @@ def gather_vocab(local: torch.Tensor, vocab_size: int, size: int, group=None) ->
     flat = local.reshape(-1, chunk).contiguous()
     out = flat.new_empty((size * flat.shape[0], chunk))
     # the concatenating form: gloo does not take the stacked (size, rows, chunk) one
+    check_group_exists()
     _all_gather_into(out, flat, group=group)
     full = out.view(size, flat.shape[0], chunk).transpose(0, 1).reshape(*lead, size * chunk)
     return full if size * chunk == vocab_size else full[..., :vocab_size]
