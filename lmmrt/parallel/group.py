@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ def check_group_alive(tp: TensorParallel) -> None:
 # Another rank that has already exited (an error on its side) would never arrive: waiting longer than
 # this at exit only delays this process's own exit.
 EXIT_BARRIER_TIMEOUT = 30.0
+# How long the group's end leaves gloo's worker threads to release their last tensors.
+RELEASE_S = 0.05
 
 
 def _end_at_exit() -> None:
@@ -185,3 +188,13 @@ def _meet_and_destroy(why: str) -> None:
     except Exception:  # noqa: BLE001 - rank 0 (the store's host) already gone: nothing left to wait for
         pass
     dist.destroy_process_group()
+    # gloo's worker threads release the tensors of their last collectives (which takes the GIL) shortly
+    # after these returned: give them the GIL now, while the interpreter is whole, not during its exit
+    gc.collect()
+    time.sleep(RELEASE_S)
+
+
+def started_a_group() -> bool:
+    """Whether lmmrt started a process group in this process (the CLI then ends the process with
+    os._exit once its output is flushed: see lmmrt/__main__.py)."""
+    return _StartedGroup.epoch > 0
