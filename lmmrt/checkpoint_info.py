@@ -9,7 +9,7 @@ from pathlib import Path
 from lmmrt.errors import CheckpointError
 from lmmrt.models.clip_config import CLIP_FAMILY, ClipConfig
 from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, ModelConfig
-from lmmrt.runtime.weights import CONFIG, TOKENIZER, _read_config_json, convert_first
+from lmmrt.runtime.weights import CONFIG, TOKENIZER, convert_first, read_config_json
 
 FAMILY_NAMES = {"idefics": "IDEFICS", "openflamingo": "OpenFlamingo", "llava": "LLaVA-1.5", "blip2": "BLIP-2 (OPT)",
                 "minigpt4": "MiniGPT-4", "mllama": "Llama 3.2 Vision (Mllama)", CLIP_FAMILY: "CLIP"}
@@ -28,7 +28,7 @@ def checkpoint_info(path) -> dict:
     directory, which lmmrt.load converts in memory); a config that is not one of these is an error saying
     what it is (a transformers directory: the `lmmrt convert` command for it)."""
     path = Path(path)
-    cfg_json = _read_config_json(path)
+    cfg_json = read_config_json(path)
     where = str(path / CONFIG)
     if "decoder" not in cfg_json and cfg_json.get("model_type") == "idefics":
         return {"path": str(path), "format": "transformers (converted in memory at every load)", "family": "idefics",

@@ -24,15 +24,16 @@ from lmmrt.models.config import ModelConfig
 from lmmrt.models.splice import build_model
 from lmmrt.parallel.group import TensorParallel, TensorParallelError
 from lmmrt.parallel.plan import Shard, build_rank_model, rank_config, shard_of
-from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
 from lmmrt.runtime.safetensors_file import FLOAT_DTYPES, SafetensorsFile
 from lmmrt.runtime.weights import (
     CONFIG,
     WEIGHTS,
     FiniteCheck,
-    _read_config_json,
     check_state,
+    checked_weights,
     convert_first,
+    open_weights,
+    read_config_json,
 )
 
 
@@ -75,7 +76,7 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
                progress: bool = False) -> tuple[ModelConfig, ModelConfig, torch.nn.Module]:
     """(global config, this rank's config, this rank's model) from an lmmrt checkpoint directory."""
     path = Path(path)
-    cfg_json = _read_config_json(path)
+    cfg_json = read_config_json(path)
     if "model_type" in cfg_json and "decoder" not in cfg_json:  # even IDEFICS: tp converts nothing in memory
         raise TensorParallelError(f"{convert_first(path, cfg_json['model_type'])}; tensor parallelism loads lmmrt "
                                   "checkpoints only")
@@ -84,13 +85,8 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
                                   f"loads lmmrt checkpoints only (convert it first: `lmmrt convert --help`)")
     cfg = ModelConfig.from_dict(cfg_json, where=str(path / CONFIG))
     rank_cfg = rank_config(cfg, tp.size)  # before any weight is read: a size that cannot work fails fast
+    weights, shapes, dtype = checked_weights(path, cfg, dtype)
     wpath = path / WEIGHTS
-    weights = SafetensorsFile(wpath)
-    shapes = weights.shapes()
-    check_config_matches_weights(cfg, shapes, config_path=str(path / CONFIG), weights_path=str(wpath))
-    weights.check_float()
-    if dtype is None:
-        dtype = weights.load_dtype()
     with torch.device("meta"):
         check_state(shapes, build_model(cfg), str(wpath))
     model = build_rank_model(cfg, rank_cfg, tp)
@@ -101,10 +97,7 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
 
         keys = tqdm(keys, desc=f"loading {path.name} (rank 0 of {tp.size})", unit="tensor")
     finite = FiniteCheck()
-    try:
-        fh = open(wpath, "rb", buffering=0)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {wpath}: {e.strerror or e}") from None
+    fh = open_weights(wpath)
     with fh:
         start = data_start(fh)
         for k in keys:

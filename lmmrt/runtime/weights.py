@@ -106,7 +106,7 @@ def read_tensor(f, key: str, path: Path) -> torch.Tensor:
         raise CheckpointError(f"{path}: tensor {key!r} cannot be read (file truncated or corrupted?): {e}") from None
 
 
-def _read_config_json(path: Path) -> dict:
+def read_config_json(path: Path) -> dict:
     reason = why_missing(path)
     if reason is not None:
         raise FileNotFoundError(f"{reason} ({CHECKPOINT_DIR_HINT})")
@@ -125,13 +125,33 @@ def _read_config_json(path: Path) -> dict:
     return cfg_json
 
 
+def checked_weights(path: Path, cfg: ModelConfig, dtype: torch.dtype | None
+                    ) -> tuple[SafetensorsFile, dict, torch.dtype]:
+    """The checkpoint's model.safetensors, its tensor shapes checked against `cfg` and its tensors
+    against being floating point; dtype: the one asked for, else the file's (majority) dtype."""
+    wpath = path / WEIGHTS
+    weights = SafetensorsFile(wpath)
+    shapes = weights.shapes()
+    check_config_matches_weights(cfg, shapes, config_path=str(path / CONFIG), weights_path=str(wpath))
+    weights.check_float()
+    return weights, shapes, dtype if dtype is not None else weights.load_dtype()
+
+
+def open_weights(wpath: Path):
+    """model.safetensors opened for positioned reads, unbuffered; an unreadable file is a CheckpointError."""
+    try:
+        return open(wpath, "rb", buffering=0)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {wpath}: {e.strerror or e}") from None
+
+
 def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
                     progress: bool = False) -> tuple[ModelConfig, FlamingoModel | SpliceModel]:
     """config.json checked field by field and against the tensor shapes in model.safetensors, the
     model built on the meta device, then each tensor read and assigned in its final dtype and
     device: the load's peak is the model plus one tensor, never a float32 copy of it."""
     path = Path(path)
-    cfg_json = _read_config_json(path)
+    cfg_json = read_config_json(path)
     if cfg_json.get("model_type") == "idefics" and "decoder" not in cfg_json:
         return load_transformers_idefics(path, device=device, dtype=dtype, progress=progress)
     if cfg_json.get("family") == "clip":  # lmmrt.load hands these to lmmrt.runtime.embed.load_clip
@@ -140,13 +160,8 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     if "model_type" in cfg_json and "decoder" not in cfg_json:
         raise CheckpointError(convert_first(path, cfg_json["model_type"]))
     cfg = ModelConfig.from_dict(cfg_json, where=str(path / CONFIG))
+    weights, shapes, dtype = checked_weights(path, cfg, dtype)
     wpath = path / WEIGHTS
-    weights = SafetensorsFile(wpath)
-    shapes = weights.shapes()
-    check_config_matches_weights(cfg, shapes, config_path=str(path / CONFIG), weights_path=str(wpath))
-    weights.check_float()
-    if dtype is None:
-        dtype = weights.load_dtype()
     with torch.device("meta"):
         model = build_model(cfg)
     check_state(shapes, model, str(wpath))
@@ -155,10 +170,7 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
         from tqdm import tqdm
 
         keys = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
-    try:
-        fh = open(wpath, "rb", buffering=0)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {wpath}: {e.strerror or e}") from None
+    fh = open_weights(wpath)
     finite = FiniteCheck()
     with fh:
         for k in keys:
