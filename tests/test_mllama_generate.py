@@ -217,3 +217,7 @@ def test_image_errors_are_named(pair, images):
         lmmrt.logits(model, [PROMPTS[1], PROMPTS[0]], [[], [clip]])
     with pytest.raises((TypeError, ValueError), match=r"images\[0\]\[0\]"):
         lmmrt.logits(model, [PROMPTS[0]], [[np.zeros((4, 4, 3), dtype=np.float32)]])
+    # the whole batch's images are tiled in one call: a bad one is still named by prompt and position
+    with pytest.raises((TypeError, ValueError), match=r"images\[2\]\[1\]"):
+        lmmrt.logits(model, [PROMPTS[0], PROMPTS[1], PROMPTS[2]],
+                     [[images[0][0]], [], [images[2][0], np.zeros((4, 4, 3), dtype=np.float32)]])

@@ -158,7 +158,7 @@ def _normalized_tiles(canvas: torch.Tensor, tiles_h: int, tiles_w: int, mean_std
     return tiles.reshape(n, tiles_h * tiles_w, 3, s, s).float().div_(255).sub_(mean).div_(std)
 
 
-def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str,
+def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str | list[str],
                              resampler: str = "auto") -> MllamaPixels:
     """A list of images (PIL, or uint8 (H, W, 3) numpy arrays / torch tensors; any size and aspect
     ratio) -> MllamaPixels on `device` (default CPU), as transformers' MllamaImageProcessor makes
@@ -166,14 +166,16 @@ def preprocess_mllama_images(images: list, vcfg, device=None, *, where: str,
 
     resampler: "pil" resizes on the CPU with PIL, bit-exact with transformers' PIL backend; "torch"
     resizes with torch on `device`, all images of one size in one call (within one 0-255 level of
-    PIL); "auto" is "torch" on a CUDA device and "pil" elsewhere. Errors name `where[i]`."""
+    PIL); "auto" is "torch" on a CUDA device and "pil" elsewhere. Errors name `where[i]`, or where[i]
+    itself when `where` is a list (one name per image)."""
     if resampler not in RESAMPLERS:
         raise ValueError(f"resampler must be one of {RESAMPLERS}, got {resampler!r}")
     _check_vision_config(vcfg)
     device = torch.device("cpu" if device is None else device)
     on_device = resampler == "torch" or (resampler == "auto" and device.type == "cuda")
     tile, max_tiles = vcfg.image_size, vcfg.max_num_tiles
-    frames = [_rgb_uint8(img, vcfg, f"{where}[{i}]") for i, img in enumerate(images)]
+    names = where if isinstance(where, list) else [f"{where}[{i}]" for i in range(len(images))]
+    frames = [_rgb_uint8(img, vcfg, name) for img, name in zip(images, names)]
 
     # the plan of each image: its canvas (tiles_h, tiles_w) and its resized (height, width)
     canvases, sizes = [], []

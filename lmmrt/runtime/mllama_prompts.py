@@ -70,24 +70,21 @@ def mllama_media(per_prompt_images: list[list], vcfg, device) -> MllamaMedia:
     takes still images only)."""
     from lmmrt.runtime.mllama_image import preprocess_mllama_images
 
-    pixels, ids, masks, lens = [], [], [], []
-    per_tile = vcfg.tile_tokens  # the keys of one tile: its patches and the class token
+    images, names = [], []
     for i, imgs in enumerate(per_prompt_images):
         for j, img in enumerate(imgs):
             if getattr(img, "frames", None) is not None:
                 raise ValueError(f"images[{i}][{j}]: Llama 3.2 Vision takes images, not video clips: pass the "
                                  "frames you want as separate images, one <|image|> marker each")
-        if not imgs:
-            continue
-        px = preprocess_mllama_images(list(imgs), vcfg, device, where=f"images[{i}]")
-        pixels.extend(px.pixels.unbind(0))
-        ids.append(px.aspect_ratio_ids)
-        masks.append(px.aspect_ratio_mask)
-        lens.extend(n * per_tile for n in px.num_tiles)
-    if not pixels:
+            images.append(img)
+            names.append(f"images[{i}][{j}]")
+    if not images:
         tiles = vcfg.max_num_tiles
         return MllamaMedia([], torch.zeros(0, dtype=torch.long, device=device),
                            torch.zeros(0, tiles, dtype=torch.long, device=device),
                            torch.zeros(0, dtype=torch.int32, device=device))
-    return MllamaMedia(pixels, torch.cat(ids).to(device), torch.cat(masks).to(device),
-                       torch.tensor(lens, dtype=torch.int32, device=device))
+    # one call for the whole batch: on a GPU the images of one size are resized together
+    px = preprocess_mllama_images(images, vcfg, device, where=names)
+    per_tile = vcfg.tile_tokens  # the keys of one tile: its patches and the class token
+    return MllamaMedia(list(px.pixels.unbind(0)), px.aspect_ratio_ids.to(device), px.aspect_ratio_mask.to(device),
+                       torch.tensor([n * per_tile for n in px.num_tiles], dtype=torch.int32, device=device))
