@@ -19,6 +19,7 @@ op resolves to a kernel (triton or cuda).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -99,11 +100,17 @@ class StaticDecodeStep:
         -> next-token logits (B, V). With a graph the logits buffer is overwritten by the next call."""
         self.tokens.copy_(tokens.clamp(min=0)[:, None])
         self.slot.fill_(slot)
+        return self._run()
+
+    def _run(self, capture_lock=None) -> torch.Tensor:
+        """The step on the inputs already copied in: eager, or the graph (captured on first use, under
+        `capture_lock` when given; a failed capture means eager from then on, with one warning)."""
         if not self.use_graph:
             return self._forward()
         if self.graph is None:
             try:
-                self._capture()
+                with capture_lock if capture_lock is not None else contextlib.nullcontext():
+                    self._capture()
             except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
                 self.use_graph = False
                 self.model.decode_state.graph_failed(e)

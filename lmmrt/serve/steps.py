@@ -194,15 +194,4 @@ class SlotDecodeStep(StaticDecodeStep):
         self.positions.copy_(packed[1])
         self.writes.copy_(packed[2])
         self.key_end.copy_(packed[3])
-        if not self.use_graph:
-            return self._forward()
-        if self.graph is None:
-            try:
-                with self.capture_lock:
-                    self._capture()
-            except Exception as e:  # noqa: BLE001 - any capture failure means: decode eagerly
-                self.use_graph = False
-                self.model.decode_state.graph_failed(e)
-                return self._forward()
-        self.graph.replay()
-        return self.logits
+        return self._run(self.capture_lock)
