@@ -29,6 +29,8 @@ from lmmrt.runtime.weights import (
     CONFIG,
     WEIGHTS,
     FiniteCheck,
+    assign_tensor,
+    check_filled,
     check_state,
     checked_weights,
     convert_first,
@@ -110,13 +112,7 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
                 raise RuntimeError(f"tensor-parallel plan: {k} sliced to {tuple(tensor.shape)} on rank {tp.rank}, "
                                    f"but the rank's model holds {expected[k]}")
             finite.add(k, tensor)
-            owner, _, name = k.rpartition(".")
-            module = model.get_submodule(owner)
-            if name in module._parameters:
-                tensor = torch.nn.Parameter(tensor, requires_grad=False)
-            setattr(module, name, tensor)
+            assign_tensor(model, k, tensor)
     finite.check(wpath, dtype)
-    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unfilled:
-        raise RuntimeError(f"lmmrt cannot initialise {unfilled} from {wpath}: they are not in the checkpoint format")
+    check_filled(model, wpath)
     return cfg, rank_cfg, model

@@ -174,18 +174,29 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     finite = FiniteCheck()
     with fh:
         for k in keys:
-            owner, _, name = k.rpartition(".")
             tensor = weights.read(fh, k, device=device, dtype=dtype)
             finite.add(k, tensor)
-            module = model.get_submodule(owner)
-            if name in module._parameters:
-                tensor = torch.nn.Parameter(tensor, requires_grad=False)
-            setattr(module, name, tensor)
+            assign_tensor(model, k, tensor)
     finite.check(wpath, dtype)
-    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unfilled:  # a tensor the checkpoint format does not hold would otherwise stay without storage
-        raise RuntimeError(f"lmmrt cannot initialise {unfilled} from {wpath}: they are not in the checkpoint format")
+    check_filled(model, wpath)
     return cfg, model
+
+
+def assign_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the meta-device parameter or buffer `key` of `model`."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner)
+    if name in module._parameters:
+        tensor = torch.nn.Parameter(tensor, requires_grad=False)
+    setattr(module, name, tensor)
+
+
+def check_filled(model: torch.nn.Module, wpath: Path) -> None:
+    """Every parameter and buffer has storage: a tensor the checkpoint format does not hold would
+    otherwise stay on the meta device."""
+    unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:
+        raise RuntimeError(f"lmmrt cannot initialise {unfilled} from {wpath}: they are not in the checkpoint format")
 
 
 def load_transformers_idefics(path: Path, *, device="cpu", dtype: torch.dtype | None = None,
