@@ -49,8 +49,8 @@ from bench.idefics_engines import (
     IDEFICS_TINY,
     PROMPT_LEN,
     account_decode_bytes,
-    agreement,
     build_hf_idefics,
+    compare_with_hf,
     hf_inputs,
     lmmrt_from_hf,
     make_workload,
@@ -167,7 +167,7 @@ def _idefics(b: BenchRun, device, dtype, smoke, batches, new_tokens, engines) ->
                 torch.cuda.empty_cache()
             continue
         if lm is not None:
-            _compare(lm, lm_tokens, hf, min(AGREE_STEPS, new_tokens))
+            compare_with_hf(lm, lm_tokens, hf, hf["tokens"], min(AGREE_STEPS, new_tokens))
             b.save()
     if device.type == "cuda" and b.elapsed < b.budget_s:
         _count_launches(b, name, model, hf_model, default)
@@ -203,14 +203,6 @@ def _lmmrt_case(b: BenchRun, name, model, engine, B, prompts, images, new_tokens
                first_tokens=r["tokens"][0][:AGREE_STEPS])
     account_decode_bytes(b, row, model, B, new_tokens)
     return row, r["tokens"]
-
-
-def _compare(row: dict, tokens: list[list[int]], hf: dict, steps: int) -> None:
-    row["agreement"] = agreement(tokens, hf["tokens"], steps)
-    if hf.get("decode_tok_s") and row.get("decode_tok_s"):
-        row["speedup_vs_hf"] = row["decode_tok_s"] / hf["decode_tok_s"]
-    if hf.get("ttft_ms") and row.get("ttft_ms"):
-        row["ttft_speedup_vs_hf"] = hf["ttft_ms"] / row["ttft_ms"]
 
 
 def _count_launches(b: BenchRun, name, model, hf_model, engine) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from bench.harness import BenchRun, short_error
-from bench.idefics_engines import FIRST_TEXT_ID, PROMPT_LEN, agreement, run_hf, run_lmmrt, weights_gib
+from bench.idefics_engines import FIRST_TEXT_ID, PROMPT_LEN, run_hf, run_lmmrt, run_lmmrt_and_hf, weights_gib
 
 BATCHES, SMOKE_BATCHES = (1, 16), (1, 2)
 NEW_TOKENS, SMOKE_NEW_TOKENS = 32, 6
@@ -233,37 +233,22 @@ def _pair(b: BenchRun, name: str, hf_model, model, hf_w: float, lm_w: float, B: 
     except Exception as e:
         _row(b, name, "lmmrt[auto]", B, status="error", error=f"workload: {short_error(e)}")
         return
-    results = {}
-    for engine, call, weights in (
-            ("lmmrt[auto]", lambda: run_lmmrt(model, prompts, images, new_tokens), lm_w),
-            ("hf", lambda: run_hf(hf_model, inputs, new_tokens, model.device), hf_w)):
-        if b.elapsed > b.budget_s:
-            _row(b, name, engine, B, status="skipped", note="time budget spent")
-            continue
-        try:
-            r = call()
-        except Exception as e:
-            _row(b, name, engine, B, status="error", error=short_error(e))
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
+    weights = {"lmmrt[auto]": lm_w, "hf": hf_w}
+
+    def measure(engine: str, r: dict) -> dict:
         peak = r.get("peak_extra_gib")
         nbytes = decode_step_bytes(model, B, PROMPT_LEN + (1 + new_tokens) / 2, media_keys)
         gbps = nbytes / (r["ms_per_step"] * 1e-3) / 1e9 if r.get("ms_per_step") else None
-        row = _row(b, name, engine, B, prompt_tokens=PROMPT_LEN, media_keys=media_keys, weights_gib=weights,
-                   peak_gib=weights + peak if peak is not None else None, bytes_per_step=nbytes, gbps=gbps,
-                   roofline_frac=gbps / b.ceilings["copy_gbps"] if gbps else None,
-                   first_tokens=r["tokens"][0][:AGREE_STEPS], **{k: v for k, v in r.items() if k != "tokens"})
-        results[engine] = (row, r["tokens"])
-    if len(results) == 2:
-        (lm, lm_tokens), (hf, hf_tokens) = results["lmmrt[auto]"], results["hf"]
-        lm["agreement"] = agreement(lm_tokens, hf_tokens, min(AGREE_STEPS, new_tokens))
-        if hf.get("decode_tok_s") and lm.get("decode_tok_s"):
-            lm["speedup_vs_hf"] = lm["decode_tok_s"] / hf["decode_tok_s"]
-        if hf.get("ttft_ms") and lm.get("ttft_ms"):
-            lm["ttft_speedup_vs_hf"] = hf["ttft_ms"] / lm["ttft_ms"]
-        b.save()
+        w = weights[engine]
+        return _row(b, name, engine, B, prompt_tokens=PROMPT_LEN, media_keys=media_keys, weights_gib=w,
+                    peak_gib=w + peak if peak is not None else None, bytes_per_step=nbytes, gbps=gbps,
+                    roofline_frac=gbps / b.ceilings["copy_gbps"] if gbps else None,
+                    first_tokens=r["tokens"][0][:AGREE_STEPS], **{k: v for k, v in r.items() if k != "tokens"})
 
+    run_lmmrt_and_hf(b, (("lmmrt[auto]", lambda: run_lmmrt(model, prompts, images, new_tokens)),
+                         ("hf", lambda: run_hf(hf_model, inputs, new_tokens, model.device))),
+                     row=lambda engine, **kw: _row(b, name, engine, B, **kw), measure=measure,
+                     device=model.device, steps=min(AGREE_STEPS, new_tokens))
 
 if __name__ == "__main__":
     import sys

@@ -43,11 +43,11 @@ import torch
 from bench.harness import BenchRun, short_error
 from bench.idefics_engines import (
     PROMPT_LEN,
-    agreement,
     decode_step_bytes,
     make_workload,
     run_hf,
     run_lmmrt,
+    run_lmmrt_and_hf,
     weights_gib,
 )
 
@@ -241,30 +241,13 @@ def _pair(b: BenchRun, name: str, hf_model, model, hf_w: float, lm_w: float, B: 
     """lmmrt's default path, then transformers generate, on the same B rows; then their agreement."""
     prompts, images, inputs = workload(model, B)
     positions = inputs["input_ids"].shape[1]
-    results = {}
-    for engine, call, weights in (
-            ("lmmrt[auto]", lambda: run_lmmrt(model, prompts, images, new_tokens), lm_w),
-            ("hf", lambda: run_hf(hf_model, inputs, new_tokens, model.device), hf_w)):
-        if b.elapsed > b.budget_s:
-            _row(b, name, engine, B, status="skipped", note="time budget spent")
-            continue
-        try:
-            r = call()
-        except Exception as e:
-            _row(b, name, engine, B, status="error", error=short_error(e))
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        results[engine] = (_measured(b, name, engine, B, r, model, weights, positions, new_tokens), r["tokens"])
-    if len(results) == 2:
-        (lm, lm_tokens), (hf, hf_tokens) = results["lmmrt[auto]"], results["hf"]
-        lm["agreement"] = agreement(lm_tokens, hf_tokens, min(AGREE_STEPS, new_tokens))
-        if hf.get("decode_tok_s") and lm.get("decode_tok_s"):
-            lm["speedup_vs_hf"] = lm["decode_tok_s"] / hf["decode_tok_s"]
-        if hf.get("ttft_ms") and lm.get("ttft_ms"):
-            lm["ttft_speedup_vs_hf"] = hf["ttft_ms"] / lm["ttft_ms"]
-        b.save()
-
+    weights = {"lmmrt[auto]": lm_w, "hf": hf_w}
+    run_lmmrt_and_hf(b, (("lmmrt[auto]", lambda: run_lmmrt(model, prompts, images, new_tokens)),
+                         ("hf", lambda: run_hf(hf_model, inputs, new_tokens, model.device))),
+                     row=lambda engine, **kw: _row(b, name, engine, B, **kw),
+                     measure=lambda engine, r: _measured(b, name, engine, B, r, model, weights[engine], positions,
+                                                         new_tokens),
+                     device=model.device, steps=min(AGREE_STEPS, new_tokens))
 
 if __name__ == "__main__":
     import sys

@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from bench.harness import short_error
+
 IDEFICS_9B = dict(
     vocab_size=32000, additional_vocab_size=2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     num_attention_heads=32, max_position_embeddings=2048, cross_layer_interval=4, qk_layer_norms=False,
@@ -224,3 +226,36 @@ def account_decode_bytes(b, row: dict, model, B: int, new_tokens: int) -> None:
     if row.get("ms_per_step"):
         row["gbps"] = nbytes / (row["ms_per_step"] * 1e-3) / 1e9
         row["roofline_frac"] = row["gbps"] / b.ceilings["copy_gbps"]
+
+
+def compare_with_hf(row: dict, tokens: list[list[int]], hf: dict, hf_tokens: list[list[int]], steps: int) -> None:
+    """lmmrt's row gets its greedy-token agreement with transformers over `steps` steps, and its decode
+    and time-to-first-token speed-ups over transformers' row `hf`."""
+    row["agreement"] = agreement(tokens, hf_tokens, steps)
+    if hf.get("decode_tok_s") and row.get("decode_tok_s"):
+        row["speedup_vs_hf"] = row["decode_tok_s"] / hf["decode_tok_s"]
+    if hf.get("ttft_ms") and row.get("ttft_ms"):
+        row["ttft_speedup_vs_hf"] = hf["ttft_ms"] / row["ttft_ms"]
+
+
+def run_lmmrt_and_hf(b, calls, *, row, measure, device: torch.device, steps: int) -> None:
+    """calls: (engine, call) for "lmmrt[auto]" then "hf", each run within b's time budget; row(engine, **kw)
+    records a skipped or failed one, measure(engine, result) -> the row of a timed one. When both ran,
+    lmmrt's row is compared with transformers' (compare_with_hf) and the run saved."""
+    results = {}
+    for engine, call in calls:
+        if b.elapsed > b.budget_s:
+            row(engine, status="skipped", note="time budget spent")
+            continue
+        try:
+            r = call()
+        except Exception as e:
+            row(engine, status="error", error=short_error(e))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results[engine] = (measure(engine, r), r["tokens"])
+    if len(results) == 2:
+        (lm, lm_tokens), (hf, hf_tokens) = results["lmmrt[auto]"], results["hf"]
+        compare_with_hf(lm, lm_tokens, hf, hf_tokens, steps)
+        b.save()
