@@ -125,42 +125,34 @@ def _src_out_converter(module: str, name: str):
     return run
 
 
-def _add_llava(p):
-    p.add_argument("src", help="a transformers LlavaForConditionalGeneration directory (LLaVA-1.5): config.json, "
-                   "the weights (safetensors, one file or sharded, or pytorch_model*.bin), tokenizer.json (given an "
-                   "<image> token when it has none) and, when present, the chat template (kept)")
-    p.add_argument("out", help=OUT_HELP)
-    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
+def _register_src_out(fmt: str, description: str, src_help: str, module: str, name: str) -> None:
+    """A format whose converter takes SRC OUT [--dtype] and nothing else (see _src_out_converter)."""
+    def add(p):
+        p.add_argument("src", help=src_help)
+        p.add_argument("out", help=OUT_HELP)
+        p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
+
+    CONVERTERS[fmt] = (description, add, _src_out_converter(module, name))
 
 
-CONVERTERS["llava"] = ("convert a transformers LLaVA-1.5 checkpoint (LlavaForConditionalGeneration)", _add_llava,
-                       _src_out_converter("lmmrt.convert.llava", "convert_llava"))
-
-
-def _add_blip2(p):
-    p.add_argument("src", help="a transformers Blip2ForConditionalGeneration directory with an OPT language model "
-                   "(Flan-T5 ones are refused): config.json, the weights (safetensors, one file or sharded, or "
-                   "pytorch_model*.bin), tokenizer.json (given an <image> token when it has none) and "
-                   "preprocessor_config.json (image mean/std) when present")
-    p.add_argument("out", help=OUT_HELP)
-    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
-
-
-CONVERTERS["blip2"] = ("convert a transformers BLIP-2 checkpoint with OPT (Blip2ForConditionalGeneration)",
-                       _add_blip2, _src_out_converter("lmmrt.convert.blip2", "convert_blip2"))
-
-
-def _add_mllama(p):
-    p.add_argument("src", help="a transformers MllamaForConditionalGeneration directory (Llama 3.2 Vision, e.g. "
-                   "Llama-3.2-11B-Vision-Instruct): config.json, the safetensors weights (one file or sharded), "
-                   "tokenizer.json (its <|image|> token is the image marker) and, when present, the chat template "
-                   "(kept)")
-    p.add_argument("out", help=OUT_HELP)
-    p.add_argument("--dtype", **DTYPE_OPTION, help=DTYPE_AS_SOURCE_HELP)
-
-
-CONVERTERS["mllama"] = ("convert a transformers Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration)",
-                        _add_mllama, _src_out_converter("lmmrt.convert.mllama_files", "convert_mllama"))
+_register_src_out(
+    "llava", "convert a transformers LLaVA-1.5 checkpoint (LlavaForConditionalGeneration)",
+    "a transformers LlavaForConditionalGeneration directory (LLaVA-1.5): config.json, the weights (safetensors, one "
+    "file or sharded, or pytorch_model*.bin), tokenizer.json (given an <image> token when it has none) and, when "
+    "present, the chat template (kept)",
+    "lmmrt.convert.llava", "convert_llava")
+_register_src_out(
+    "blip2", "convert a transformers BLIP-2 checkpoint with OPT (Blip2ForConditionalGeneration)",
+    "a transformers Blip2ForConditionalGeneration directory with an OPT language model (Flan-T5 ones are refused): "
+    "config.json, the weights (safetensors, one file or sharded, or pytorch_model*.bin), tokenizer.json (given an "
+    "<image> token when it has none) and preprocessor_config.json (image mean/std) when present",
+    "lmmrt.convert.blip2", "convert_blip2")
+_register_src_out(
+    "mllama", "convert a transformers Llama 3.2 Vision checkpoint (MllamaForConditionalGeneration)",
+    "a transformers MllamaForConditionalGeneration directory (Llama 3.2 Vision, e.g. Llama-3.2-11B-Vision-Instruct): "
+    "config.json, the safetensors weights (one file or sharded), tokenizer.json (its <|image|> token is the image "
+    "marker) and, when present, the chat template (kept)",
+    "lmmrt.convert.mllama_files", "convert_mllama")
 
 
 def _add_minigpt4(p):
