@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmmrt.models.clip_config import ClipConfig, ClipTextConfig
 from lmmrt.models.layers import LayerNorm
@@ -21,12 +20,7 @@ from lmmrt.models.vision import VisionBlock, VisionEncoder
 class CausalBlock(VisionBlock):
     """The CLIP encoder block with a causal mask: each token sees itself and the tokens before it."""
 
-    def forward(self, x):
-        n, s, d = x.shape
-        qkv = self.wqkv(self.ln1(x)).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
-        x = x + self.wo(a.transpose(1, 2).reshape(n, s, d))
-        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+    causal = True
 
 
 class TextEncoder(nn.Module):

@@ -20,35 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmmrt.models.layers import LayerNorm, activation
+from lmmrt.models.layers import LayerNorm
 from lmmrt.models.part_configs import VisionConfig
+from lmmrt.models.vision import VisionBlock
 
 # transformers builds layernorm_pre / layernorm_post with nn.LayerNorm's default eps, not norm_eps.
 OUTER_LN_EPS = 1e-5
-
-
-class MllamaVisionLayer(nn.Module):
-    """A pre-norm ViT layer without attention biases (global layers: gates folded into wo and fc2)."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        d = cfg.width
-        self.heads = cfg.heads
-        self.ln1 = LayerNorm(d, cfg.ln_eps)
-        self.wqkv = nn.Linear(d, 3 * d, bias=False)  # q, k, v stacked along the output dim
-        self.wo = nn.Linear(d, d, bias=False)
-        self.ln2 = LayerNorm(d, cfg.ln_eps)
-        self.fc1 = nn.Linear(d, cfg.mlp_dim, bias=True)
-        self.fc2 = nn.Linear(cfg.mlp_dim, d, bias=True)
-        self.act = activation(cfg.act)
-
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x (N, L, d); allowed (N, 1, L, L) bool, True where a query may read a key."""
-        n, s, d = x.shape
-        qkv = self.wqkv(self.ln1(x)).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=allowed)
-        x = x + self.wo(a.transpose(1, 2).reshape(n, s, d))
-        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 
 
 def padded_token_mask(aspect_ratio_mask: torch.Tensor, tile_tokens: int, padded_tokens: int) -> torch.Tensor:
@@ -79,8 +56,8 @@ class MllamaVisionEncoder(nn.Module):
         self.post_tile_embed = nn.Parameter(torch.zeros(ratios + 1, tiles, d))
         self.ln_pre = LayerNorm(d, OUTER_LN_EPS)
         self.ln_post = LayerNorm(d, OUTER_LN_EPS)
-        self.blocks = nn.ModuleList(MllamaVisionLayer(cfg) for _ in range(cfg.layers))
-        self.global_blocks = nn.ModuleList(MllamaVisionLayer(cfg) for _ in range(cfg.global_layers))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, attn_bias=False) for _ in range(cfg.layers))
+        self.global_blocks = nn.ModuleList(VisionBlock(cfg, attn_bias=False) for _ in range(cfg.global_layers))
 
     def forward(self, pixels: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:

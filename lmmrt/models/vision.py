@@ -17,22 +17,28 @@ from lmmrt.models.layers import LayerNorm, activation
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """A pre-norm ViT block: attention, then an MLP, each added to the residual. attn_bias: the q/k/v and
+    output projections have biases (CLIP) or not (Llama 3.2 Vision's encoder)."""
+
+    causal = False  # CLIP's text encoder (lmmrt.models.clip.CausalBlock): each token sees those before it
+
+    def __init__(self, cfg: VisionConfig, *, attn_bias: bool = True):
         super().__init__()
         d = cfg.width
         self.heads = cfg.heads
         self.ln1 = LayerNorm(d, cfg.ln_eps)
-        self.wqkv = nn.Linear(d, 3 * d, bias=True)  # q, k, v stacked along the output dim
-        self.wo = nn.Linear(d, d, bias=True)
+        self.wqkv = nn.Linear(d, 3 * d, bias=attn_bias)  # q, k, v stacked along the output dim
+        self.wo = nn.Linear(d, d, bias=attn_bias)
         self.ln2 = LayerNorm(d, cfg.ln_eps)
         self.fc1 = nn.Linear(d, cfg.mlp_dim, bias=True)
         self.fc2 = nn.Linear(cfg.mlp_dim, d, bias=True)
         self.act = activation(cfg.act)
 
-    def forward(self, x):
+    def forward(self, x, allowed: torch.Tensor | None = None):
+        """x (N, L, d); allowed: None (every key), or (N, 1, L, L) bool, True where a query may read a key."""
         n, s, d = x.shape
         qkv = self.wqkv(self.ln1(x)).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=allowed, is_causal=self.causal)
         x = x + self.wo(a.transpose(1, 2).reshape(n, s, d))
         return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 
