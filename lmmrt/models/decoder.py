@@ -58,26 +58,32 @@ def rope_inv_freq(cfg: DecoderConfig, device) -> torch.Tensor:
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, rotary_dim) in float32 (HF's rotate-half layout)."""
+    """The rotary tables of one forward call, built once and shared by every layer: cos and a signed
+    sin, each (B, T, 1, rotary_dim) float32 (HF's rotate-half layout, broadcast over the heads).
+    The signed sin is (-sin, +sin) over the two halves, so apply_rope needs no negation per layer."""
     freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]
+    sin = emb.sin()
+    half = freqs.shape[-1]
+    sin[..., :half].neg_()
+    return emb.cos(), sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, hd); cos/sin (B, T, rot). Rotates the first `rot` dims (all for LLaMA)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, hd); cos, signed_sin from rope_tables. Rotates the first `rot` dims (all for LLaMA):
+    x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = swap_halves(x) * signed_sin (the same
+    products: a sign moved from one factor to the other), the swap one flip of a (2, half) view."""
     rot = cos.shape[-1]
-    xr, xp = x[..., :rot], x[..., rot:]
+    partial = rot != x.shape[-1]
+    xr = x[..., :rot] if partial else x
     low_precision = x.dtype != torch.float32  # rotate in float32; skip no-op casts when already so
     if low_precision:
         xr = xr.float()
-    c, s = cos[:, :, None], sin[:, :, None]
-    half = rot // 2
-    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    out = xr * c + rotated * s
+    swapped = xr.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+    out = xr * cos + swapped * signed_sin
     if low_precision:
         out = out.to(x.dtype)
-    return out if rot == x.shape[-1] else torch.cat([out, xp], dim=-1)
+    return torch.cat([out, x[..., rot:]], dim=-1) if partial else out
 
 
 def cached_attention(q, k, v, ctx: StepContext, k_cache, v_cache):

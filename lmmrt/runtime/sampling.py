@@ -57,4 +57,7 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
         tokens = torch.where(overflow, greedy, exponential_race(torch.softmax(scaled, dim=-1), generator))
-    return torch.where(logits.isnan().any(dim=-1), NAN_TOKEN, tokens)
+    # argmax picks a row's first NaN when it has one (NaN compares greater than any number), so
+    # reading the logit at the greedy token finds every NaN row without another pass over the vocab
+    has_nan = logits.gather(-1, greedy[:, None]).squeeze(-1).isnan()
+    return torch.where(has_nan, NAN_TOKEN, tokens)

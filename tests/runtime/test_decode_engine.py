@@ -145,13 +145,22 @@ def test_exponential_race_is_seeded_and_follows_the_distribution():
     assert chi2 < 30.0, f"chi-square {chi2:.1f} with 4 degrees of freedom (p < 1e-5 above 25.7)"
 
 
-def test_sample_marks_nan_rows_without_a_host_sync():
-    logits = torch.randn(3, 7)
+@pytest.mark.parametrize("vocab", [7, 32002])
+def test_sample_marks_nan_rows_without_a_host_sync(vocab):
+    # sample finds NaN rows through the argmax (which lands on a row's first NaN): NaNs before and
+    # after the largest logit, at either end, several in a row, a row of NaN only
+    logits = torch.randn(6, vocab)
+    logits[0, 0] = 1e6  # a finite row whose largest logit is first
     logits[1, 4] = float("nan")
+    logits[2, -1] = float("nan")
+    logits[2, 1] = 1e6
+    logits[3, 2:5] = float("nan")
+    logits[4] = float("nan")
     for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=3, top_p=0.8)):
         toks = sample(logits, top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0), temperature=kw["temperature"],
                       generator=torch.Generator().manual_seed(0))
-        assert toks[1] == NAN_TOKEN and toks[0] >= 0 and toks[2] >= 0
+        assert toks.tolist()[1:5] == [NAN_TOKEN] * 4
+        assert toks[0] >= 0 and toks[5] >= 0
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
