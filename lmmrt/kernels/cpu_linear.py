@@ -22,13 +22,17 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # float32 only: oneDNN's reduced-precision paths round differently from the reference, and
-    # _linear_pointwise has no autograd formula.
-    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    # _linear_pointwise has no autograd formula. Not under torch.compile: inductor lowers
+    # _linear_pointwise only for a weight it holds as a graph constant, and asserts on the strided
+    # (input-major) parameters here; F.linear it lowers to its own choice of GEMM.
+    return (_ONEDNN and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); on the CPU in float32 without autograd, oneDNN's inner product."""
+    """F.linear(x, weight, bias); on the CPU in float32 without autograd, outside torch.compile,
+    oneDNN's inner product."""
     if _onednn_applies(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
