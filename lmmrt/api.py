@@ -95,6 +95,21 @@ class Model:
                                sources=[self.path] if self.path else [], force=force, extra_files=extra,
                                metadata={"source": "lmmrt Model.save", "loaded_from": Path(str(self.path)).name})
 
+    def release_caches(self) -> int:
+        """Free what decoding keeps between calls: the pooled KV and media caches and the CUDA graphs
+        captured over them (the next call allocates and captures again). Returns the bytes of cache
+        released. Refused while a generation is still using them (a stream not read to its end)."""
+        state = self.decode_state
+        if state.kv.in_use:
+            raise RuntimeError("release_caches: a generation of this model is still running (a stream not "
+                               "read to its end or closed); finish or close it first")
+        freed = state.kv.buffer.nbytes if state.kv.buffer is not None else 0
+        freed += sum(t.numel() * t.element_size() for kv in state.media_kv for t in kv)
+        fresh = DecodeState()
+        fresh.graph_error = state.graph_error  # a capture that failed once is not retried
+        self.decode_state = fresh
+        return freed
+
     def __repr__(self):
         c = self.config
         media = (f"splice {c.connector.kind} connector" if c.media_feed == "splice"
