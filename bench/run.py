@@ -1,16 +1,16 @@
 """Run the benchmarks and write JSON + a markdown table + plots.
 
     python -m bench.run [--smoke] [--out DIR] [--only perceiver,xattn,decode_attention,generate,splice_generate,mllama,
-                        cpu_proxy,llava_cpu] [--no-compile]
+                        cpu_proxy,llava_cpu,cpu_compile] [--no-compile]
                         [--budget-s SECONDS] [--merge-only]
 
 --smoke: tiny shapes on the CPU (torch backend and baselines only), for CI and `make bench`.
 Without --smoke: real model shapes on the GPU (bf16). --out defaults to $OUT when set, else
 bench/results/<gpu-or-cpu>-<date>/. Each benchmark is isolated: one that fails is recorded as
 such and the others still run; the report merges whatever bench-*.json files the directory holds.
-cpu_proxy and llava_cpu (lmmrt vs transformers on a small IDEFICS / LLaVA, one CPU thread) always run on
-the CPU: they are in the default set of --smoke runs (their quick modes) and run in full runs only when
-named in --only.
+cpu_proxy and llava_cpu (lmmrt vs transformers on a small IDEFICS / LLaVA, one CPU thread) and cpu_compile
+(torch.compile of the fixed-shape decode step against the eager steps) always run on the CPU: they are in
+the default set of --smoke runs (their quick modes) and run in full runs only when named in --only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench import (
+    bench_cpu_compile,
     bench_cpu_proxy,
     bench_decode_attention,
     bench_generate,
@@ -39,11 +40,11 @@ from bench.harness import default_out_dir, jsonable, measure_ceilings, run_key
 
 BENCHES = {"perceiver": bench_perceiver, "xattn": bench_xattn, "decode_attention": bench_decode_attention,
            "generate": bench_generate, "splice_generate": bench_splice_generate, "mllama": bench_mllama,
-           "cpu_proxy": bench_cpu_proxy, "llava_cpu": bench_llava_cpu}
-CPU_ONLY = ("cpu_proxy", "llava_cpu")  # full (GPU) runs include them only when named in --only
+           "cpu_proxy": bench_cpu_proxy, "llava_cpu": bench_llava_cpu, "cpu_compile": bench_cpu_compile}
+CPU_ONLY = ("cpu_proxy", "llava_cpu", "cpu_compile")  # full (GPU) runs include them only when named in --only
 # Seconds per benchmark (each also stops starting new cases when its budget is spent).
 BUDGET_S = {"perceiver": 60.0, "xattn": 100.0, "decode_attention": 60.0, "generate": 150.0, "splice_generate": 90.0,
-            "mllama": 50.0, "cpu_proxy": 1800.0, "llava_cpu": 600.0}
+            "mllama": 50.0, "cpu_proxy": 1800.0, "llava_cpu": 600.0, "cpu_compile": 1500.0}
 SMOKE_BUDGET_S = 60.0
 
 
