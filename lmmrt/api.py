@@ -164,6 +164,7 @@ def load(path, device=None, dtype=None, *, backend: str | None = None, progress:
     rank> (NCCL), on the CPU with gloo. When any rank fails to load, every rank raises that error."""
     device = parse_device(device)
     backend = requested_backend(backend)
+    check_cuda_graph(cuda_graph)  # every argument checked before any weight is read
     if check_tp(tp) > 1:
         return _load_tensor_parallel(path, device, parse_dtype(dtype), backend=backend, progress=progress,
                                      cuda_graph=cuda_graph, tp=tp)

@@ -241,3 +241,10 @@ def test_finished_rows_are_dropped_and_the_rest_decode_unchanged(model, monkeypa
     assert selected == [[2]], selected
     assert [r.token_ids for r in eager] == [r.token_ids for r in fixed]
     assert [r.finish_reason for r in eager] == ["stop", "stop", "length"]
+
+
+def test_load_checks_cuda_graph_before_reading_anything(tmp_path):
+    # a path that does not exist: the option's error comes first, before the path is looked at (a bad
+    # value used to surface only after every weight was read, and never for CLIP checkpoints)
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto', got 'yes'"):
+        lmmrt.load(tmp_path / "absent", device="cpu", cuda_graph="yes")
