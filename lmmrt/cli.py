@@ -19,6 +19,7 @@ from lmmrt.cli_convert import add_convert
 from lmmrt.cli_options import BACKEND_NAMES as BACKEND_NAMES
 from lmmrt.cli_options import BACKEND_OPTION as BACKEND_OPTION
 from lmmrt.cli_options import COUNT as COUNT
+from lmmrt.cli_options import CUDA_GRAPH_OPTION as CUDA_GRAPH_OPTION
 from lmmrt.cli_options import DTYPE_NAMES as DTYPE_NAMES
 from lmmrt.cli_options import DTYPE_OPTION as DTYPE_OPTION
 from lmmrt.cli_options import POSITIVE_INT as POSITIVE_INT
@@ -124,7 +125,7 @@ def _cmd_demo(args) -> int:
         print(f"wrote {save_demo(args.save, force=args.force)}")
         return 0
     parse_device(args.device, option="--device")
-    run_demo(device=args.device, max_new_tokens=args.max_new_tokens, backend=args.backend)
+    run_demo(device=args.device, max_new_tokens=args.max_new_tokens, backend=args.backend, cuda_graph=args.cuda_graph)
     return 0
 
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     s.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
     s.add_argument("--backend", **BACKEND_OPTION)
+    s.add_argument("--cuda-graph", **CUDA_GRAPH_OPTION)
     s.add_argument("--max-new-tokens", type=COUNT, default=32, help="tokens to generate")
     s.add_argument("--save", metavar="DIR", default=None,
                    help="write the demo model as an lmmrt checkpoint to DIR instead of running it")

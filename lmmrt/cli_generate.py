@@ -7,7 +7,6 @@ model (files, PyAV, the prompt's image markers against the -i files) is checked 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ from lmmrt.cli import (
     _number,
     input_file,
 )
-from lmmrt.cli_options import TP_OPTION
+from lmmrt.cli_options import CUDA_GRAPH_OPTION, TP_OPTION
 
 
 def stored_media_options(model_dir: str) -> tuple[str, int] | None:
@@ -113,9 +112,8 @@ def _cmd_generate(args) -> int:
     from lmmrt.api import parse_device
 
     parse_device(args.device, option="--device")
-    cuda_graph = "auto" if args.cuda_graph is None else args.cuda_graph
     model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                       progress=not args.quiet, cuda_graph=cuda_graph, tp=args.tp)
+                       progress=not args.quiet, cuda_graph=args.cuda_graph, tp=args.tp)
     # under tensor parallelism every rank generates the same text: rank 0 alone prints it (a CLIP
     # checkpoint loads as a ClipRuntime, without `tp`: lmmrt.generate then refuses it by name)
     tp = getattr(model, "tp", None)
@@ -192,9 +190,7 @@ def _add_generate(s):
     r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
     r.add_argument("--dtype", **DTYPE_OPTION, help="compute in this dtype (default: as stored)")
     r.add_argument("--backend", **BACKEND_OPTION)
-    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
-                        "step's ops allow it, else eager)")
+    r.add_argument("--cuda-graph", **CUDA_GRAPH_OPTION)
     r.add_argument("--tp", **TP_OPTION)
     r.add_argument("--quiet", action="store_true", help="no progress bar and no timings on stderr")
 

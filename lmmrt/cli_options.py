@@ -43,6 +43,11 @@ DTYPE_OPTION = dict(default=None, type=str.lower, choices=DTYPE_NAMES, metavar="
 TP_OPTION = dict(type=POSITIVE_INT, default=1, metavar="N",
                  help="split the language model over N processes (tensor parallelism), one per GPU: start them "
                       "with `torchrun --nproc-per-node N -m lmmrt ...`; output is printed by rank 0 only")
+# "auto" is lmmrt.load's own default; --no-cuda-graph gives a server or a script the eager step when
+# capture misbehaves on some GPU or driver
+CUDA_GRAPH_OPTION = dict(action=argparse.BooleanOptionalAction, default="auto",
+                         help="decode with a fixed-shape step replayed as a CUDA graph (default: on CUDA when the "
+                              "step's ops allow it, else eager); --no-cuda-graph: always the eager step")
 BACKEND_OPTION = dict(default=None, type=str.lower, choices=BACKEND_NAMES, metavar="auto|torch|triton|cuda",
                       help="which kernels the ops use; auto: the fastest available on the device "
                            "(default: $LMMRT_BACKEND, else auto)")

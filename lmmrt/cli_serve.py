@@ -14,7 +14,14 @@ import signal
 import socket
 import sys
 
-from lmmrt.cli_options import BACKEND_OPTION, DTYPE_OPTION, POSITIVE_INT, HelpFormatter, _number
+from lmmrt.cli_options import (
+    BACKEND_OPTION,
+    CUDA_GRAPH_OPTION,
+    DTYPE_OPTION,
+    POSITIVE_INT,
+    HelpFormatter,
+    _number,
+)
 
 API_KEY_ENV = "LMMRT_API_KEY"
 # uvicorn cuts the connections still open this long after the engine's grace period ended (by then the
@@ -142,21 +149,30 @@ def _cmd_serve(args) -> int:
         sock.close()
 
 
-def _serve(args, sock: socket.socket, template: str | None) -> int:
-    import uvicorn
-
+def load_engine(args):
+    """The model and the (not yet started) engine the options ask for. The engine decodes as the model's
+    cuda_graph (--cuda-graph / --no-cuda-graph) says: the fixed-shape step, captured as CUDA graphs, or eager."""
     import lmmrt
-    from lmmrt.serve.app import ServeOptions, build_app
-    from lmmrt.serve.chat_template import ChatFormatter
     from lmmrt.serve.engine import Engine
 
-    name = args.served_model_name if args.served_model_name is not None else os.path.basename(os.path.normpath(os.path.abspath(args.model)))
     print(f"lmmrt serve: loading {args.model} ...", file=sys.stderr, flush=True)
-    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    model = lmmrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                       cuda_graph=args.cuda_graph)
     memory = dict(max_memory=args.max_memory) if args.max_memory is not None else \
         dict(memory_fraction=args.memory_fraction)
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, token_budget=args.token_budget,
                     media_cache_bytes=args.media_cache_bytes, **memory)
+    return model, engine
+
+
+def _serve(args, sock: socket.socket, template: str | None) -> int:
+    import uvicorn
+
+    from lmmrt.serve.app import ServeOptions, build_app
+    from lmmrt.serve.chat_template import ChatFormatter
+
+    name = args.served_model_name if args.served_model_name is not None else os.path.basename(os.path.normpath(os.path.abspath(args.model)))
+    model, engine = load_engine(args)
     formatter = ChatFormatter(model.config, model.tokenizer, template) if model.tokenizer is not None else None
     options = ServeOptions(model_name=name, api_key=args.api_key, local_media_root=_local_media_root(args),
                            max_images=args.max_images, max_image_pixels=args.max_image_pixels,
@@ -252,6 +268,7 @@ def add_serve(sub) -> None:
     r.add_argument("--device", default=None, help="cuda|cuda:N|cpu (default: cuda when available)")
     r.add_argument("--dtype", **DTYPE_OPTION, help="compute in this dtype (default: as stored)")
     r.add_argument("--backend", **BACKEND_OPTION)
+    r.add_argument("--cuda-graph", **CUDA_GRAPH_OPTION)
     r.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
     r.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,

@@ -45,7 +45,7 @@ def demo_config(vocab_size: int) -> ModelConfig:
         pad_token_id=0, image_prompt_template="<fake_token_around_image>{image}<fake_token_around_image>")
 
 
-def demo_model(device=None, dtype=torch.float32, backend: str | None = None):
+def demo_model(device=None, dtype=torch.float32, backend: str | None = None, cuda_graph: bool | str = "auto"):
     from lmmrt.api import Model, parse_device
     from lmmrt.models.random_init import random_model
     from lmmrt.runtime.tokenizer import Tokenizer
@@ -53,7 +53,8 @@ def demo_model(device=None, dtype=torch.float32, backend: str | None = None):
     tok = char_tokenizer()
     cfg = demo_config(tok.get_vocab_size())
     module = random_model(cfg, seed=1234, device=parse_device(device), dtype=dtype)
-    return Model(module, cfg, Tokenizer(tok), backend=backend or "auto", path="<embedded demo>")
+    return Model(module, cfg, Tokenizer(tok), backend=backend or "auto", path="<embedded demo>",
+                 cuda_graph=cuda_graph)
 
 
 def demo_images() -> list[np.ndarray]:
@@ -66,7 +67,8 @@ def demo_images() -> list[np.ndarray]:
     return [gradient, checker]
 
 
-def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) -> None:
+def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None,
+             cuda_graph: bool | str = "auto") -> None:
     import lmmrt
 
     print("lmmrt demo - an embedded IDEFICS-style model with RANDOM weights (no download):")
@@ -74,7 +76,7 @@ def run_demo(device=None, max_new_tokens: int = 32, backend: str | None = None) 
     print("  the text is not meaningful.")
     print("building the demo model ...", flush=True)  # several seconds on a CPU: say so before the wait
     t0 = time.perf_counter()
-    model = demo_model(device=device, backend=backend)
+    model = demo_model(device=device, backend=backend, cuda_graph=cuda_graph)
     print(f"  {model}  built in {time.perf_counter() - t0:.2f}s")
     prompt = "User: What is in these pictures?<image><image>\nAssistant:"
     images = demo_images()
