@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from lmmrt.errors import CheckpointError
-from lmmrt.models.config import ModelConfig
+from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, ModelConfig
 
 
 def _count(shapes: dict, pattern: str) -> int:
@@ -37,8 +37,15 @@ def check_config_matches_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, 
     if cfg.perceiver is None and any(k.startswith("perceiver.") for k in shapes):
         problems.append("no perceiver section, but the weights hold perceiver.* tensors")
     v, d = cfg.vision, cfg.decoder
+    # the embedding and the head are embed_dim wide: OPT's word_embed_proj_dim, else dim (named so then)
+    width = "decoder.embed_dim" if d.embed_dim != d.dim else "decoder.dim"
+    rows = f"decoder.vocab_size - {MLLAMA_EXTRA_EMBEDDINGS}" if cfg.family == "mllama" else "decoder.vocab_size"
+    head_rows = d.vocab_size - MLLAMA_EXTRA_EMBEDDINGS if cfg.family == "mllama" else d.vocab_size
     dims = [
-        ("decoder.embed.weight", (d.vocab_size, d.dim), "(decoder.vocab_size, decoder.dim)"),
+        ("decoder.embed.weight", (d.vocab_size, d.embed_dim), f"(decoder.vocab_size, {width})"),
+        ("decoder.lm_head.weight", (head_rows, d.embed_dim), f"({rows}, {width})"),
+        ("decoder.edges.project_in.weight", (d.dim, d.embed_dim), "(decoder.dim, decoder.embed_dim)"),
+        ("decoder.edges.project_out.weight", (d.embed_dim, d.dim), "(decoder.embed_dim, decoder.dim)"),
         ("vision.patch_embed.weight", (v.width, 3, v.patch_size, v.patch_size),
          "(vision.width, 3, vision.patch_size, vision.patch_size)"),
         ("vision.pos_embed", (v.grid * v.grid + 1, v.width),
