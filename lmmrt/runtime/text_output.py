@@ -8,51 +8,120 @@ first stop string. token_ids keep that final stop token.
 
 from __future__ import annotations
 
+import weakref
+
 from lmmrt.runtime.batch import normalize_prompts
 from lmmrt.runtime.generate import GenerationResult, GenerationStats, generate_steps
 from lmmrt.runtime.generation_args import GenerationArgs, check_generation_args
 
-# A piece that ends in an incomplete UTF-8 sequence (U+FFFD) waits for up to this many tokens: a
-# character is at most 4 bytes, each at most one byte-fallback token.
-_MAX_PENDING = 4
-# The context kept before the new ids grows over ids that add no text up to this many ids.
-_MAX_WINDOW = 8
 
-
-class _Detok:
-    """Incremental detokenization with bounded work per token (the prefix / read offsets of TGI's and
-    vLLM's detokenizers). ids[prefix:read] were emitted already; each step decodes ids[prefix:] and
-    emits what the new ids add to the decode of ids[prefix:read]. That context makes the new ids
-    decode as they do inside the whole sequence (a SentencePiece decode strips the leading space of
-    its first token, byte-fallback bytes join into one character), so the pieces add up to the
-    full decode while each decode covers at most _MAX_WINDOW + _MAX_PENDING ids."""
+class _TokenKinds:
+    """What incremental detokenization must know of a tokenizer's ids, learnt through its public
+    decode / token_to_id (cached per tokenizer in _KINDS):
+    - byte_ids: byte-fallback tokens (<0xE4>, ...) when the decoder turns them into bytes. Its
+      ByteFallback step makes one string of each run of them, valid UTF-8 as a whole or else one
+      U+FFFD per byte, so no part of a run's text is known before a non-byte token ends the run.
+    - transparent(tid): ids that decode leaves out (special tokens, ids past the vocabulary): they
+      add no text and do not separate their neighbours (bytes on either side still join)."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        found = {}
+        for b in range(256):
+            for name in {f"<0x{b:02X}>", f"<0x{b:02x}>"}:  # the decoder reads the hex either way
+                tid = tokenizer.token_to_id(name)
+                if tid is not None:
+                    found[tid] = b
+        # a vocabulary may spell such tokens without a decoder that converts them (then they are text)
+        t, b = next(iter(found.items()), (None, 0))
+        converts = t is not None and tokenizer.decode([t]) == bytes([b]).decode("utf-8", "replace")
+        self.byte_ids = frozenset(found) if converts else frozenset()
+        # an id with text of its own, for the transparency probe: the vocabulary's first such id (a
+        # vocabulary starts with a few special tokens at most)
+        self._witness = next((t for t in range(1024) if tokenizer.decode([t]) != ""), None)
+        self._transparent: dict[int, bool] = {}
+
+    def transparent(self, tid: int) -> bool:
+        known = self._transparent.get(tid)
+        if known is None:
+            known = self._transparent[tid] = self._probe(tid)
+        return known
+
+    def _probe(self, tid: int) -> bool:
+        if self.tok.decode([tid]) != "":
+            return False
+        # Empty alone: a special token, or text the decoder strips at the start ("▁" under a
+        # leading-space strip). Only the former leaves the text around it unchanged.
+        w = self._witness
+        return w is not None and self.tok.decode([w, tid, w]) == self.tok.decode([w, w])
+
+
+_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kinds_of(tokenizer) -> _TokenKinds:
+    kinds = _KINDS.get(tokenizer)
+    if kinds is None:
+        kinds = _KINDS[tokenizer] = _TokenKinds(tokenizer)
+    return kinds
+
+
+class _Detok:
+    """Incremental detokenization whose pieces add up to tokenizer.decode(all ids) for any ids, valid
+    UTF-8 or not (the prefix / read offsets of TGI's and vLLM's detokenizers, with final text decided
+    exactly). ids[:read] were emitted; `read` is a final boundary: no later id changes the text
+    before it. Each step decodes ids[prefix:] and emits what it adds to the decode of
+    ids[prefix:read]. That context (the ids emitted last) makes the new ids decode as they do
+    inside the whole sequence: a SentencePiece decode strips the leading space of its first token,
+    which falls in the context, not on a new token.
+
+    Where the text stops being final:
+    - a byte-fallback run (see _TokenKinds): the whole run is held until a non-byte token ends it;
+      its ids are not decoded while it grows, so each id is decoded a bounded number of times;
+    - a lossy byte decode (byte-level BPE): only a trailing U+FFFD can change, when it stands for an
+      incomplete character that later bytes complete or extend. A boundary k is final once ids
+      after it carry text and decode(ids[prefix:k]) + decode(ids[k:]) equals decode(ids[prefix:]):
+      bytes that extended a pending sequence would make that sum longer. A UTF-8 character spans at
+      most 4 bytes, so at most a few ids wait."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.kinds = _kinds_of(tokenizer)
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
 
     def push(self, tid: int) -> str:
+        if self.kinds.transparent(tid):
+            return ""
         self.ids.append(tid)
-        return self._advance(force=len(self.ids) - self.read >= _MAX_PENDING)
+        if tid in self.kinds.byte_ids:
+            return ""
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        return self._advance(force=True) if len(self.ids) > self.read else ""
+        return self._advance(final=True) if len(self.ids) > self.read else ""
 
-    def _advance(self, force: bool) -> str:
+    def _advance(self, final: bool) -> str:
         done = self.tok.decode(self.ids[self.prefix:self.read])
         text = self.tok.decode(self.ids[self.prefix:])
-        # hold back while the new ids end mid-character
-        if not force and text.endswith("\ufffd"):
-            return ""
+        end = len(self.ids)
+        if not final and not self.kinds.byte_ids and text.endswith("\ufffd"):
+            end, text = self._last_final_boundary(text, done)
         piece = text[len(done):]
-        # Ids that add no text (special tokens) do not become the whole context: a decode strips the
-        # leading space of its first text, which would then be the next token's space.
-        if piece or len(self.ids) - self.prefix >= _MAX_WINDOW:
-            self.prefix = self.read
-        self.read = len(self.ids)
+        if end > self.read:
+            # after a run-ending token the boundary before it is final too: that one id is context enough
+            ends_run = bool(self.kinds.byte_ids) and self.ids[end - 1] not in self.kinds.byte_ids
+            self.prefix, self.read = (end - 1 if ends_run else self.read), end
         return piece
+
+    def _last_final_boundary(self, text: str, done: str) -> tuple[int, str]:
+        """The last final boundary after `read` and the text before it; (read, done) if none."""
+        for k in range(len(self.ids) - 1, self.read, -1):
+            head, tail = self.tok.decode(self.ids[self.prefix:k]), self.tok.decode(self.ids[k:])
+            if tail and head + tail == text:
+                return k, head
+        return self.read, done
 
 
 class _RowText:
