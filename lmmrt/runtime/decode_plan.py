@@ -65,6 +65,11 @@ class EagerDecode:
         return self.module(tokens.clamp(min=0)[:, None], self.plan.decode_context(slot), self.cache, self.media,
                            logits_for="last")
 
+    def worth_compacting(self, steps_left: int) -> bool:
+        """Dropping rows costs a copy of the live rows' cache, about what one step reads: always
+        worth it with a step to go."""
+        return steps_left > 0
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep the batch rows `rows`: their KV cache rows are copied out (the pool's buffer is not
         written), so this is worth it only when many rows have finished."""

@@ -20,7 +20,11 @@ from lmmrt.runtime.decode_plan import DecodePlan, EagerDecode, gather_media
 from lmmrt.runtime.generation_args import check_generation_args
 from lmmrt.runtime.kv_cache import KVCache
 from lmmrt.runtime.sampling import NAN_TOKEN, apply_repetition_penalty, sample
-from lmmrt.runtime.static_decode import StaticDecodeStep, graph_capturable, length_bucket, uses_fixed_step
+from lmmrt.runtime.static_decode import FixedDecode, graph_capturable, length_bucket, uses_fixed_step
+
+# Finished rows are dropped once at most this fraction of the running batch is live: a compaction
+# copies the live rows' KV cache (about what one step reads), so it pays off when it drops many rows.
+COMPACT_LIVE_FRACTION = 0.5
 
 
 @dataclass
@@ -145,6 +149,11 @@ class _Clock:
     def seconds(self, start, end) -> float:
         return start.elapsed_time(end) / 1e3 if self.cuda else end - start
 
+    def wait(self, mark) -> None:
+        """Block the host until the device has passed `mark` (host marks: already passed)."""
+        if self.cuda:
+            mark.synchronize()
+
 
 @torch.inference_mode()
 def prompt_logits(model, prompts, images=None) -> list[torch.Tensor]:
@@ -206,16 +215,17 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
                                         stats=stats, clock=clock)
             seen = None if repetition_penalty == 1.0 else _prompt_tokens_seen(batch, logits.shape[-1])
             if use_graph:  # a CUDA graph per bucket, captured once per model and replayed
-                decode = state.graph_step(model, cache, media, batch.pad)
+                decode = FixedDecode(model, cache, media, batch.pad, state=state)
             else:
                 media.gathered = gather_media(module, media, model.backend)
                 if fixed:
-                    decode = StaticDecodeStep(model, cache, media, batch.pad, use_graph=False)
+                    decode = FixedDecode(model, cache, media, batch.pad, state=None)
                 else:
                     decode = EagerDecode(module, batch, cache, media)
         yield from _decode_loop(decode, logits, B, T, max_new_tokens, args.stop_ids, sample_kw=dict(
             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), seen=seen,
-            repetition_penalty=repetition_penalty, stats=stats, clock=clock, t0=t0, on_step=on_step)
+            repetition_penalty=repetition_penalty, stats=stats, clock=clock, t0=t0, on_step=on_step,
+            overlap=clock.cuda)
     finally:
         if pool is not None:
             pool.in_use = False
@@ -232,23 +242,36 @@ def _prompt_tokens_seen(batch: Batch, vocab: int) -> torch.Tensor:
     return seen
 
 
+def _sample(logits: torch.Tensor, kept: torch.Tensor | None, B: int, sample_kw: dict) -> torch.Tensor:
+    """sample() for the running rows, `kept` (their prompt indices, None before any was dropped).
+    A seeded sampler draws its noise for the whole (rows, vocab) tensor, so after a compaction the
+    running rows' logits go back to their places in a (B, vocab) tensor: each row then draws the
+    noise it would have drawn uncompacted, and a seeded run samples the same tokens either way."""
+    if kept is None or sample_kw["temperature"] <= 0.0 or sample_kw["generator"] is None:
+        return sample(logits, **sample_kw)
+    full = logits.new_zeros(B, logits.shape[-1]).index_copy_(0, kept, logits)
+    return sample(full, **sample_kw).index_select(0, kept)
+
+
 def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, *, sample_kw: dict, seen,
-                 repetition_penalty: float, stats: GenerationStats, clock: _Clock, t0: float, on_step):
-    """Sample, hand the tokens to the host, decode the next step; one host sync per step. On CUDA
-    the tokens go non-blocking into pinned memory and step k + 1 is queued before waiting for step
-    k's tokens, so the device never idles on the host's bookkeeping. Elsewhere the eager step drops
-    finished rows once at least half of the batch has finished (shapes there are free to change)."""
-    overlap = clock.cuda
-    host = torch.empty(B, dtype=torch.long, pin_memory=True) if overlap else None
-    compact = not overlap and isinstance(decode, EagerDecode)
+                 repetition_penalty: float, stats: GenerationStats, clock: _Clock, t0: float, on_step,
+                 overlap: bool):
+    """Sample, hand the tokens to the host, decode the next step; one host sync per step. With
+    `overlap` (on CUDA) the tokens go non-blocking into pinned memory and step k + 1 is queued
+    before waiting for step k's tokens, so the device never idles on the host's bookkeeping. Once at
+    most COMPACT_LIVE_FRACTION of the running rows are live, the finished ones are dropped (when
+    `decode` finds it worth it for the steps left): the live rows' tokens, or with overlap the
+    logits of the step already queued, are kept and `decode` selects their cache rows."""
+    host = torch.empty(B, dtype=torch.long, pin_memory=clock.cuda) if overlap else None
     rows = list(range(B))  # the prompt index of each row of the running batch
+    kept = None  # rows on the device, once some were dropped
     finished = [False] * B
     for step in range(max_new_tokens):
         last = step == max_new_tokens - 1
         with torch.inference_mode():
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            nxt = sample(logits, **sample_kw)
+            nxt = _sample(logits, kept, B, sample_kw)
             if seen is not None:
                 seen.scatter_(1, nxt.clamp(min=0)[:, None], True)
             if overlap:
@@ -257,7 +280,7 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
                 if not last:
                     logits = decode(nxt, T + step)
         if overlap:
-            copied.synchronize()
+            clock.wait(copied)
             toks = host[:len(rows)].tolist()
         else:
             toks = nxt.tolist()  # the one host sync per step
@@ -290,13 +313,21 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
             break
         if on_step is not None:
             on_step()
-        if not overlap:
-            with torch.inference_mode():
-                live = [i for i, b in enumerate(rows) if not finished[b]]
-                if compact and len(live) <= len(rows) // 2:
-                    keep = torch.tensor(live, device=nxt.device)
+        live = [i for i, b in enumerate(rows) if not finished[b]]
+        # decode calls to come: this step's (unless overlap queued it already) and those of the
+        # steps after this one but the last
+        steps_left = max_new_tokens - 1 - step - int(overlap)
+        with torch.inference_mode():
+            if len(live) <= COMPACT_LIVE_FRACTION * len(rows) and decode.worth_compacting(steps_left):
+                # non_blocking: a plain copy to the device would wait for the step overlap queued
+                keep = torch.tensor(live).to(nxt.device, non_blocking=True)
+                if overlap:
+                    logits = logits[keep]
+                else:
                     nxt = nxt[keep]
-                    seen = None if seen is None else seen[keep]
-                    decode.select(keep)
-                    rows = [rows[i] for i in live]
+                seen = None if seen is None else seen[keep]
+                decode.select(keep)
+                rows = [rows[i] for i in live]
+                kept = torch.tensor(rows).to(nxt.device, non_blocking=True)
+            if not overlap:
                 logits = decode(nxt, T + step)

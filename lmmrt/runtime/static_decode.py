@@ -15,6 +15,10 @@ the bucket refill before replaying; the pools only grow, and a graph over a real
 dropped. Capture needs every op of the step to be free of host syncs: the torch reference of the
 masked cross-attention reads `media_count.max()` on the host, so graphs are used only when that
 op resolves to a kernel (triton or cuda).
+
+FixedDecode runs one generation on this step and drops finished rows (`select`): their KV rows are
+copied to the front of the cache and a step of the smaller batch takes over, on CUDA the graph of
+that batch's bucket (captured on its first use, replayed afterwards).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from lmmrt.models.xattn import MediaContext
 from lmmrt.runtime.kv_cache import KVCache, KVCachePool
 
 MIN_LENGTH_BUCKET = 128
+
+# Dropping finished rows on the graph path may capture the smaller batch's graph: two warm-up steps
+# and the capture, a few steps' worth of work, which fewer remaining steps would not pay back.
+GRAPH_COMPACT_MIN_STEPS = 8
 
 
 def length_bucket(n: int) -> int:
@@ -193,3 +201,41 @@ class DecodeState:
         if mllama:
             step.media.text_time_first.copy_(media.text_time_first)
         return step
+
+
+class FixedDecode:
+    """The fixed-shape decode of one generation: (tokens (B,), int slot) -> logits (B, V), through the
+    graph of `state` (then `cache` is a view of its KV pool and `media` the call's own context) or
+    eagerly (`state` None; `media` carries its gathered keys). Finished rows can be dropped
+    (`select`), so they stop costing work."""
+
+    def __init__(self, model, cache: KVCache, media: MediaContext, pad: torch.Tensor, *,
+                 state: DecodeState | None):
+        self.model, self.cache, self.media, self.pad, self.state = model, cache, media, pad, state
+        self.step = self._new_step()
+
+    def _new_step(self) -> StaticDecodeStep:
+        if self.state is not None:
+            return self.state.graph_step(self.model, self.cache, self.media, self.pad)
+        return StaticDecodeStep(self.model, self.cache, self.media, self.pad, use_graph=False)
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.step(tokens, slot)
+
+    def worth_compacting(self, steps_left: int) -> bool:
+        """Whether dropping rows pays off with `steps_left` decode steps to go."""
+        return steps_left >= (GRAPH_COMPACT_MIN_STEPS if self.state is not None else 1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (1-D, ascending): their KV cache rows move to the front of the
+        cache, in place, so on the graph path the smaller batch is again a view of the pool (stream
+        order puts the copy after every step already queued)."""
+        n = rows.shape[0]
+        k, v = self.cache.k, self.cache.v
+        # gathered before the copy: the source and destination rows overlap
+        k[:, :n].copy_(k.index_select(1, rows))
+        v[:, :n].copy_(v.index_select(1, rows))
+        self.cache = KVCache(k[:, :n], v[:, :n])
+        self.media = self.media.select(rows)
+        self.pad = self.pad[rows]
+        self.step = self._new_step()
