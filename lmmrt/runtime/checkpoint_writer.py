@@ -54,6 +54,27 @@ class OutputIsSourceError(ValueError):
     """The output would overwrite, or be written into, one of the inputs."""
 
 
+class BadOutputPathError(ValueError):
+    """The output path can never be a checkpoint directory (empty, the file-system root, ...)."""
+
+
+def _output_path(out) -> Path:
+    """`out` as an absolute Path ("." and ".." resolved lexically: a link at `out` stays a link), or
+    a clear error for what cannot be one."""
+    if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
+        raise TypeError(f"the output path must be a str or a pathlib.Path, not {type(out).__name__} ({out!r})")
+    text = os.fspath(out)
+    if not text:  # abspath("") is the current directory, which nobody means by it
+        raise BadOutputPathError("the output path is empty; name the checkpoint directory to write")
+    if "\0" in text:
+        raise BadOutputPathError(f"the output path {text!r} holds a NUL character")
+    path = Path(os.path.abspath(text))
+    if path == path.parent:
+        raise BadOutputPathError(f"cannot write a checkpoint at {text}: it is the root of the file system; "
+                                 f"choose a directory below it")
+    return path
+
+
 def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
@@ -71,9 +92,13 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
-    it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError, or NotADirectoryError
-    when a file stands where a directory above `out` should be."""
-    out = Path(os.path.abspath(out))  # "." and ".." resolved lexically: a link at `out` stays a link
+    it). Returns `out` as a Path. Raises
+    OutputExistsError / OutputIsSourceError, NotADirectoryError when a file stands where a directory
+    above `out` should be, BadOutputPathError for an empty path or the root, TypeError for a path or
+    `force` of the wrong type."""
+    if not isinstance(force, bool):  # force="no" would count as true
+        raise TypeError(f"force must be True or False, not {force!r}")
+    out = _output_path(out)
     parent = next(p for p in out.parents if p.exists())  # the directory the output would be created in
     if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
         raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
@@ -191,7 +216,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     lmmrt Tokenizer). `sources`: the paths it is made from, never overwritten (see
     check_output_path); `force`: replace an existing output; `extra_files`: file name -> bytes
     written beside them (only the optional files of the format: chat_template.jinja). Returns the
-    output path."""
+    output path. An OSError names `out_dir` or the file in it being written, never the temporary
+    directory."""
     bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
     if bad:
         raise ValueError(f"extra checkpoint files {bad}: the format's optional files are {CHAT_TEMPLATE}")
@@ -199,8 +225,11 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
+        raise _write_error(e, out) from None
     current = tmp
     try:
         current = tmp / CONFIG
@@ -221,14 +250,18 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
         _fsync_dir(out.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        where = out / current.name if current.parent == tmp else out
-        err = OSError(_describe_failure(e, where))  # one plain sentence, errno kept for callers
-        err.errno = e.errno
-        raise err from None
+        raise _write_error(e, out / current.name if current.parent == tmp else out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_error(e: OSError, where: Path) -> OSError:
+    """One plain sentence naming `where`, of e's class (PermissionError, ...) and with its errno."""
+    err = (type(e) if type(e).__module__ == "builtins" else OSError)(_describe_failure(e, where))
+    err.errno = e.errno
+    return err
 
 
 def _replace(new: Path, out: Path) -> None:
