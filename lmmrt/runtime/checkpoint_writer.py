@@ -8,7 +8,9 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
 - writes into a temporary directory beside the target, fsyncs each file and the directory, then
   renames it into place: an existing checkpoint stays intact until the new one is complete;
 - on failure (a full disk, ...) removes the partial output and raises an OSError that says what
-  happened while writing which file.
+  happened while writing which file;
+- after a save that was killed (nothing ran to clean up), puts back a checkpoint it had moved aside
+  and deletes what it left (lmmrt/runtime/save_leftovers.py says what and when).
 
 model.safetensors is written here, tensor by tensor straight from the tensors' memory (the format
 is an 8-byte header length, a JSON header, then the raw bytes): no second copy of the model is
@@ -23,12 +25,22 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.xattn import GatedCrossAttention
+from lmmrt.runtime.save_leftovers import (
+    OLD,
+    PARTIAL,
+    PREVIOUS,
+    leftover_prefix,
+    lock_directory,
+    remove_stale_leftovers,
+    restore_interrupted_replace,
+)
 from lmmrt.runtime.weights import CHAT_TEMPLATE, CONFIG, TOKENIZER, WEIGHTS
 
 CHECKPOINT_FILES = frozenset({CONFIG, WEIGHTS, TOKENIZER, CHAT_TEMPLATE})
@@ -92,13 +104,18 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
-    it). Returns `out` as a Path. Raises
+    it). A target that a killed save left missing is first restored from where that save had moved
+    it (with a warning; save_leftovers.restore_interrupted_replace). Returns `out` as a Path. Raises
     OutputExistsError / OutputIsSourceError, NotADirectoryError when a file stands where a directory
     above `out` should be, BadOutputPathError for an empty path or the root, TypeError for a path or
     `force` of the wrong type."""
     if not isinstance(force, bool):  # force="no" would count as true
         raise TypeError(f"force must be True or False, not {force!r}")
     out = _output_path(out)
+    restored_from = restore_interrupted_replace(out)
+    if restored_from is not None:
+        warnings.warn(f"{out} was missing because a save replacing it was killed: moved its previous checkpoint "
+                      f"back from {restored_from}", stacklevel=2)
     parent = next(p for p in out.parents if p.exists())  # the directory the output would be created in
     if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
         raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
@@ -216,8 +233,13 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     lmmrt Tokenizer). `sources`: the paths it is made from, never overwritten (see
     check_output_path); `force`: replace an existing output; `extra_files`: file name -> bytes
     written beside them (only the optional files of the format: chat_template.jinja). Returns the
-    output path. An OSError names `out_dir` or the file in it being written, never the temporary
-    directory."""
+    output path.
+
+    A save killed midway (nothing ran to clean up) is dealt with by the next save of the same path:
+    a checkpoint it had moved aside while `out_dir` is missing is moved back first (replacing it
+    again needs force), and its partial output, or the old checkpoint it had replaced, is deleted
+    (lmmrt/runtime/save_leftovers.py: which directories, and when). An OSError names `out_dir` or
+    the file in it being written, never the temporary directory."""
     bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
     if bad:
         raise ValueError(f"extra checkpoint files {bad}: the format's optional files are {CHAT_TEMPLATE}")
@@ -227,11 +249,13 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        remove_stale_leftovers(out, checkpoint_files=CHECKPOINT_FILES)
+        tmp = Path(tempfile.mkdtemp(prefix=leftover_prefix(out), suffix=PARTIAL, dir=out.parent))
     except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
         raise _write_error(e, out) from None
-    current = tmp
+    current, lock = tmp, None
     try:
+        lock = lock_directory(tmp)  # until the end: a later save must not take it for a killed one's
         current = tmp / CONFIG
         write_bytes(current, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         current = tmp / WEIGHTS
@@ -254,6 +278,9 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     return out
 
 
@@ -265,18 +292,27 @@ def _write_error(e: OSError, where: Path) -> OSError:
 
 
 def _replace(new: Path, out: Path) -> None:
-    """Rename `new` to `out`. An existing `out` is first renamed aside and only deleted once `new`
-    is in place; if that fails it is put back."""
+    """Rename `new` to `out`. An existing `out` is first renamed aside (into `.NAME.*.old/previous`,
+    locked meanwhile) and only deleted once `new` is in place; if that fails it is put back. A
+    process killed in between leaves it there, for the next save to put back (save_leftovers)."""
     if not (out.is_symlink() or out.exists()):
         os.rename(new, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    aside = old / "previous"
-    os.rename(out, aside)
+    old = Path(tempfile.mkdtemp(prefix=leftover_prefix(out), suffix=OLD, dir=out.parent))
+    lock = lock_directory(old)
     try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(aside, out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old)  # removes a symlink `aside` itself, never what it points to
+        aside = old / PREVIOUS
+        try:
+            os.rename(out, aside)
+        except BaseException:
+            os.rmdir(old)
+            raise
+        try:
+            os.rename(new, out)
+        except BaseException:
+            os.rename(aside, out)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old)  # removes a symlink `aside` itself, never what it points to
+    finally:
+        os.close(lock)

@@ -7,6 +7,7 @@ unexpected or misshapen key. Only safetensors are read here: nothing is ever unp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from lmmrt.models.splice import SpliceModel, build_model
 from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
 from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_missing
+from lmmrt.runtime.save_leftovers import interrupted_previous
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -109,6 +111,10 @@ def read_tensor(f, key: str, path: Path) -> torch.Tensor:
 def read_config_json(path: Path) -> dict:
     reason = why_missing(path)
     if reason is not None:
+        previous = interrupted_previous(Path(os.path.abspath(path)))
+        if previous is not None:
+            raise FileNotFoundError(f"{reason}: a save that was replacing it was killed, and the checkpoint it held "
+                                    f"is at {previous} (move it back, or save to {path} again to restore it)")
         raise FileNotFoundError(f"{reason} ({CHECKPOINT_DIR_HINT})")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory ({CHECKPOINT_DIR_HINT})")

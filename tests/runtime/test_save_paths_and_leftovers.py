@@ -1,16 +1,27 @@
-"""Model.save's path edge cases get a clear error naming the path given."""
+"""Model.save's path edge cases get a clear error naming the path given, and what a killed save
+leaves beside its target is dealt with by the next save or load (lmmrt/runtime/save_leftovers.py).
+A kill is simulated by raising a BaseException at the point it would strike, with every clean-up
+after that point (renames back, rmtree) turned off, as a dead process runs none."""
 
 from __future__ import annotations
 
 import errno
 import os
 import re
+import shutil
 import tempfile
+import time
 
 import pytest
 from serve_util import tiny_model
 
-from lmmrt.runtime.checkpoint_writer import BadOutputPathError
+import lmmrt
+from lmmrt.runtime.checkpoint_writer import BadOutputPathError, OutputExistsError
+from lmmrt.runtime.save_leftovers import lock_directory
+
+
+class Killed(BaseException):
+    """What the process would have died of."""
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +31,15 @@ def model():
 
 def _snapshot(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _beside(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _age(path, seconds=3600):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
 
 
 def test_unwritable_parent_names_the_requested_path(model, tmp_path, monkeypatch):
@@ -76,3 +96,100 @@ def test_force_must_be_a_bool(model, tmp_path, force):
     with pytest.raises(TypeError, match=re.escape(f"force must be True or False, not {force!r}")):
         model.save(tmp_path / "ckpt", force=force)
     assert _snapshot(tmp_path / "ckpt") == before
+
+
+def _kill(monkeypatch, *, at_rename: int | None = None, at_rmtree_of: str | None = None, writing: bool = False):
+    """Patch the writer so that it dies at the given point: the at_rename-th os.rename, the rmtree of a
+    path ending in at_rmtree_of, or while writing the weights; nothing runs after that."""
+    real_rename, real_rmtree, state = os.rename, shutil.rmtree, {"renames": 0, "dead": False}
+
+    def die():
+        state["dead"] = True
+        raise Killed
+
+    def rename(a, b):
+        state["renames"] += 1
+        if state["dead"] or state["renames"] == at_rename:
+            die()
+        return real_rename(a, b)
+
+    def rmtree(path, *a, **k):
+        if state["dead"]:
+            return None
+        if at_rmtree_of is not None and str(path).endswith(at_rmtree_of):
+            die()
+        return real_rmtree(path, *a, **k)
+
+    def write_safetensors(*a, **k):
+        die()
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    if writing:
+        monkeypatch.setattr("lmmrt.runtime.checkpoint_writer.write_safetensors", write_safetensors)
+
+
+def test_a_killed_saves_partial_is_removed_by_the_next_save(model, tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _kill(m, writing=True)
+        model.save(out)
+    [stale] = [tmp_path / n for n in _beside(out)]
+    assert stale.name.endswith(".partial") and not out.exists()
+    _age(stale)
+    # what must stay: another target's, not named by mkdtemp, holding a foreign file, too new, locked
+    keep = [tmp_path / ".other.abcdefgh.partial", tmp_path / ".ckpt.mine.partial", tmp_path / ".ckpt.zzzzzzzz.partial"]
+    for p in keep:
+        p.mkdir()
+        _age(p)
+    (keep[2] / "notes.txt").write_text("not a checkpoint file")
+    fresh = tmp_path / ".ckpt.freshnew.partial"
+    fresh.mkdir()
+    locked = tmp_path / ".ckpt.lockedxx.partial"
+    locked.mkdir()
+    _age(locked)
+    fd = lock_directory(locked)
+    try:
+        model.save(out)
+    finally:
+        os.close(fd)
+    assert not stale.exists() and out.is_dir()
+    assert all(p.exists() for p in [*keep, fresh, locked])
+
+
+def test_a_kill_between_the_two_renames_is_restored_by_the_next_save(model, tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    tiny_model("llava", seed=9).save(out)
+    old = _snapshot(out)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _kill(m, at_rename=2)  # the first moved the old checkpoint aside; the new one never arrives
+        model.save(out, force=True)
+    assert not out.exists()
+    [previous] = [p / "previous" for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"was killed, and the checkpoint it held is at {previous}")):
+        lmmrt.load(out, device="cpu")
+    with pytest.warns(UserWarning, match=re.escape(f"moved its previous checkpoint back from {previous}")):
+        with pytest.raises(OutputExistsError, match="already exists"):  # the old one is back: replacing it needs force
+            model.save(out)
+    assert _snapshot(out) == old
+    for name in _beside(out):
+        _age(tmp_path / name)
+    model.save(out, force=True)
+    assert _beside(out) == [] and _snapshot(out) != old
+
+
+def test_a_kill_before_the_old_checkpoint_is_deleted_is_cleaned_by_the_next_forced_save(model, tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    tiny_model("llava", seed=9).save(out)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _kill(m, at_rmtree_of=".old")
+        model.save(out, force=True)
+    new = _snapshot(out)
+    [old] = _beside(out)
+    assert old.endswith(".old")
+    _age(tmp_path / old)
+    with pytest.raises(OutputExistsError):
+        model.save(out)
+    assert _beside(out) == [old]  # a refused save touches nothing
+    model.save(out, force=True)
+    assert _beside(out) == [] and _snapshot(out) == new
