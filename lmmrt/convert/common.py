@@ -5,6 +5,7 @@ and checking the result against the model lmmrt will build, naming every bad key
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import re
 import warnings
@@ -196,10 +197,16 @@ def _dry_run_shape(shapes: list[tuple], transform, reshape_to) -> tuple:
     return tuple(t.shape)
 
 
+# lmmrt's fused projections (q/k/v, k/v, gate/up), whose parts each have a fixed share of the rows
+_FUSED_PROJECTIONS = frozenset({"wqkv", "wkv", "cross_wkv", "w13", "ff_w13"})
+
+
 def _part_rows(name: str, n_parts: int, want: tuple | None, cfg: ModelConfig) -> list[int] | None:
-    """The rows each part of a fused tensor should have: the decoder's q/k/v by its (grouped)
-    heads, any other fused tensor (gate/up, k/v, CLIP's q/k/v) in equal parts."""
-    if want is None or not want:
+    """The rows each part of a fused projection should have: the decoder's q/k/v by its (grouped)
+    heads, any other (gate/up, k/v, CLIP's q/k/v) in equal parts. None for other concatenations (a
+    vocabulary and its added rows), whose split the model does not fix."""
+    module = name.rsplit(".", 2)[-2] if name.count(".") else ""  # "decoder.layers.0.wqkv.weight" -> "wqkv"
+    if not want or module not in _FUSED_PROJECTIONS:
         return None
     d = cfg.decoder
     if n_parts == 3 and name.startswith("decoder.layers.") and ".wqkv." in name:
@@ -207,47 +214,59 @@ def _part_rows(name: str, n_parts: int, want: tuple | None, cfg: ModelConfig) ->
     return [want[0] // n_parts] * n_parts if want[0] % n_parts == 0 else None
 
 
-def _odd_parts(shapes: list[tuple], want: tuple | None, rows: list[int] | None) -> list[int]:
-    """Which parts of a fused tensor are the misshapen ones: trailing dims unlike the target's, or
-    rows unlike the part's share."""
-    bad = [i for i, s in enumerate(shapes) if want is not None and tuple(s[1:]) != tuple(want[1:])]
-    if rows is not None:
-        bad += [i for i, s in enumerate(shapes) if i not in bad and (not s or s[0] != rows[i])]
-    return bad
+def _misshapen_parts(shapes: list[tuple], want: tuple, rows: list[int] | None) -> dict[int, str]:
+    """The misshapen parts of a fused tensor, each with the shape it should have: the target's trailing
+    dims, and its share of the rows (shown as ? when the rows have no known split)."""
+    odd = {}
+    for i, s in enumerate(shapes):
+        share_ok = rows is None or (len(s) > 0 and s[0] == rows[i])
+        if tuple(s[1:]) != tuple(want[1:]) or not share_ok:
+            share = "?" if rows is None else str(rows[i])
+            odd[i] = f"({', '.join([share, *map(str, want[1:])])}{',' if len(want) == 1 else ''})"
+    return odd
 
 
 def _shape_problem(name: str, srcs: list[str], shapes: list[tuple], want: tuple | None, transform,
                    reshape_to, cfg: ModelConfig) -> str | None:
+    """What is wrong with the sources of one lmmrt tensor, or None: the combined shape, and each part of
+    a fused tensor against its share (parts of the right total but split wrongly would convert into a
+    model that computes something else)."""
     try:
         got = _dry_run_shape(shapes, transform, reshape_to)
-        if want is None or got == want:
-            return None
-        reason = f"they make {got}"
+        reason = None if want is None or got == want else f"they make {got}"
     except ValueError as e:
         reason = f"they cannot be combined ({e})"
-    fused = len(srcs) > 1 and transform is None  # a transform (NeoX's interleaved q/k/v) reorders rows
-    odd = set(_odd_parts(shapes, want, _part_rows(name, len(srcs), want, cfg))) if fused else set()
+    # a transform (NeoX's interleaved q/k/v) reorders rows and a reshape regroups them: no part has a share
+    fused = len(srcs) > 1 and transform is None and reshape_to is None and bool(want)
+    odd = _misshapen_parts(shapes, want, _part_rows(name, len(srcs), want, cfg)) if fused else {}
+    if reason is None and not odd:
+        return None
     parts = ", ".join(f"{s} {tuple(shp)}{' <- misshapen' if i in odd else ''}"
                       for i, (s, shp) in enumerate(zip(srcs, shapes)))
+    if reason is None:
+        reason = "the total is right, but the rows are split wrongly between the parts"
+    if odd:  # each part by what follows the parts' common prefix (q_proj.weight, up_proj.weight)
+        common = os.path.commonprefix(srcs).rfind(".") + 1
+        reason += "; expected " + ", ".join(f"{srcs[i][common:]} {shape}" for i, shape in odd.items())
     return f"{name} needs {want}: from {parts}: {reason}"
 
 
-def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConfig, *,
-                  ignored_prefixes=(), dtype: torch.dtype | None = None, progress: bool = True,
-                  reshape: dict[str, tuple] | None = None, transforms: dict | None = None) -> dict[str, torch.Tensor]:
-    """Apply a weight map: each lmmrt tensor is the concatenation (dim 0) of its sources, optionally
-    transformed, then reshaped. Before reading any tensor, the shapes are checked on meta tensors;
-    one CheckpointError then names every missing source key, every source key left unused and
-    every misshapen source (the parts of a fused q/k/v or gate/up with their shapes)."""
+def check_source(src: SourceWeights, wmap: dict[str, list[str]], model: torch.nn.Module, cfg: ModelConfig, *,
+                 ignored_prefixes=(), reshape: dict[str, tuple] | None = None, transforms: dict | None = None,
+                 source_shapes: dict[str, tuple] | None = None) -> None:
+    """Check a source against the weight map before any tensor is read (shapes only, on meta tensors):
+    one CheckpointError names every missing source key, every source key left unused and every
+    misshapen source (the parts of a fused q/k/v or gate/up with their shapes and their shares).
+    model: the model `cfg` builds (on meta), whose tensors the map makes; source_shapes: the shapes of
+    sources that are folded into other tensors rather than mapped (e.g. gates), which the map cannot tell."""
     reshape = reshape or {}
     transforms = transforms or {}
-    needed = {s for srcs in wmap.values() for s in srcs}
+    source_shapes = source_shapes or {}
+    needed = {s for srcs in wmap.values() for s in srcs} | set(source_shapes)
     missing = sorted(s for s in needed if s not in src)
     unused = sorted(k for k in src.keys() if k not in needed and not k.startswith(tuple(ignored_prefixes))
                     and not k.endswith(("rotary_emb.inv_freq", "embeddings.position_ids", "masked_bias",
                                         ".attn.bias", "attention.bias", "attention.masked_bias")))
-    with torch.device("meta"):
-        model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     misshapen = []
     for name, srcs in wmap.items():
@@ -256,12 +275,27 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
                                      transforms.get(name), reshape.get(name), cfg)
             if problem is not None:
                 misshapen.append(problem)
+    misshapen += [f"{s}: shape {src.shape(s)}, expected {tuple(want)}" for s, want in source_shapes.items()
+                  if s in src and tuple(src.shape(s)) != tuple(want)]
     if missing or unused or misshapen:
         msg = describe_key_problems(missing, unused, [], "the source checkpoint")
         msg += "".join(f"\n  {line}" for line in misshapen[:20])
         if len(misshapen) > 20:
             msg += f"\n  ... and {len(misshapen) - 20} more misshapen tensors"
         raise CheckpointError(msg)
+
+
+def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConfig, *,
+                  ignored_prefixes=(), dtype: torch.dtype | None = None, progress: bool = True,
+                  reshape: dict[str, tuple] | None = None, transforms: dict | None = None) -> dict[str, torch.Tensor]:
+    """Apply a weight map: each lmmrt tensor is the concatenation (dim 0) of its sources, optionally
+    transformed, then reshaped. Before reading any tensor, the source is checked (check_source: one
+    CheckpointError naming every missing, unused or misshapen source tensor)."""
+    reshape = reshape or {}
+    transforms = transforms or {}
+    with torch.device("meta"):
+        model = build_model(cfg)
+    check_source(src, wmap, model, cfg, ignored_prefixes=ignored_prefixes, reshape=reshape, transforms=transforms)
     out: dict[str, torch.Tensor] = {}
     items = list(wmap.items())
     if progress:
