@@ -20,10 +20,11 @@ from collections.abc import Mapping
 
 import torch
 
-from lmmrt.convert.common import llama_layer_map
-from lmmrt.convert.mllama_vision import mllama_vision_config, mllama_vision_state
+from lmmrt.convert.common import SourceWeights, check_source, llama_layer_map
+from lmmrt.convert.mllama_vision import mllama_vision_config, mllama_vision_layout, mllama_vision_state
 from lmmrt.errors import CheckpointError, ConfigError
 from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, DecoderConfig, ModelConfig, XAttnConfig
+from lmmrt.models.splice import build_model
 
 IMAGE_TOKEN = "<|image|>"
 # MllamaTextConfig's defaults for fields a config.json leaves out
@@ -141,25 +142,52 @@ def text_weight_map(layers: int, cross: set[int], lm: str, head: str) -> dict[st
     return m
 
 
-def mllama_state_from_hf(hf_state: Mapping[str, torch.Tensor], *,
-                         cross_attention_layers: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """A transformers Mllama state dict (either key spelling; any Mapping, each tensor read once) ->
-    lmmrt's MllamaModel state, the layer layout read from the names (a text layer with a
-    cross_attn_attn_gate is a cross-attention layer). Tensors keep the source dtype. A missing
-    source tensor is a CheckpointError naming them; the caller checks the shapes against the model
-    (lmmrt.runtime.weights.check_state). cross_attention_layers: the config's; when given, the
-    layout of the weights must be that one (the shapes alone cannot tell a block moved to another
-    layer, which would convert into a silently wrong model)."""
-    lm, vision, projector, head = _spelling(hf_state)
+def _text_layout(names, lm: str) -> tuple[int, set[int]]:
+    """(HF's text layer count, its cross-attention layers) read from the tensor names: a text layer with
+    a cross_attn_attn_gate is a cross-attention layer."""
     layer = re.compile(re.escape(lm) + r"layers\.(\d+)\.")
-    layers = 1 + max((int(m.group(1)) for k in hf_state.keys() if (m := layer.match(k))), default=-1)
-    cross = {i for i in range(layers) if f"{lm}layers.{i}.cross_attn_attn_gate" in hf_state}
-    if cross_attention_layers is not None and sorted(cross_attention_layers) != sorted(cross):
-        raise CheckpointError(f"text_config.cross_attention_layers = {sorted(cross_attention_layers)}, but the "
-                              f"weights have cross-attention layers (cross_attn_attn_gate) at {sorted(cross)}")
+    names = set(names)
+    layers = 1 + max((int(m.group(1)) for k in names if (m := layer.match(k))), default=-1)
+    return layers, {i for i in range(layers) if f"{lm}layers.{i}.cross_attn_attn_gate" in names}
+
+
+def _weight_map(layers: int, cross: set[int], spelling: tuple[str, str, str, str]) -> dict[str, list[str]]:
+    """text_weight_map and the projector: every lmmrt tensor but the vision encoder's."""
+    lm, _, projector, head = spelling
     wmap = text_weight_map(layers, cross, lm, head)
     wmap["projector.weight"] = [projector + "weight"]
     wmap["projector.bias"] = [projector + "bias"]
+    return wmap
+
+
+def check_mllama_source(src: SourceWeights, cfg: ModelConfig) -> None:
+    """A Llama 3.2 Vision source against the model `cfg` builds, before any tensor is read: its
+    cross-attention layers must be the config's (the shapes alone cannot tell a block moved to another
+    layer, which would convert into a silently wrong model); then one CheckpointError
+    (lmmrt.convert.common.check_source) names every missing, unused or misshapen source tensor, the
+    parts of the fused q/k/v, k/v and gate/up included."""
+    spelling = _spelling(src)
+    cross = [c + k for k, c in enumerate(cfg.xattn.layers)]  # HF's indices, back from placement()
+    _, found = _text_layout(src.keys(), spelling[0])
+    if sorted(found) != cross:
+        raise CheckpointError(f"text_config.cross_attention_layers = {cross}, but the weights have "
+                              f"cross-attention layers (cross_attn_attn_gate) at {sorted(found)}")
+    wmap = _weight_map(cfg.decoder.layers + len(cross), set(cross), spelling)
+    vision_map, folded = mllama_vision_layout(cfg.vision, spelling[1], out_prefix="vision.")
+    wmap.update(vision_map)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    check_source(src, wmap, model, cfg, source_shapes=folded)
+
+
+def mllama_state_from_hf(hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers Mllama state dict (either key spelling; any Mapping, each tensor read once) ->
+    lmmrt's MllamaModel state, the layer layout read from the names. Tensors keep the source dtype. A
+    missing source tensor is a CheckpointError naming them; the shapes are the caller's to check
+    (check_mllama_source before, or lmmrt.runtime.weights.check_state after)."""
+    spelling = _spelling(hf_state)
+    layers, cross = _text_layout(hf_state.keys(), spelling[0])
+    wmap = _weight_map(layers, cross, spelling)
     missing = sorted(s for srcs in wmap.values() for s in srcs if s not in hf_state)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -168,5 +196,5 @@ def mllama_state_from_hf(hf_state: Mapping[str, torch.Tensor], *,
     for name, srcs in wmap.items():
         parts = [hf_state[s] for s in srcs]
         state[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    state.update(mllama_vision_state(hf_state, vision, out_prefix="vision."))
+    state.update(mllama_vision_state(hf_state, spelling[1], out_prefix="vision."))
     return state

@@ -7,8 +7,8 @@ model.safetensors.index.json; the hub's own spelling "language_model.model.*" an
 4.52's "model.language_model.*" both work), tokenizer.json, whose <|image|> token must be the
 config's image_token_index, the chat template (chat_template.jinja, chat_template.json, or
 tokenizer_config.json's), which is kept, and preprocessor_config.json's image mean and std. Each
-source tensor is read once, when the mapping asks for it; a missing one is a CheckpointError naming
-it, and so is a source tensor the mapping leaves unread (a layout this converter does not know would
+source tensor is read once, when the mapping asks for it; before any is read, one CheckpointError
+names every missing, misshapen or unused source tensor (a layout this converter does not know would
 otherwise lose weights silently).
 """
 
@@ -28,7 +28,7 @@ from lmmrt.convert.common import (
     warn_no_tokenizer,
 )
 from lmmrt.convert.llava import _chat_template as chat_template
-from lmmrt.convert.mllama import mllama_config_from_hf, mllama_state_from_hf
+from lmmrt.convert.mllama import check_mllama_source, mllama_config_from_hf, mllama_state_from_hf
 from lmmrt.errors import CheckpointError
 from lmmrt.models.config import ModelConfig
 from lmmrt.models.splice import build_model
@@ -37,13 +37,11 @@ from lmmrt.runtime.safetensors_file import check_readable
 from lmmrt.runtime.weights import CHAT_TEMPLATE, FiniteCheck, check_state
 
 IMAGE_TOKEN = "<|image|>"
-# the source's own bookkeeping, which no lmmrt tensor is made from
-_NEVER_READ = ("rotary_emb.inv_freq",)
 
 
 class SourceTensors(Mapping):
     """The source checkpoint's tensors by name, each read from its file when asked for. A name that is
-    not there is a CheckpointError naming it and the directory; `unread()` lists what nobody asked for."""
+    not there is a CheckpointError naming it and the directory."""
 
     def __init__(self, weights: SourceWeights, src: Path, progress: bool):
         self._weights, self._src = weights, src
@@ -74,9 +72,6 @@ class SourceTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._weights.keys())
-
-    def unread(self) -> list[str]:
-        return sorted(k for k in self._weights.keys() if k not in self._read and not k.endswith(_NEVER_READ))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -132,17 +127,13 @@ def mllama_source(src_dir: str | Path, *, dtype: torch.dtype | None = None, prog
                                model_type="mllama", expected_note=" (MllamaForConditionalGeneration)")
     cfg = _with_preprocessor(mllama_config_from_hf(hf), src)
     tok = _tokenizer(src, cfg)
-    tensors = SourceTensors(SourceWeights.open(src), src, progress)
+    weights = SourceWeights.open(src)
+    check_mllama_source(weights, cfg)  # every missing, unused or misshapen tensor, before any is read
+    tensors = SourceTensors(weights, src, progress)
     try:
-        cross = [c + k for k, c in enumerate(cfg.xattn.layers)]  # HF's indices, back from placement()
-        state = mllama_state_from_hf(tensors, cross_attention_layers=cross)
+        state = mllama_state_from_hf(tensors)
     finally:
         tensors.close()
-    unread = tensors.unread()
-    if unread:
-        raise CheckpointError(f"{src}: {len(unread)} source tensor(s) that no lmmrt weight is made from (not a "
-                              f"Llama 3.2 Vision layout this converter knows): {', '.join(unread[:10])}"
-                              + (" ..." if len(unread) > 10 else ""))
     with torch.device("meta"):
         check_state({k: tuple(v.shape) for k, v in state.items()}, build_model(cfg), "the converted state")
     finite = FiniteCheck()  # the loader's check: a NaN source is refused now, not at load

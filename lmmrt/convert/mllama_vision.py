@@ -77,6 +77,60 @@ def _layer_count(names, pattern: str) -> int:
     return 1 + max((int(m.group(1)) for k in names if (m := rx.match(k))), default=-1)
 
 
+def _weight_map(layers: int, global_layers: int) -> dict[str, list[str]]:
+    """The encoder's tensors that are source tensors as they are, or concatenated (q/k/v), by name
+    (both sides relative to their prefixes); a global layer's wo and fc2 are then scaled by its gates,
+    which keeps their shapes."""
+    m = {"patch_embed.weight": ["patch_embedding.weight"], "class_embed": ["class_embedding"]}
+    for ours, theirs in (("ln_pre", "layernorm_pre"), ("ln_post", "layernorm_post")):
+        for s in ("weight", "bias"):
+            m[f"{ours}.{s}"] = [f"{theirs}.{s}"]
+    for i in range(layers + global_layers):
+        local = i < layers
+        src = f"transformer.layers.{i}." if local else f"global_transformer.layers.{i - layers}."
+        dst = f"blocks.{i}." if local else f"global_blocks.{i - layers}."
+        m[dst + "wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        m[dst + "wo.weight"] = [src + "self_attn.o_proj.weight"]
+        for s in ("weight", "bias"):
+            m[dst + f"fc1.{s}"] = [src + f"mlp.fc1.{s}"]
+            m[dst + f"fc2.{s}"] = [src + f"mlp.fc2.{s}"]
+            m[dst + f"ln1.{s}"] = [src + f"input_layernorm.{s}"]
+            m[dst + f"ln2.{s}"] = [src + f"post_attention_layernorm.{s}"]
+    return m
+
+
+_EMBEDDING_SOURCES = ("gated_positional_embedding.gate", "gated_positional_embedding.embedding",
+                      "gated_positional_embedding.tile_embedding.weight", "pre_tile_positional_embedding.gate",
+                      "pre_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.gate",
+                      "post_tile_positional_embedding.embedding.weight")
+
+
+def _folded_sources(global_layers: int) -> list[str]:
+    """The source tensors folded into others: the positional embeddings and every tanh gate."""
+    return [*_EMBEDDING_SOURCES] + [f"global_transformer.layers.{i}.{g}" for i in range(global_layers)
+                                    for g in ("gate_attn", "gate_ffn")]
+
+
+def _folded_shape(name: str, config: VisionConfig) -> tuple:
+    """The shape transformers gives a folded source: (1,) for a gate; the tile embeddings have a row per
+    aspect-ratio id (0 for none), each every tile's tokens (or one vector per tile) flattened."""
+    if name.endswith(("gate", "gate_attn", "gate_ffn")):
+        return (1,)
+    ids, tiles, tokens, d = len(config.supported_aspect_ratios) + 1, config.max_num_tiles, config.tile_tokens, config.width
+    return {"gated_positional_embedding.embedding": (tokens, d),
+            "gated_positional_embedding.tile_embedding.weight": (ids, tiles * tokens * d)}.get(name, (ids, tiles * d))
+
+
+def mllama_vision_layout(config: VisionConfig, prefix: str, *,
+                         out_prefix: str = "") -> tuple[dict[str, list[str]], dict[str, tuple]]:
+    """What lmmrt.convert.common.check_source needs to check a source's vision tensors (names under
+    `prefix`) before any is read: the weight map of the tensors made by copying or concatenating (to
+    names after `out_prefix`), and the shape each folded source (embeddings, gates) must have."""
+    wmap = {out_prefix + k: [prefix + s for s in srcs]
+            for k, srcs in _weight_map(config.layers, config.global_layers).items()}
+    return wmap, {prefix + n: _folded_shape(n, config) for n in _folded_sources(config.global_layers)}
+
+
 def mllama_vision_state(hf_state: Mapping[str, torch.Tensor], prefix: str, *,
                         config: VisionConfig | None = None, out_prefix: str = "") -> dict[str, torch.Tensor]:
     """The vision tensors of a transformers Mllama state dict (names under `prefix`) -> lmmrt's
@@ -90,7 +144,8 @@ def mllama_vision_state(hf_state: Mapping[str, torch.Tensor], prefix: str, *,
     else:
         layers = _layer_count(names, r"transformer\.layers\.(\d+)\.")
         global_layers = _layer_count(names, r"global_transformer\.layers\.(\d+)\.")
-    wanted = _source_names(layers, global_layers)
+    wmap = _weight_map(layers, global_layers)
+    wanted = [s for srcs in wmap.values() for s in srcs] + _folded_sources(global_layers)
     missing = [prefix + n for n in wanted if prefix + n not in hf_state]
     unused = sorted(prefix + n for n in set(names) - set(wanted))
     if missing or unused:
@@ -103,8 +158,10 @@ def mllama_vision_state(hf_state: Mapping[str, torch.Tensor], prefix: str, *,
         return torch.tanh(get(name).float())
 
     try:
-        state = _folded_embeddings(get, tanh)
-        state.update(_layers(get, tanh, layers, global_layers))
+        state = {dst: get(srcs[0]) if len(srcs) == 1 else torch.cat([get(s) for s in srcs])
+                 for dst, srcs in wmap.items()}
+        _fold_layer_gates(state, tanh, global_layers)
+        state.update(_folded_embeddings(get, tanh))
     except RuntimeError as e:  # tensors whose sizes do not fit together (a reshape or concatenation fails)
         raise CheckpointError(f"the Mllama vision weights ({prefix}*) do not fit together: "
                               f"{str(e).splitlines()[0]}") from None
@@ -113,45 +170,17 @@ def mllama_vision_state(hf_state: Mapping[str, torch.Tensor], prefix: str, *,
     return {out_prefix + k: v.contiguous() for k, v in state.items()}
 
 
-def _layers(get, tanh, layers: int, global_layers: int) -> dict[str, torch.Tensor]:
-    """blocks.* (the local layers) and global_blocks.* (tanh gates folded into wo and fc2)."""
-    state = {}
-    for i in range(layers + global_layers):
-        local = i < layers
-        src = f"transformer.layers.{i}." if local else f"global_transformer.layers.{i - layers}."
-        dst = f"blocks.{i}." if local else f"global_blocks.{i - layers}."
-        state[dst + "wqkv.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        state[dst + "fc1.weight"] = get(src + "mlp.fc1.weight")
-        state[dst + "fc1.bias"] = get(src + "mlp.fc1.bias")
-        for s in ("weight", "bias"):
-            state[dst + f"ln1.{s}"] = get(src + f"input_layernorm.{s}")
-            state[dst + f"ln2.{s}"] = get(src + f"post_attention_layernorm.{s}")
-        attn_gate = 1.0 if local else tanh(src + "gate_attn")
-        ffn_gate = 1.0 if local else tanh(src + "gate_ffn")
-        for name, g, key in (("wo.weight", attn_gate, "self_attn.o_proj.weight"),
-                             ("fc2.weight", ffn_gate, "mlp.fc2.weight"), ("fc2.bias", ffn_gate, "mlp.fc2.bias")):
-            t = get(src + key)
-            state[dst + name] = t if local else (t.float() * g).to(t.dtype)
-    return state
-
-
-def _source_names(layers: int, global_layers: int) -> list[str]:
-    names = ["patch_embedding.weight", "class_embedding", "gated_positional_embedding.gate",
-             "gated_positional_embedding.embedding", "gated_positional_embedding.tile_embedding.weight",
-             "layernorm_pre.weight", "layernorm_pre.bias", "layernorm_post.weight", "layernorm_post.bias"]
-    for which in ("pre", "post"):
-        names += [f"{which}_tile_positional_embedding.gate", f"{which}_tile_positional_embedding.embedding.weight"]
-    layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [
-        f"{part}.{s}" for part in ("mlp.fc1", "mlp.fc2", "input_layernorm", "post_attention_layernorm")
-        for s in ("weight", "bias")]
-    names += [f"transformer.layers.{i}.{n}" for i in range(layers) for n in layer]
-    names += [f"global_transformer.layers.{i}.{n}" for i in range(global_layers)
-              for n in layer + ["gate_attn", "gate_ffn"]]
-    return names
+def _fold_layer_gates(state: dict[str, torch.Tensor], tanh, global_layers: int) -> None:
+    """A global layer's wo *= tanh(gate_attn), fc2 (weight and bias) *= tanh(gate_ffn), in place."""
+    for i in range(global_layers):
+        src, dst = f"global_transformer.layers.{i}.", f"global_blocks.{i}."
+        for name, gate in (("wo.weight", "gate_attn"), ("fc2.weight", "gate_ffn"), ("fc2.bias", "gate_ffn")):
+            t = state[dst + name]
+            state[dst + name] = (t.float() * tanh(src + gate)).to(t.dtype)
 
 
 def _folded_embeddings(get, tanh) -> dict[str, torch.Tensor]:
-    """patch_embed, class_embed, position_embed (R+1, T, P, d), post_tile_embed (R+1, T, d), ln_pre, ln_post."""
+    """position_embed (R+1, T, P, d) and post_tile_embed (R+1, T, d), their gates folded."""
     pos = get("gated_positional_embedding.embedding")
     p, d = pos.shape
     g = tanh("gated_positional_embedding.gate")
@@ -162,12 +191,7 @@ def _folded_embeddings(get, tanh) -> dict[str, torch.Tensor]:
     table[:, :, 1:] += tanh("pre_tile_positional_embedding.gate") * pre[:, :, None]
     post = get("post_tile_positional_embedding.embedding.weight")
     post_folded = tanh("post_tile_positional_embedding.gate") * post.float().view(table.shape[0], table.shape[1], d)
-    state = {"patch_embed.weight": get("patch_embedding.weight"), "class_embed": get("class_embedding"),
-             "position_embed": table.to(pos.dtype), "post_tile_embed": post_folded.to(post.dtype)}
-    for ours, theirs in (("ln_pre", "layernorm_pre"), ("ln_post", "layernorm_post")):
-        for s in ("weight", "bias"):
-            state[f"{ours}.{s}"] = get(f"{theirs}.{s}")
-    return state
+    return {"position_embed": table.to(pos.dtype), "post_tile_embed": post_folded.to(post.dtype)}
 
 
 def _check_shapes(state: dict[str, torch.Tensor], config: VisionConfig, prefix: str) -> None:
