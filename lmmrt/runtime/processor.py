@@ -36,18 +36,19 @@ def check_pil_mode(img, where: str) -> None:
 
 
 def pil_to_rgb(img, *, on_white: bool, where: str):
-    """A PIL image in RGB. on_white: composite transparency (an alpha band, or a palette / grey
-    image's transparent colour) onto white, as transformers' processors do; else .convert("RGB"),
-    which drops the alpha, as open_clip's transform does."""
+    """A PIL image in RGB. on_white: composite transparency (an alpha band, or a palette / grey / RGB
+    image's transparent colour, a PNG's tRNS) onto white, as transformers' convert_to_rgb does, an RGB
+    image with a transparent colour included; else .convert("RGB"), which drops the alpha, as
+    open_clip's transform does."""
     from PIL import Image
 
     check_pil_mode(img, where)
-    if img.mode == "RGB":
-        return img
     try:
         if on_white and ("A" in img.getbands() or img.info.get("transparency") is not None):
             rgba = img.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        if img.mode == "RGB":
+            return img
         return img.convert("RGB")
     except ValueError as e:  # e.g. a mode PIL has no conversion to RGB for
         raise ValueError(f"{where}: cannot convert a PIL image of mode {img.mode!r} to RGB ({e})") from None

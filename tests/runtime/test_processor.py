@@ -107,7 +107,9 @@ def test_transparent_images_match_transformers_idefics(kind):
     ref = _as_tensor(IdeficsImageProcessorPil(image_size=56).preprocess([img], return_tensors="pt"))
     ours = preprocess_images([img], VisionConfig(image_size=56, patch_size=14, resize="resize"))[0]
     assert (ours - ref.float()).abs().max() < 1e-6
-    dropped = preprocess_images([img.convert("RGB")], VisionConfig(image_size=56, patch_size=14, resize="resize"))[0]
+    # as an array: PIL's convert("RGB") keeps a palette's transparent colour as an RGB key
+    dropped = preprocess_images([np.array(img.convert("RGB"))], VisionConfig(image_size=56, patch_size=14,
+                                                                             resize="resize"))[0]
     assert (ours - dropped).abs().max() > 0.1  # the alpha did matter
 
 
