@@ -60,7 +60,10 @@ _KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _kinds_of(tokenizer) -> _TokenKinds:
-    kinds = _KINDS.get(tokenizer)
+    try:
+        kinds = _KINDS.get(tokenizer)
+    except TypeError:  # an object that takes no weak reference: learnt again for each row
+        return _TokenKinds(tokenizer)
     if kinds is None:
         kinds = _KINDS[tokenizer] = _TokenKinds(tokenizer)
     return kinds

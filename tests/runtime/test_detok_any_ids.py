@@ -161,3 +161,11 @@ def test_stream_and_results_agree_on_any_ids(tokenizer, monkeypatch):
         streamed[b] += piece
     for b, row in enumerate(rows):
         assert results[b].text == streamed[b] == tokenizer.tok.decode(row), row
+
+
+def test_a_tokenizer_without_weak_references_still_streams():
+    """The per-tokenizer cache is weak; an object it cannot hold (a SimpleNamespace) is learnt per row."""
+    kinds = _byte_fallback()
+    tok = SimpleNamespace(decode=kinds.tok.decode, token_to_id=kinds.tok.token_to_id)
+    ids = [kinds.byte[0xC3], kinds.special[1], kinds.byte[0xA9], kinds.word[1]]  # é split by <s>, then ▁a
+    assert "".join(_streamed(tok, ids)) == kinds.tok.decode(ids) == "é a"
