@@ -60,12 +60,12 @@ def _no_compaction(monkeypatch):
 SAMPLING = {"greedy": {}, "penalty": dict(repetition_penalty=1.3), "seeded": dict(temperature=1.0, top_p=0.9, seed=7)}
 
 
-def _stop_ids(full: list[list[int]]) -> list[int]:
-    """Stop tokens ending the rows but LONG_ROW at different steps: for each in turn, its first token
-    from step 2 * turn on that LONG_ROW never makes and no row left to place makes earlier."""
-    banned = set(full[LONG_ROW])
+def _stop_ids(full: list[list[int]], long_row: int = LONG_ROW) -> list[int]:
+    """Stop tokens ending the rows but long_row at different steps: for each in turn, its first token
+    from step 2 * turn on that long_row never makes and no row left to place makes earlier."""
+    banned = set(full[long_row])
     stops: list[int] = []
-    short = [r for r in range(len(full)) if r != LONG_ROW]
+    short = [r for r in range(len(full)) if r != long_row]
     for turn, r in enumerate(short):
         later = [set(full[o][:2 * (turn + 1)]) for o in short[turn + 1:]]
         stops.append(next(t for t in full[r][2 * turn:] if t not in banned and not any(t in s for s in later)))
@@ -102,13 +102,18 @@ def baseline(model):
 
 
 def _expected_sizes(steps: list[int | None], overlap: bool) -> list[int]:
-    """The batch of each decode call: 5 rows until three have stopped, then 2, then 1."""
-    ended = sorted(s for s in steps if s is not None)
-    sizes = []
-    for call in range(N_NEW - 1):  # decode call k computes the logits of step k + 1
-        known = call - 1 if overlap else call  # the last step whose tokens the host has seen
-        done = sum(1 for s in ended if s <= known)
-        sizes.append(5 if done < 3 else 2 if done < 4 else 1)
+    """The batch of each decode call (that of step k computes the logits of step k + 1) when rows
+    stop at `steps` (None: never) and each step drops the finished rows once at most half of the
+    running rows are live; with overlap the step's call was queued before its tokens were seen."""
+    running, sizes = len(steps), []
+    for step in range(N_NEW - 1):
+        if overlap:
+            sizes.append(running)
+        live = sum(1 for s in steps if s is None or s > step)
+        if live <= running / 2:
+            running = live
+        if not overlap:
+            sizes.append(running)
     return sizes
 
 
@@ -137,9 +142,10 @@ def _alone(model, stops: tuple[int, ...]) -> list[list[int]]:
     return _ALONE[stops]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("mode", ["penalty", "seeded"])
+# the seeded sampler on every path and loop (its draws are what compaction could shift), the penalty
+# once per path
+@pytest.mark.parametrize(("mode", "path", "overlap"), [("seeded", p, o) for p in PATHS for o in (False, True)]
+                         + [("penalty", p, False) for p in PATHS])
 def test_compaction_keeps_penalised_and_seeded_tokens(model, baseline, on_path, path, overlap, mode):
     """A seeded sampler draws noise for the whole batch: compaction must not shift any row's draws."""
     full, stops, steps, want = baseline[mode]
@@ -204,3 +210,50 @@ def test_nan_after_compaction_names_its_prompt(model, monkeypatch, baseline, on_
                                          rf"{compacted_at + 1 + overlap} "):
         _run(model, stop_token_ids=stops)
     assert 2 in sizes
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory):
+    from mllama_util import tiny_mllama
+
+    from lmmrt.convert.mllama_files import convert_mllama
+
+    d = tmp_path_factory.mktemp("mllama")
+    tiny_mllama(seed=3).save_pretrained(d / "src")
+    with pytest.warns(UserWarning, match="no tokenizer.json"):  # token-id prompts only: all this test needs
+        convert_mllama(d / "src", d / "out", progress=False)
+    return lmmrt.load(d / "out", device="cpu", backend="torch")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mllama_graph_path_compaction(mllama, monkeypatch, on_path, overlap):
+    """Llama 3.2 Vision on the graph path: its pooled media_len and per-row text_time_first follow
+    the rows kept."""
+    import numpy as np
+    from mllama_util import BOS, IMAGE_ID
+
+    i = IMAGE_ID
+    prompts = [[BOS, 5, 6, i, 7, 8, 9], [BOS, 10, 11, 12], [i, BOS, 13, 14, i, 15, 16, 17], [BOS, i, i, 20, 21, 22]]
+    rng = np.random.default_rng(7)
+    images = [[(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
+              for sizes in [[(20, 50)], [], [(45, 19), (21, 60)], [(33, 30), (16, 40)]]]
+
+    def run(**kw):
+        return [r.token_ids for r in lmmrt.generate(mllama, prompts, images, max_new_tokens=N_NEW, ignore_eos=True,
+                                                    **kw)]
+
+    with monkeypatch.context() as m:
+        _no_compaction(m)
+        full = run()
+        stops = _stop_ids(full, long_row=1)
+        want = run(stop_token_ids=stops)
+    steps = _stop_steps(full, stops)
+    ended = sorted(s for s in steps if s is not None)
+    assert steps[1] is None and len(ended) == 3 and N_NEW - 2 - ended[1] >= GRAPH_COMPACT_MIN_STEPS, (full, steps)
+    sizes = on_path("graph", overlap)
+    mllama.cuda_graph = True
+    try:
+        assert run(stop_token_ids=stops) == want
+    finally:
+        mllama.cuda_graph = False
+    assert sizes == _expected_sizes(steps, overlap) and min(sizes) < len(prompts)
