@@ -5,20 +5,29 @@
 # at the cap if the command ignores it. So a stage never takes more than its cap, and a
 # script whose caps sum below its total finishes within the total by construction.
 #
-# Needs: OUT (report folder, with OUT/logs), STAGES (optional subset, space-separated names).
+# Needs: OUT (report folder, with OUT/logs), STAGES (optional subset, space-separated names), OPT_IN (stages
+# that run only when STAGES names them).
 
 GRACE_S=${GRACE_S:-15}
+# pytest-xdist, interrupted, waits up to 10 s for its workers to exit (execnet's terminate, xdist's EXIT_TIMEOUT)
+# before it kills them, and only then writes the junit XML; a worker still importing torch takes SIGINT only
+# once the import returns. A pytest-xdist stage needs more grace than that (STAGE_GRACE=$XDIST_GRACE_S).
+XDIST_GRACE_S=20
 
-want() { [ -z "${STAGES:-}" ] || [[ " $STAGES " == *" $1 "* ]]; }
+want() {
+  if [ -z "${STAGES:-}" ]; then [[ " ${OPT_IN:-} " != *" $1 "* ]]; else [[ " $STAGES " == *" $1 "* ]]; fi
+}
 
 # capped CAP LOG CMD... : CMD with stdout+stderr to LOG, SIGINT after CAP - grace s, SIGKILL at
-# CAP s; returns CMD's status (124 when it was stopped, 137 when killed). `timeout` signals its whole
-# process group (pytest-xdist workers too). A shell started in the background ignores SIGINT, and
-# its children inherit that (Python then installs no KeyboardInterrupt handler): CMD is exec'd with
-# SIGINT restored to its default.
+# CAP s; returns CMD's status (124 when it was stopped, 137 when killed). The grace is min(GRACE_S, CAP / 4),
+# or STAGE_GRACE when set (at most CAP / 2). `timeout` signals its whole process group (pytest-xdist
+# workers too: they start in it). A shell started in the background ignores SIGINT, and its children
+# inherit that (Python then installs no KeyboardInterrupt handler): CMD is exec'd with SIGINT restored to
+# its default.
 capped() {
   local cap=$1 log=$2; shift 2
   local grace=$(( GRACE_S < cap / 4 ? GRACE_S : cap / 4 ))
+  [ -n "${STAGE_GRACE:-}" ] && grace=$(( STAGE_GRACE < cap / 2 ? STAGE_GRACE : cap / 2 ))
   local soft=$(( cap - (grace > 0 ? grace : 1) ))
   STAGE_LIMIT=$soft timeout -s INT -k $(( cap - soft )) "$soft" "${PY:-python3}" -c \
     'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
