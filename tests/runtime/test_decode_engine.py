@@ -223,7 +223,8 @@ def test_cpu_decode_weight_layout_keeps_values_and_logits():
 
 def test_finished_rows_are_dropped_and_the_rest_decode_unchanged(model, monkeypatch):
     """Once half the batch has finished, the eager step keeps only the live rows; the fixed-shape
-    step (cuda_graph=True, never compacted) must give the same tokens for every prompt."""
+    step (cuda_graph=True, which drops rows without EagerDecode.select) must give the same tokens for
+    every prompt."""
     from lmmrt.runtime.decode_plan import EagerDecode
 
     full = _tokens(model, PROMPTS, _images(), 12)
