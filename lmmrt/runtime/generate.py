@@ -44,11 +44,12 @@ class GenerationStats:
     prefill_s: float = 0.0  # includes media_s: time to the first token
     decode_s: float = 0.0
     decode_steps: int = 0
+    decode_tokens: int = 0  # tokens of the steps after the first (rows that have finished give none)
     extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property
     def ms_per_step(self) -> float:
@@ -307,7 +308,10 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
                 finished[b], reasons[b] = True, "stop"
             elif last:
                 finished[b], reasons[b] = True, "length"
-        stats.new_tokens += sum(1 for t in out if t >= 0)
+        emitted = sum(1 for t in out if t >= 0)
+        stats.new_tokens += emitted
+        if step > 0:
+            stats.decode_tokens += emitted
         yield out, reasons
         if all(finished) or last:
             break

@@ -122,8 +122,23 @@ def test_results_report_prompt_tokens_and_stats(model):
     s = model.last_stats
     assert s.batch == 2 and s.new_tokens == 8 and s.decode_steps == 3
     assert s.prefill_s > 0 and s.decode_s > 0 and np.isfinite(s.decode_tokens_per_s)
+    assert s.decode_tokens == 6 and s.decode_tokens_per_s == pytest.approx(6 / s.decode_s)
     assert 0 < s.media_s < s.prefill_s
     assert "tokens/s" in s.summary()
+
+
+def test_decode_tokens_per_s_counts_the_tokens_rows_gave(model):
+    # a row that has stopped gives no tokens: decode tokens/s counts what the rows gave after the
+    # first step, not batch x steps
+    prompts, images = ["<image>a", "the cat"], [[demo_images()[0]], []]
+    free = lmmrt.generate(model, prompts, images, max_new_tokens=6, ignore_eos=True)
+    stop = free[1].token_ids[0]
+    assert stop not in free[0].token_ids  # the premise: row 1 stops at once, row 0 runs on
+    out = lmmrt.generate(model, prompts, images, max_new_tokens=6, ignore_eos=True, stop_token_ids=[stop])
+    s = model.last_stats
+    assert len(out[0].token_ids) == 6 and len(out[1].token_ids) == 1 and s.decode_steps == 5
+    assert s.decode_tokens == 5 == s.new_tokens - 2
+    assert s.decode_tokens_per_s == pytest.approx(5 / s.decode_s)
 
 
 def test_stop_token_ids_accepts_one_int(model):
