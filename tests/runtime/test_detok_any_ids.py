@@ -8,6 +8,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from tokenizer_util import BYTE_IDS, SPECIAL_IDS, WORD_PIECES, byte_fallback_tokenizer
 
 from lmmrt.runtime import text_output
 from lmmrt.runtime.text_output import _Detok
@@ -17,19 +18,10 @@ OOV = 5000  # an id past both vocabularies: decode leaves it out, as it does spe
 
 
 def _byte_fallback():
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
-    for piece in ["▁", "▁a", "a", "b", "▁the", "ne", "x", "▁€", "y", "▁S"]:
-        vocab[piece] = len(vocab)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return SimpleNamespace(name="byte_fallback", tok=Tokenizer(tok), byte=[3 + b for b in range(256)],
-                           word=list(range(259, len(vocab))), special=[0, 1, 2])
+    tok = byte_fallback_tokenizer()
+    return SimpleNamespace(name="byte_fallback", tok=tok, byte=BYTE_IDS,
+                           word=list(range(3 + len(BYTE_IDS), 3 + len(BYTE_IDS) + len(WORD_PIECES))),
+                           special=SPECIAL_IDS)
 
 
 def _gpt2_byte_chars() -> list[str]:

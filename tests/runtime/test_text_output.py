@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from tokenizer_util import byte_fallback_tokenizer
 
 import lmmrt
 from lmmrt.demo import demo_model
@@ -26,19 +27,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def sp_tokenizer():
-    """A Llama-style tokenizer: SentencePiece '▁' spaces, byte fallback, a leading-space strip."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
-    for piece in ["▁", "▁a", "a", "b", "▁the", "ne", "x", "▁€", "y", "▁S"]:
-        vocab[piece] = len(vocab)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return Tokenizer(tok)
+    return byte_fallback_tokenizer()
 
 
 PIECES = ["▁", "▁a", "a", "b", "▁the", "ne", "x", "▁€", "y", "▁S", "</s>"]
