@@ -129,13 +129,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def installed_version() -> str:
+    """lmmrt's version as installed (the package metadata pip wrote), without importing torch; the source's
+    own __version__ when lmmrt runs from a checkout that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmmrt")
+    except PackageNotFoundError:
+        import lmmrt
+
+        return lmmrt.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for multimodal models: "
                "Flamingo-style (IDEFICS, OpenFlamingo, Llama 3.2 Vision / Mllama), splice models (LLaVA-1.5, BLIP-2 with OPT, MiniGPT-4) and "
                "CLIP. `lmmrt convert --help` lists the checkpoint formats it reads.",
                                 epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
                                 "unexpected one.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
+    p.add_argument("--version", action="version", version=f"lmmrt {installed_version()}",
+                   help="print lmmrt's version and exit")
+    # not required: a bare `lmmrt` prints this help (main), where argparse would say only that COMMAND is missing
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=CommandParser)
 
     s = sub.add_parser("info", help="what was built, library versions, the GPU, which kernel each op uses; or "
                        "what a checkpoint is (its family, its image marker)",
@@ -222,7 +238,11 @@ def main(argv=None) -> int:
     (unless $LMMRT_TRACEBACK is set)."""
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.cmd is None:  # a bare `lmmrt`: the help, with argparse's status for a missing argument
+            parser.print_help()
+            return EXIT_ERROR
         with warnings.catch_warnings():  # restores showwarning afterwards (tests call main repeatedly)
             warnings.showwarning = _show_warning
             status = args.fn(args)

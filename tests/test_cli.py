@@ -53,12 +53,29 @@ print("torch imported:", "torch" in sys.modules)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["convert", "idefics", "--help"],
-                                  ["generate", "m", "-p", "x", "--top-p", "2"], ["nosuchcommand"]])
+                                  ["generate", "m", "-p", "x", "--top-p", "2"], ["nosuchcommand"], [],
+                                  ["--version"]])
 def test_help_and_argument_errors_do_not_import_torch(args):
     status, out, err = run_lmmrt(code=NO_TORCH.format(args=args))
     assert status == 0, err
     assert "torch imported: False" in out, out
-    assert ("exit 0" if "--help" in args else "exit 2") in out
+    assert ("exit 0" if {"--help", "--version"} & set(args) else "exit 2") in out
+
+
+def test_bare_lmmrt_prints_the_help_with_status_2():
+    """It said only "the following arguments are required: COMMAND". Status 2, as argparse gives a missing
+    argument (nothing was done); the help on stdout, as --help prints it (`lmmrt | less` works)."""
+    status, out, err = run_lmmrt()
+    assert status == 2 and err == "", (status, err)
+    assert out.startswith("usage: lmmrt") and "generate" in out and "serve" in out, out
+
+
+def test_version_is_the_installed_version():
+    from importlib.metadata import version
+
+    status, out, err = run_lmmrt("--version")
+    assert status == 0 and err == "", (status, err)
+    assert out == f"lmmrt {version('lmmrt')}\n" and version("lmmrt") == lmmrt.__version__, out
 
 
 def test_lazy_package_exposes_the_api():
