@@ -106,6 +106,10 @@ def _cmd_generate(args) -> int:
         input_file(args.video, "video file")
     prompt = args.prompt.replace("\\n", "\n")  # a shell gives "\\n" for \n inside double quotes
     images = [_load_image(p) for p in args.image]
+    from lmmrt.runtime.embed import is_clip_checkpoint, not_generative
+
+    if is_clip_checkpoint(args.model):  # its config says so: refused before its weights are read
+        raise TypeError(not_generative(args.model))
     check_media_options(args, prompt)
 
     import lmmrt

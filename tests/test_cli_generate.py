@@ -36,6 +36,20 @@ def test_bad_image_path_is_named_before_loading(tmp_path, make, message, capsys)
     assert message in err and str(path) in err, err
 
 
+def test_a_clip_checkpoint_is_refused_before_its_weights_are_read(tmp_path, capsys):
+    """Its config.json says "family": "clip": the refusal came after a load of every weight (a progress
+    bar). The directory here has no weights at all, so only a refusal before the load names CLIP."""
+    import json
+
+    from lmmrt.models.clip_config import ClipConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(ClipConfig().to_dict()))
+    assert main(["generate", str(tmp_path), "-p", "hi"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"{tmp_path} is a CLIP checkpoint" in err and "cannot generate text" in err, err
+
+
 def test_video_directory_is_reported_as_a_directory(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "no-model"), "-p", "x", "--video", str(tmp_path)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err

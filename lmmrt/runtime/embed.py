@@ -58,9 +58,13 @@ class ClipRuntime:
 
 
 def raise_not_generative(model) -> None:
-    raise TypeError(f"{getattr(model, 'path', None) or 'this model'} is a CLIP checkpoint (image and text "
-                    "embeddings, no language model): it cannot generate text; use lmmrt.embed, lmmrt.zero_shot "
-                    "or `lmmrt classify`")
+    raise TypeError(not_generative(getattr(model, "path", None)))
+
+
+def not_generative(path) -> str:
+    """What generating from the CLIP checkpoint at `path` (None: unknown) is refused with."""
+    return (f"{path or 'this model'} is a CLIP checkpoint (image and text embeddings, no language model): it "
+            "cannot generate text; use lmmrt.embed, lmmrt.zero_shot or `lmmrt classify`")
 
 
 def is_clip_checkpoint(path) -> bool:
