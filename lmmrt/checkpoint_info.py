@@ -9,13 +9,15 @@ from pathlib import Path
 from lmmrt.errors import CheckpointError
 from lmmrt.models.clip_config import CLIP_FAMILY, ClipConfig
 from lmmrt.models.config import MLLAMA_EXTRA_EMBEDDINGS, ModelConfig
-from lmmrt.runtime.weights import CONFIG, TOKENIZER, convert_first, read_config_json
+from lmmrt.runtime.weights import CHECKPOINT_DIR_HINT, CONFIG, TOKENIZER, convert_first, read_config_json
 
 FAMILY_NAMES = {"idefics": "IDEFICS", "openflamingo": "OpenFlamingo", "llava": "LLaVA-1.5", "blip2": "BLIP-2 (OPT)",
                 "minigpt4": "MiniGPT-4", "mllama": "Llama 3.2 Vision (Mllama)", CLIP_FAMILY: "CLIP"}
 # lmmrt.serve.chat_template.TEMPLATE_FILES, the files `lmmrt serve` reads a chat template from, in order
 # (not imported: lmmrt.serve needs the serve extra; tests/test_checkpoint_info.py checks that they agree)
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# what info describes, where a missing directory is reported (the loader's hint names lmmrt's format only)
+INFO_DIR_HINT = f"{CHECKPOINT_DIR_HINT}, or a transformers IDEFICS directory"
 
 
 def _files(path: Path) -> dict:
@@ -28,7 +30,10 @@ def checkpoint_info(path) -> dict:
     directory, which lmmrt.load converts in memory); a config that is not one of these is an error saying
     what it is (a transformers directory: the `lmmrt convert` command for it)."""
     path = Path(path)
-    cfg_json = read_config_json(path)
+    try:
+        cfg_json = read_config_json(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(str(e).replace(CHECKPOINT_DIR_HINT, INFO_DIR_HINT)) from None
     where = str(path / CONFIG)
     if "decoder" not in cfg_json and cfg_json.get("model_type") == "idefics":
         return {"path": str(path), "format": "transformers (converted in memory at every load)", "family": "idefics",

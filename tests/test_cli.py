@@ -137,6 +137,19 @@ def test_unexpected_error_is_one_line_and_traceback_on_request(monkeypatch, caps
         main(["info"])
 
 
+@pytest.mark.parametrize("make, what", [(lambda p: None, "does not exist"),
+                                        (lambda p: p.write_text("x"), "is not a directory")])
+def test_info_of_a_wrong_path_names_both_kinds_of_directory_it_reads(tmp_path, make, what, capsys):
+    """It named only lmmrt's own format, although info also describes a transformers IDEFICS directory."""
+    path = tmp_path / "nodir"
+    make(path)
+    assert main(["info", str(path)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"{path} {what}" in err and "made by `lmmrt convert`" in err, err
+    assert "or a transformers IDEFICS directory" in err, err
+
+
 def _garbage_weights(d):
     (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
 
