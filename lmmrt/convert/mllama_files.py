@@ -48,9 +48,9 @@ class SourceTensors(Mapping):
         self._read: set[str] = set()
         self._bar = None
         if progress:
-            from tqdm import tqdm
+            from lmmrt.runtime.progress import progress_bar
 
-            self._bar = tqdm(total=len(weights.keys()), desc="converting", unit="tensor")
+            self._bar = progress_bar(total=len(weights.keys()), desc="converting", unit="tensor")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._weights:

@@ -95,9 +95,9 @@ def load_shard(path: str | Path, tp: TensorParallel, *, device, dtype: torch.dty
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     keys = weights.keys()
     if progress and tp.rank == 0:
-        from tqdm import tqdm
+        from lmmrt.runtime.progress import progress_bar
 
-        keys = tqdm(keys, desc=f"loading {path.name} (rank 0 of {tp.size})", unit="tensor")
+        keys = progress_bar(keys, desc=f"loading {path.name} (rank 0 of {tp.size})", unit="tensor")
     finite = FiniteCheck()
     fh = open_weights(wpath)
     with fh:

@@ -96,9 +96,9 @@ def load_clip(path, *, device: torch.device, dtype: torch.dtype | None = None, p
     dtype = dtype or weights.load_dtype()
     keys = weights.keys()
     if progress:
-        from tqdm import tqdm
+        from lmmrt.runtime.progress import progress_bar
 
-        keys = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
+        keys = progress_bar(keys, desc=f"loading {path.name}", unit="tensor")
     finite = FiniteCheck()
     with open(path / WEIGHTS, "rb", buffering=0) as fh:
         state = {k: weights.read(fh, k, device=device, dtype=dtype) for k in keys}

@@ -18,6 +18,7 @@ from lmmrt.models.flamingo import FlamingoModel
 from lmmrt.models.splice import SpliceModel, build_model
 from lmmrt.runtime.checkpoint_shapes import check_config_matches_weights
 from lmmrt.runtime.json_file import read_json
+from lmmrt.runtime.progress import progress_bar
 from lmmrt.runtime.safetensors_file import SafetensorsFile, check_readable, why_missing
 from lmmrt.runtime.save_leftovers import interrupted_previous
 
@@ -173,9 +174,7 @@ def load_checkpoint(path: str | Path, *, device="cpu", dtype: torch.dtype | None
     check_state(shapes, model, str(wpath))
     keys = weights.keys()
     if progress:
-        from tqdm import tqdm
-
-        keys = tqdm(keys, desc=f"loading {path.name}", unit="tensor")
+        keys = progress_bar(keys, desc=f"loading {path.name}", unit="tensor")
     fh = open_weights(wpath)
     finite = FiniteCheck()
     with fh:
