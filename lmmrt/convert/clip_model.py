@@ -20,6 +20,7 @@ from lmmrt.convert.common import (
     SourceWeights,
     clip_vision_map,
     find_tokenizer_json,
+    misshapen_sources,
     read_source_json,
     source_config_path,
 )
@@ -85,15 +86,6 @@ def weight_map(cfg: ClipConfig) -> dict[str, list[str]]:
     return m
 
 
-def _combined_shape(shapes: list[tuple]) -> tuple | None:
-    """The shape of the sources concatenated along dim 0, None when they cannot be."""
-    if len(shapes) == 1:
-        return tuple(shapes[0])
-    if any(len(s) == 0 or tuple(s[1:]) != tuple(shapes[0][1:]) for s in shapes):
-        return None
-    return (sum(s[0] for s in shapes), *shapes[0][1:])
-
-
 def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[str]], *, transposed=frozenset(),
                     dtype: torch.dtype | None = None, progress: bool = True,
                     where: str = "the source checkpoint") -> dict[str, torch.Tensor]:
@@ -105,16 +97,9 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[st
     needed = {s for srcs in wmap.values() for s in srcs}
     missing = sorted(s for s in needed if s not in src)
     unused = sorted(k for k in src.keys() if k not in needed and not k.endswith(IGNORED_SUFFIXES))
-    misshapen = []
-    for name, srcs in wmap.items():
-        if all(s in src for s in srcs):
-            shapes = [src.shape(s) for s in srcs]
-            got = _combined_shape(shapes)
-            if name in transposed and got is not None:
-                got = tuple(reversed(got)) if len(got) == 2 else None
-            if got != expected[name]:
-                parts = ", ".join(f"{s} {tuple(shp)}" for s, shp in zip(srcs, shapes))
-                misshapen.append(f"{name} needs {expected[name]}: from {parts}")
+    # torch.t: a 2-D tensor the other way round; refuses more dims, so a misshapen source is named
+    transforms = {name: torch.t for name in transposed}
+    misshapen = misshapen_sources(src, wmap, expected, transforms=transforms)
     if missing or unused or misshapen:
         msg = describe_key_problems(missing, unused, [], where)
         msg += "".join(f"\n  misshapen: {line}" for line in misshapen[:20])
@@ -131,8 +116,8 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[st
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if name in transposed:
-            t = t.T
+        if name in transforms:
+            t = transforms[name](t)
         out[name] = t.to(dtype) if dtype is not None else t.contiguous()
         finite.add(" + ".join(srcs), out[name])
     finite.check(where, dtype or out[name].dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmmrt.models.config import ModelConfig
+from lmmrt.models.config import DecoderConfig, ModelConfig
 from lmmrt.models.splice import build_model
 from lmmrt.runtime.json_file import read_json
 from lmmrt.runtime.safetensors_file import FLOAT_DTYPES, check_readable, why_missing
@@ -201,24 +201,28 @@ def _dry_run_shape(shapes: list[tuple], transform, reshape_to) -> tuple:
 _FUSED_PROJECTIONS = frozenset({"wqkv", "wkv", "cross_wkv", "w13", "ff_w13"})
 
 
-def _part_rows(name: str, n_parts: int, want: tuple | None, cfg: ModelConfig) -> list[int] | None:
+def _part_rows(name: str, n_parts: int, want: tuple | None, decoder: DecoderConfig | None) -> list[int] | None:
     """The rows each part of a fused projection should have: the decoder's q/k/v by its (grouped)
     heads, any other (gate/up, k/v, CLIP's q/k/v) in equal parts. None for other concatenations (a
-    vocabulary and its added rows), whose split the model does not fix."""
+    vocabulary and its added rows), whose split the model does not fix. Computed from the target
+    and the config alone, so a part is checked even when a sibling is missing."""
     module = name.rsplit(".", 2)[-2] if name.count(".") else ""  # "decoder.layers.0.wqkv.weight" -> "wqkv"
     if not want or module not in _FUSED_PROJECTIONS:
         return None
-    d = cfg.decoder
-    if n_parts == 3 and name.startswith("decoder.layers.") and ".wqkv." in name:
+    if decoder is not None and n_parts == 3 and name.startswith("decoder.layers.") and ".wqkv." in name:
+        d = decoder
         return [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
     return [want[0] // n_parts] * n_parts if want[0] % n_parts == 0 else None
 
 
-def _misshapen_parts(shapes: list[tuple], want: tuple, rows: list[int] | None) -> dict[int, str]:
-    """The misshapen parts of a fused tensor, each with the shape it should have: the target's trailing
-    dims, and its share of the rows (shown as ? when the rows have no known split)."""
+def _misshapen_parts(shapes: list[tuple | None], want: tuple, rows: list[int] | None) -> dict[int, str]:
+    """The misshapen parts of a fused tensor (None: a missing part, not checked), each with the shape
+    it should have: the target's trailing dims, and its share of the rows (shown as ? when the rows
+    have no known split)."""
     odd = {}
     for i, s in enumerate(shapes):
+        if s is None:
+            continue
         share_ok = rows is None or (len(s) > 0 and s[0] == rows[i])
         if tuple(s[1:]) != tuple(want[1:]) or not share_ok:
             share = "?" if rows is None else str(rows[i])
@@ -226,29 +230,53 @@ def _misshapen_parts(shapes: list[tuple], want: tuple, rows: list[int] | None) -
     return odd
 
 
-def _shape_problem(name: str, srcs: list[str], shapes: list[tuple], want: tuple | None, transform,
-                   reshape_to, cfg: ModelConfig) -> str | None:
-    """What is wrong with the sources of one lmmrt tensor, or None: the combined shape, and each part of
-    a fused tensor against its share (parts of the right total but split wrongly would convert into a
-    model that computes something else)."""
-    try:
-        got = _dry_run_shape(shapes, transform, reshape_to)
-        reason = None if want is None or got == want else f"they make {got}"
-    except ValueError as e:
-        reason = f"they cannot be combined ({e})"
+def _shape_problem(name: str, srcs: list[str], shapes: list[tuple | None], want: tuple | None, transform,
+                   reshape_to, decoder: DecoderConfig | None) -> str | None:
+    """What is wrong with the sources of one lmmrt tensor (a shape of None: a missing source, named
+    elsewhere), or None: the combined shape when every source is there, and each part of a fused
+    tensor against its share (parts of the right total but split wrongly would convert into a model
+    that computes something else)."""
+    complete = all(s is not None for s in shapes)
+    reason = None
+    if complete:
+        try:
+            got = _dry_run_shape(shapes, transform, reshape_to)
+            reason = None if want is None or got == want else f"they make {got}"
+        except ValueError as e:
+            reason = f"they cannot be combined ({e})"
     # a transform (NeoX's interleaved q/k/v) reorders rows and a reshape regroups them: no part has a share
     fused = len(srcs) > 1 and transform is None and reshape_to is None and bool(want)
-    odd = _misshapen_parts(shapes, want, _part_rows(name, len(srcs), want, cfg)) if fused else {}
+    odd = _misshapen_parts(shapes, want, _part_rows(name, len(srcs), want, decoder)) if fused else {}
     if reason is None and not odd:
         return None
-    parts = ", ".join(f"{s} {tuple(shp)}{' <- misshapen' if i in odd else ''}"
+    parts = ", ".join(f"{s} missing" if shp is None else f"{s} {tuple(shp)}{' <- misshapen' if i in odd else ''}"
                       for i, (s, shp) in enumerate(zip(srcs, shapes)))
     if reason is None:
-        reason = "the total is right, but the rows are split wrongly between the parts"
+        reason = ("a part is missing, and a present one is misshapen" if not complete else
+                  "the total is right, but the rows are split wrongly between the parts")
     if odd:  # each part by what follows the parts' common prefix (q_proj.weight, up_proj.weight)
         common = os.path.commonprefix(srcs).rfind(".") + 1
         reason += "; expected " + ", ".join(f"{srcs[i][common:]} {shape}" for i, shape in odd.items())
     return f"{name} needs {want}: from {parts}: {reason}"
+
+
+def misshapen_sources(src: SourceWeights, wmap: dict[str, list[str]], expected: dict[str, tuple], *,
+                      decoder: DecoderConfig | None = None, transforms: dict | None = None,
+                      reshape: dict[str, tuple] | None = None) -> list[str]:
+    """One line per lmmrt tensor whose sources are misshapen (shapes only, nothing is read): the
+    combined shape against `expected` (lmmrt name -> shape), and every present part of a fused
+    q/k/v, k/v or gate/up against its share, also when a sibling is missing. `decoder`: the config
+    whose (grouped) heads split the decoder's q/k/v; other fused projections split in equal parts."""
+    transforms = transforms or {}
+    reshape = reshape or {}
+    out = []
+    for name, srcs in wmap.items():
+        shapes = [src.shape(s) if s in src else None for s in srcs]
+        problem = _shape_problem(name, srcs, shapes, expected.get(name), transforms.get(name), reshape.get(name),
+                                 decoder)
+        if problem is not None:
+            out.append(problem)
+    return out
 
 
 def check_source(src: SourceWeights, wmap: dict[str, list[str]], model: torch.nn.Module, cfg: ModelConfig, *,
@@ -259,8 +287,6 @@ def check_source(src: SourceWeights, wmap: dict[str, list[str]], model: torch.nn
     misshapen source (the parts of a fused q/k/v or gate/up with their shapes and their shares).
     model: the model `cfg` builds (on meta), whose tensors the map makes; source_shapes: the shapes of
     sources that are folded into other tensors rather than mapped (e.g. gates), which the map cannot tell."""
-    reshape = reshape or {}
-    transforms = transforms or {}
     source_shapes = source_shapes or {}
     needed = {s for srcs in wmap.values() for s in srcs} | set(source_shapes)
     missing = sorted(s for s in needed if s not in src)
@@ -268,13 +294,7 @@ def check_source(src: SourceWeights, wmap: dict[str, list[str]], model: torch.nn
                     and not k.endswith(("rotary_emb.inv_freq", "embeddings.position_ids", "masked_bias",
                                         ".attn.bias", "attention.bias", "attention.masked_bias")))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    misshapen = []
-    for name, srcs in wmap.items():
-        if all(s in src for s in srcs):
-            problem = _shape_problem(name, srcs, [src.shape(s) for s in srcs], expected.get(name),
-                                     transforms.get(name), reshape.get(name), cfg)
-            if problem is not None:
-                misshapen.append(problem)
+    misshapen = misshapen_sources(src, wmap, expected, decoder=cfg.decoder, transforms=transforms, reshape=reshape)
     misshapen += [f"{s}: shape {src.shape(s)}, expected {tuple(want)}" for s, want in source_shapes.items()
                   if s in src and tuple(src.shape(s)) != tuple(want)]
     if missing or unused or misshapen:

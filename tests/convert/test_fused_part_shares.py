@@ -1,7 +1,8 @@
 """The sources of a fused q/k/v or gate/up are each checked against their share, and every bad source
 tensor is named in one CheckpointError before any tensor is read: parts of the right total but split
 wrongly converted into a model that computes something else, and a misshapen Llama 3.2 Vision source
-failed part-way through with torch's own message."""
+failed part-way through with torch's own message. A present part is checked against its share (from the
+config) even when a sibling is missing; CLIP's converter shares the check."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmmrt.convert.blip2 import blip2_state
+from lmmrt.convert.clip_model import clip_state
 from lmmrt.convert.common import SourceWeights
 from lmmrt.convert.idefics import idefics_state
 from lmmrt.convert.llava import llava_state
@@ -32,6 +34,10 @@ def _tiny(family: str):
         from blip2_util import tiny_blip2
 
         return tiny_blip2(), blip2_state
+    if family == "clip":
+        from clip_util import tiny_clip
+
+        return tiny_clip(), clip_state
     if family == "idefics":
         from idefics_util import tiny_idefics
 
@@ -45,7 +51,7 @@ def _tiny(family: str):
 def sources(tmp_path_factory):
     """family -> (save_pretrained directory of a tiny random model, its state function)."""
     out = {}
-    for family in ("llava", "blip2", "idefics", "mllama"):
+    for family in ("llava", "blip2", "idefics", "mllama", "clip"):
         model, state_fn = _tiny(family)
         d = tmp_path_factory.mktemp(family)
         model.save_pretrained(d)
@@ -91,6 +97,8 @@ def _rows_moved(sd, first, second, rows):
     ("idefics", "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"),
     ("mllama", "language_model.model.layers.1.cross_attn.k_proj.weight",
      "language_model.model.layers.1.cross_attn.v_proj.weight"),
+    ("clip", "text_model.encoder.layers.1.self_attn.k_proj.weight",
+     "text_model.encoder.layers.1.self_attn.v_proj.weight"),
 ])
 def test_parts_of_the_right_total_split_wrongly_are_named(sources, tmp_path, nothing_read, family, first, second):
     shapes = {}
@@ -108,6 +116,33 @@ def test_parts_of_the_right_total_split_wrongly_are_named(sources, tmp_path, not
         assert f"{key} {got} <- misshapen" in msg
         assert f"{key.rsplit('.', 2)[-2]}.weight {shapes[key]}" in msg.split("; expected ")[1]  # its share
     assert "split wrongly" in msg
+
+
+@pytest.mark.parametrize(("family", "gone"), [
+    ("llava", "language_model.model.layers.0.self_attn.k_proj.weight"),
+    ("mllama", MLLAMA_K),
+    ("mllama", "language_model.model.layers.1.cross_attn.k_proj.weight"),
+    ("clip", "vision_model.encoder.layers.0.self_attn.k_proj.weight"),
+])
+def test_a_misshapen_part_is_named_though_a_sibling_is_missing(sources, tmp_path, nothing_read, family, gone):
+    """A part's share comes from the config, not from its siblings: with k missing, the misshapen v is named
+    in the same error (it was left unchecked, so fixing the missing key only led to the next error)."""
+    v = gone.replace("k_proj", "v_proj")
+    share = {}
+
+    def edit(sd):
+        share[v] = tuple(sd[v].shape)
+        del sd[gone]
+        sd[v] = torch.randn(sd[v].shape[0] + 5, *sd[v].shape[1:])
+
+    src, state_fn = _edited(sources, family, tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        state_fn(src, progress=False)
+    msg = str(e.value)
+    assert f"missing keys (1): {gone}" in msg
+    assert f"{gone} missing" in msg
+    assert f"{v} ({share[v][0] + 5}, {share[v][1]}) <- misshapen" in msg
+    assert f"expected v_proj.weight {share[v]}" in msg
 
 
 def test_embedding_and_its_added_rows_are_not_split_in_equal_parts(sources, tmp_path):
