@@ -180,6 +180,8 @@ def llava_state(src_dir: str | Path, *, dtype: torch.dtype | None = None, progre
     cfg = config_from_hf(hf, image_id, pre)
     weights = SourceWeights.open(src)
     layout = _layout(weights, src)
+    # LLaVA feeds the projector the encoder's hidden states of one layer, which the vision tower's
+    # post_layernorm (it norms the pooled output only) never touches: its weights are unused
     state = convert_state(weights, weight_map(cfg, layout), cfg, dtype=dtype, progress=progress,
                           ignored_prefixes=(layout[0] + "post_layernorm.",))
     return cfg, state, tok, _chat_template(src)
