@@ -170,7 +170,10 @@ def generate_steps(model, prompts, images=None, *, max_new_tokens=64, temperatur
                    stats: GenerationStats | None = None, media_latents=None,
                    on_step=None) -> Iterator[tuple[list[int], list[str | None]]]:
     """Yields, per decode step, (token of each row or -1 when finished, finish reason or None).
-    The caller turns that into results or a text stream.
+    The caller turns that into results or a text stream. It may send back (generator.send) the
+    prompt indices it ended itself after that step (a stop string found in their text): those rows
+    then count as finished here, so they yield -1, add no more tokens to `stats` and are dropped by
+    compaction like rows ended by a stop token. A plain `for` loop sends None: nothing ended.
 
     media_latents: media already encoded for `images` (see precomputed_media), so prefill skips
     the vision encoder and perceiver. on_step: called on the host between decode steps (the video
@@ -312,7 +315,9 @@ def _decode_loop(decode, logits, B: int, T: int, max_new_tokens: int, stop_ids, 
         stats.new_tokens += emitted
         if step > 0:
             stats.decode_tokens += emitted
-        yield out, reasons
+        ended = yield out, reasons
+        for b in ended or ():
+            finished[b] = True
         if all(finished) or last:
             break
         if on_step is not None:

@@ -182,13 +182,22 @@ class _RowText:
 
 
 def _pieces(steps, rows: list[_RowText]):
-    """(row, text piece) as generate_steps produces tokens, until every row has finished."""
+    """(row, text piece) as generate_steps produces tokens, until every row has finished. The rows a
+    stop string ended are sent back to generate_steps, which then stops decoding them."""
     try:
-        for out, reasons in steps:
+        ended = None
+        while True:
+            try:
+                out, reasons = steps.send(ended)
+            except StopIteration:
+                break
+            ended = []
             for b, (tid, reason) in enumerate(zip(out, reasons)):
                 if tid < 0 or rows[b].reason is not None:
                     continue
                 piece = rows[b].push(tid, reason)
+                if reason is None and rows[b].reason is not None:
+                    ended.append(b)
                 if piece:
                     yield b, piece
             if all(r.reason is not None for r in rows):

@@ -101,12 +101,12 @@ def baseline(model):
     return out
 
 
-def _expected_sizes(steps: list[int | None], overlap: bool) -> list[int]:
+def _expected_sizes(steps: list[int | None], overlap: bool, n_new: int = N_NEW) -> list[int]:
     """The batch of each decode call (that of step k computes the logits of step k + 1) when rows
     stop at `steps` (None: never) and each step drops the finished rows once at most half of the
     running rows are live; with overlap the step's call was queued before its tokens were seen."""
     running, sizes = len(steps), []
-    for step in range(N_NEW - 1):
+    for step in range(n_new - 1):
         if overlap:
             sizes.append(running)
         live = sum(1 for s in steps if s is None or s > step)
@@ -184,6 +184,63 @@ def test_compaction_keeps_streamed_text_and_stop_strings(model, monkeypatch, bas
     assert min(sizes) == 1
     assert [r.text for r in got] == [r.text for r in want] == streamed
     assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+
+
+STOP_PROMPTS = ["ab", "cd", "ef", "gh"]  # no media; rows 0-2 end on stop strings after a few tokens
+N_STOP = 30
+
+
+@pytest.fixture(scope="module")
+def uncut(model):
+    """Each STOP_PROMPTS row's tokens when nothing ends it."""
+    return [r.token_ids for r in lmmrt.generate(model, STOP_PROMPTS, max_new_tokens=N_STOP, ignore_eos=True)]
+
+
+def _ended_by(decode, ids: list[int], strings: list[str], stop_ids: list[int]) -> tuple[list[int], str, str]:
+    """The definition: (token_ids, text, finish reason) of a row whose uncut tokens are `ids`: it
+    ends at its first stop token (kept in token_ids, not in the text) or at the first token whose
+    text completes a stop string (the text cut before it)."""
+    for k in range(1, len(ids) + 1):
+        if ids[k - 1] in stop_ids:
+            return ids[:k], decode(ids[:k - 1]), "stop"
+        text = decode(ids[:k])
+        cuts = [text.index(s) for s in strings if s in text]
+        if cuts:
+            return ids[:k], text[:min(cuts)], "stop"
+    return ids, decode(ids), "length"
+
+
+@pytest.mark.parametrize("mix", ["strings", "strings_and_token"])
+@pytest.mark.parametrize(("path", "overlap"), [("eager", False), ("eager", True), ("graph", False)])
+def test_rows_ended_by_stop_strings_leave_the_decode_loop(model, uncut, on_path, path, overlap, mix):
+    """A row a stop string ends is finished in the decode loop too: it is dropped from the step's
+    batch and adds no more tokens to the stats, while every result stays what the definition says,
+    streamed or not."""
+    texts = [model.tokenizer.decode(ids) for ids in uncut]
+    strings, stop_ids = [t[1:3] for t in texts[:3]], []
+    if mix == "strings_and_token":  # row 1 ends on a stop token, rows 0 and 2 on stop strings
+        strings = [strings[0], strings[2]]
+        stop_ids = [next(t for t in uncut[1][3:] if all(t not in uncut[r] for r in (0, 2, 3)))]
+    want = [_ended_by(model.tokenizer.decode, ids, strings, stop_ids) for ids in uncut]
+    steps = [len(ids) - 1 if reason == "stop" else None for ids, _, reason in want]
+    # what the test needs: rows 0-2 end early (0 and 2 by a string: the stop token is not theirs), row 3
+    # runs to the end
+    assert all(s is not None and s < 5 for s in steps[:3]) and steps[3] is None, (texts, strings, steps)
+    kw = dict(max_new_tokens=N_STOP, ignore_eos=True, stop=strings, stop_token_ids=stop_ids)
+    sizes = on_path(path, overlap)
+    got = lmmrt.generate(model, STOP_PROMPTS, **kw)
+    stats = model.last_stats
+    assert [(r.token_ids, r.text, r.finish_reason) for r in got] == want
+    assert sizes == _expected_sizes(steps, overlap, n_new=N_STOP), (sizes, steps)
+    assert stats.new_tokens == sum(len(r.token_ids) for r in got)
+    assert stats.decode_tokens == stats.new_tokens - len(STOP_PROMPTS)
+    sizes.clear()
+    streamed = [""] * len(STOP_PROMPTS)
+    for r, piece in lmmrt.generate(model, STOP_PROMPTS, stream=True, **kw):
+        streamed[r] += piece
+    assert streamed == [text for _, text, _ in want]
+    assert sizes == _expected_sizes(steps, overlap, n_new=N_STOP)
+    assert model.last_stats.new_tokens == stats.new_tokens
 
 
 @pytest.mark.parametrize("overlap", [False, True])
