@@ -54,7 +54,7 @@ def add_classify(sub) -> None:
     s = sub.add_parser("classify", help="zero-shot image classification with a CLIP checkpoint",
                        description="zero-shot image classification with a CLIP checkpoint: prints, for each "
                        "image, the probability of each label", formatter_class=HelpFormatter)
-    s.add_argument("model", help="lmmrt CLIP checkpoint directory (from `lmmrt convert clip`)")
+    s.add_argument("model", metavar="CHECKPOINT", help="lmmrt CLIP checkpoint directory (from `lmmrt convert clip`)")
     s.add_argument("--image", "-i", action="append", required=True, help="image file (repeatable)")
     s.add_argument("--labels", "-l", type=_label_list, required=True, help="labels separated by commas, e.g. cat,dog")
     s.add_argument("--template", default=DEFAULT_TEMPLATE, help="the text each label is put in; {} stands for the label")

@@ -153,8 +153,8 @@ def _cmd_generate(args) -> int:
 
 
 def _add_generate(s):
-    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`), or a transformers IDEFICS "
-                   "directory (converted in memory)")
+    s.add_argument("model", metavar="CHECKPOINT", help="lmmrt checkpoint directory (from `lmmrt convert`), or a "
+                   "transformers IDEFICS directory (converted in memory)")
     s.add_argument("--prompt", "-p", required=True,
                    help="prompt text; write the checkpoint's image marker where each image goes (<image> for "
                         "IDEFICS, OpenFlamingo, LLaVA and BLIP-2, <|image|> for Llama 3.2 Vision, <ImageHere> for "

@@ -224,7 +224,7 @@ def add_serve(sub) -> None:
                        "leave the running batch at every decode step. SIGINT / SIGTERM stop accepting, let running "
                        "requests finish for --shutdown-grace seconds, cancel the rest and exit 0. Needs the serve "
                        "extra (fastapi, uvicorn)", formatter_class=HelpFormatter)
-    s.add_argument("model", help="lmmrt checkpoint directory (from `lmmrt convert`)")
+    s.add_argument("model", metavar="CHECKPOINT", help="lmmrt checkpoint directory (from `lmmrt convert`)")
     n = s.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     n.add_argument("--port", type=PORT, default=8000, help="port to listen on; 0 picks a free one (it is printed)")
@@ -243,8 +243,9 @@ def add_serve(sub) -> None:
                             "prefer --allowed-local-media-path)")
     n.add_argument("--max-images", type=POSITIVE_INT, default=16, help="images per request at most")
     n.add_argument("--max-image-pixels", type=pixel_count, default=16 << 20, metavar="PIXELS",
-                   help="pixels per image at most, as a count or WxH (read from the image's header before it is "
-                        "decoded; above PIL's own decompression-bomb limit raises it; default 4096x4096)")
+                   help="pixels per image at most, as a count or WxH, read from the image's header before any pixel "
+                        "is decoded (default 4096x4096; a value above Pillow's own decompression-bomb limit, about "
+                        "89 M pixels, raises that limit for the process)")
     n.add_argument("--max-request-pixels", type=pixel_count, default=64 << 20, metavar="PIXELS",
                    help="pixels of a request's images together at most, as a count or WxH (bounds the memory one "
                         "request's decoded images take; default 8192x8192)")
@@ -272,5 +273,5 @@ def add_serve(sub) -> None:
     r.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
     r.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                   help="log one line per HTTP request")
+                   help="log one line per HTTP request (default: on)")
     s.set_defaults(fn=_cmd_serve)

@@ -229,6 +229,43 @@ def test_every_generate_option_is_described_with_its_default():
         assert phrase in " ".join(text.split()), phrase
 
 
+def _every_parser():
+    """(name, parser) of the top level and every subcommand, convert's formats included."""
+    todo = [("lmmrt", cli.build_parser())]
+    while todo:
+        name, p = todo.pop()
+        yield name, p
+        for a in p._actions:
+            if a.dest in ("cmd", "format"):
+                todo += [(f"{name} {sub}", sp) for sub, sp in a.choices.items()]
+
+
+def test_no_help_says_a_default_as_a_python_value():
+    """--access-log said "(default: True)" where every other option says its default in words."""
+    for name, p in _every_parser():
+        text = " ".join(p.format_help().split())
+        assert "(default: True)" not in text and "(default: False)" not in text, name
+
+
+@pytest.mark.parametrize("command", ["info", "generate", "classify", "serve"])
+def test_the_checkpoint_argument_has_one_name(command):
+    """It was `model` in generate, classify and serve but CHECKPOINT in info."""
+    p = _subparser(command)
+    assert [a.metavar for a in p._actions if not a.option_strings and a.dest != "help"] == ["CHECKPOINT"]
+    assert " ".join(p.format_usage().split()).endswith(("CHECKPOINT", "[CHECKPOINT]")), p.format_usage()
+
+
+def test_serve_pixel_limits_state_their_defaults():
+    from lmmrt.cli_serve import pixel_count
+
+    p = _subparser("serve")
+    text = " ".join(p.format_help().split())
+    for option, words in (("max_image_pixels", "default 4096x4096"), ("max_request_pixels", "default 8192x8192")):
+        default = next(a.default for a in p._actions if a.dest == option)
+        assert words in text and pixel_count(words.split()[-1]) == default, option
+    assert "above Pillow's own decompression-bomb limit, about 89 M pixels, raises that limit" in text
+
+
 def test_convert_help_tells_about_tokenizer_json():
     text = " ".join(_subparser("convert", "idefics").format_help().split())
     assert "tokenizer.json is copied" in text and "token ids only" in text and "--force" in text
