@@ -10,7 +10,8 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
 - on failure (a full disk, ...) removes the partial output and raises an OSError that says what
   happened while writing which file;
 - after a save that was killed (nothing ran to clean up), puts back a checkpoint it had moved aside
-  and deletes what it left (lmmrt/runtime/save_leftovers.py says what and when).
+  and deletes what it left, and only what it provably left (lmmrt/runtime/save_leftovers.py says
+  what and when).
 
 model.safetensors is written here, tensor by tensor straight from the tensors' memory (the format
 is an 8-byte header length, a JSON header, then the raw bytes): no second copy of the model is
@@ -35,9 +36,9 @@ from lmmrt.models.xattn import GatedCrossAttention
 from lmmrt.runtime.save_leftovers import (
     OLD,
     PARTIAL,
+    PARTIAL_CHECKPOINT,
     PREVIOUS,
-    leftover_prefix,
-    lock_directory,
+    make_save_directory,
     remove_stale_leftovers,
     restore_interrupted_replace,
 )
@@ -238,8 +239,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     A save killed midway (nothing ran to clean up) is dealt with by the next save of the same path:
     a checkpoint it had moved aside while `out_dir` is missing is moved back first (replacing it
     again needs force), and its partial output, or the old checkpoint it had replaced, is deleted
-    (lmmrt/runtime/save_leftovers.py: which directories, and when). An OSError names `out_dir` or
-    the file in it being written, never the temporary directory."""
+    (lmmrt/runtime/save_leftovers.py: which directories, and when; never one lmmrt did not write).
+    An OSError names `out_dir` or the file in it being written, never the temporary directory."""
     bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
     if bad:
         raise ValueError(f"extra checkpoint files {bad}: the format's optional files are {CHAT_TEMPLATE}")
@@ -249,13 +250,24 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_leftovers(out, checkpoint_files=CHECKPOINT_FILES)
-        tmp = Path(tempfile.mkdtemp(prefix=leftover_prefix(out), suffix=PARTIAL, dir=out.parent))
     except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
         raise _write_error(e, out) from None
-    current, lock = tmp, None
+    _write_checkpoint(out, cfg, state, meta, tok_bytes, extra_files or {})
+    return out
+
+
+def _write_checkpoint(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], meta: dict[str, str],
+                      tok_bytes: bytes | None, extra_files: dict[str, bytes]) -> None:
+    """save_checkpoint's writing: into `.NAME.XXXXXXXX.partial/checkpoint`, then renamed to
+    `out`; the partial directory, which holds only its marker then, goes last."""
     try:
-        lock = lock_directory(tmp)  # until the end: a later save must not take it for a killed one's
+        remove_stale_leftovers(out, checkpoint_files=CHECKPOINT_FILES)
+        partial, lock = make_save_directory(out, PARTIAL)
+    except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
+        raise _write_error(e, out) from None
+    tmp = current = partial / PARTIAL_CHECKPOINT
+    try:
+        tmp.mkdir()
         current = tmp / CONFIG
         write_bytes(current, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         current = tmp / WEIGHTS
@@ -263,25 +275,24 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
         if tok_bytes is not None:
             current = tmp / TOKENIZER
             write_bytes(current, tok_bytes)
-        for name, data in (extra_files or {}).items():
+        for name, data in extra_files.items():
             current = tmp / name
             write_bytes(current, data)
         current = tmp
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint is shared like any other directory
+        tmp.chmod(0o755)  # whatever the umask: a checkpoint is shared like any other directory
         _fsync_dir(tmp)
         current = out
         _replace(tmp, out)
+        shutil.rmtree(partial, ignore_errors=True)  # killed before this, the next save deletes it
         _fsync_dir(out.parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise _write_error(e, out / current.name if current.parent == tmp else out) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
-        if lock is not None:
-            os.close(lock)
-    return out
+        os.close(lock)
 
 
 def _write_error(e: OSError, where: Path) -> OSError:
@@ -298,14 +309,13 @@ def _replace(new: Path, out: Path) -> None:
     if not (out.is_symlink() or out.exists()):
         os.rename(new, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=leftover_prefix(out), suffix=OLD, dir=out.parent))
-    lock = lock_directory(old)
+    old, lock = make_save_directory(out, OLD)
     try:
         aside = old / PREVIOUS
         try:
             os.rename(out, aside)
         except BaseException:
-            os.rmdir(old)
+            shutil.rmtree(old, ignore_errors=True)
             raise
         try:
             os.rename(new, out)

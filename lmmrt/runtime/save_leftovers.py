@@ -1,21 +1,23 @@
 """What a killed checkpoint save leaves beside its target, and what the next save or load does with it.
 
-save_checkpoint writes the new checkpoint into `.NAME.XXXXXXXX.partial` beside the target NAME and,
-when NAME exists, renames the old one to `.NAME.XXXXXXXX.old/previous` before renaming the partial
-to NAME (XXXXXXXX: tempfile.mkdtemp's eight random characters). Its writer holds an flock on each of
-these directories while it works; the kernel drops the lock when the process dies, so an unlocked
-one was left by a killed save (SIGKILL, power loss: nothing ran to clean up):
-- a partial: an unfinished (or finished but never renamed) new checkpoint. The next save of NAME
-  deletes it.
+save_checkpoint writes the new checkpoint into `.NAME.XXXXXXXX.partial/checkpoint` beside the
+target NAME and, when NAME exists, renames the old one to `.NAME.XXXXXXXX.old/previous` before
+renaming the new one to NAME (XXXXXXXX: tempfile.mkdtemp's eight random characters); then it deletes
+both directories. Right after creating each of them it flocks it and writes MARKER into it, a file
+naming that very directory: only a directory holding its own marker (checked by content, so a copy
+under another name does not count) is lmmrt's, and no other is ever deleted or moved, whatever its
+name. The kernel drops a writer's lock when the process dies, so a marked and unlocked directory was
+left by a killed save (SIGKILL, power loss: nothing ran to clean up):
+- a partial: an unfinished (or finished but never renamed) new checkpoint, or nothing but the
+  marker. The next save of NAME deletes it.
 - `.old/previous` while NAME is missing: the save was killed between its two renames, and
   `previous` is the checkpoint NAME held. The next save of NAME renames it back first (so replacing
   it again needs force); a load of NAME says where it is.
 - `.old` while NAME exists: killed after the new checkpoint was in place, before deleting the old
   one. The next save of NAME deletes it (only a save that replaces NAME, with force, gets there).
-Only directories named exactly so, unlocked and, for deleting, unchanged for STALE_AFTER_S seconds
-are touched (a new writer locks its directory a moment after creating it); a partial is deleted
-only when it holds nothing but checkpoint files. Everything here is best effort: a leftover that
-cannot be listed, locked or removed stays, and the save goes on.
+A partial is deleted only when it holds nothing but its marker and a checkpoint directory of
+checkpoint files. Everything here is best effort: a leftover that cannot be read, locked or
+removed stays, and the save goes on. Where the file system has no locks, nothing is ever cleaned up.
 """
 
 from __future__ import annotations
@@ -24,18 +26,50 @@ import fcntl
 import os
 import re
 import shutil
-import time
+import tempfile
 from pathlib import Path
 
 PARTIAL = ".partial"
 OLD = ".old"
 PREVIOUS = "previous"  # the old checkpoint inside an .old directory
-STALE_AFTER_S = 60.0
+PARTIAL_CHECKPOINT = "checkpoint"  # the new checkpoint inside a .partial directory
+MARKER = ".lmmrt-save"  # in each .partial and .old directory: it is lmmrt's (see the module docstring)
 
 
 def leftover_prefix(out: Path) -> str:
     """The mkdtemp prefix of the directories a save of `out` makes beside it."""
     return f".{out.name}."
+
+
+def _marker_text(directory: Path) -> bytes:
+    return b"written by lmmrt's save_checkpoint into " + os.fsencode(directory.name) + b"\n"
+
+
+def make_save_directory(out: Path, suffix: str) -> tuple[Path, int]:
+    """A new `.NAME.XXXXXXXX<suffix>` directory beside `out`, locked and marked as lmmrt's, and the
+    descriptor holding its lock (the caller closes it once the directory is gone or renamed)."""
+    path = Path(tempfile.mkdtemp(prefix=leftover_prefix(out), suffix=suffix, dir=out.parent))
+    try:
+        fd = lock_directory(path)
+    except BaseException:
+        os.rmdir(path)
+        raise
+    try:  # after the lock: a marked directory is a live save's exactly while it is locked
+        (path / MARKER).write_bytes(_marker_text(path))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+        raise
+    return path, fd
+
+
+def _is_lmmrts(path: Path) -> bool:
+    """Whether `path` holds the marker a save wrote into it (and not into some other directory)."""
+    try:
+        with open(path / MARKER, "rb") as f:
+            return f.read(4096) == _marker_text(path)
+    except OSError:
+        return False
 
 
 def lock_directory(path: Path) -> int:
@@ -84,13 +118,13 @@ def _missing(out: Path) -> bool:
 
 
 def interrupted_previous(out: Path) -> Path | None:
-    """The checkpoint a killed save took from `out` (`.NAME.*.old/previous`), when `out` is missing
-    and one is there; None otherwise."""
+    """The checkpoint a killed save took from `out` (`.NAME.*.old/previous`, in a directory marked as
+    lmmrt's), when `out` is missing and one is there; None otherwise."""
     if not _missing(out):
         return None
     for old in _leftovers(out, OLD):
         previous = old / PREVIOUS
-        if previous.exists() or previous.is_symlink():
+        if (previous.exists() or previous.is_symlink()) and _is_lmmrts(old):
             return previous
     return None
 
@@ -105,32 +139,45 @@ def restore_interrupted_replace(out: Path) -> Path | None:
     if fd is None:  # a live save is between its renames: it puts one or the other in place itself
         return None
     try:
-        if not _missing(out):
+        if not _missing(out) or not _is_lmmrts(previous.parent):
             return None
         os.rename(previous, out)
-        os.rmdir(previous.parent)
     except OSError:
         return None
     finally:
         os.close(fd)
+    try:  # what stays (killed, or a file someone put there) is left to the next save
+        os.unlink(previous.parent / MARKER)
+        os.rmdir(previous.parent)
+    except OSError:
+        pass
     return previous
+
+
+def _holds_only(partial: Path, names: set[str], checkpoint_files: frozenset[str]) -> bool:
+    """Whether a partial directory holds its marker and at most a directory of checkpoint files."""
+    if not names <= {MARKER, PARTIAL_CHECKPOINT}:
+        return False
+    new = partial / PARTIAL_CHECKPOINT
+    if PARTIAL_CHECKPOINT not in names:
+        return True
+    return new.is_dir() and not new.is_symlink() and {p.name for p in new.iterdir()} <= checkpoint_files
 
 
 def remove_stale_leftovers(out: Path, *, checkpoint_files: frozenset[str]) -> list[Path]:
     """Delete what killed saves of `out` left beside it (see the module docstring): partials holding
     only `checkpoint_files`, and `.old` directories unless they hold the checkpoint a missing `out`
-    needs. Returns the paths deleted."""
+    needs; only those marked as lmmrt's. Returns the paths deleted."""
     removed = []
-    now = time.time()
     for path in _leftovers(out, PARTIAL) + _leftovers(out, OLD):
         fd = _unlocked(path)
         if fd is None:
             continue
         try:
-            if now - path.lstat().st_mtime < STALE_AFTER_S:
-                continue
+            if not _is_lmmrts(path):
+                continue  # a user's, named like ours
             names = {p.name for p in path.iterdir()}
-            if path.name.endswith(PARTIAL) and not names <= checkpoint_files:
+            if path.name.endswith(PARTIAL) and not _holds_only(path, names, checkpoint_files):
                 continue  # not what lmmrt writes there
             if path.name.endswith(OLD) and PREVIOUS in names and _missing(out):
                 continue  # the only copy of the checkpoint `out` held

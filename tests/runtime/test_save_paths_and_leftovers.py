@@ -10,14 +10,13 @@ import os
 import re
 import shutil
 import tempfile
-import time
 
 import pytest
 from serve_util import tiny_model
 
 import lmmrt
 from lmmrt.runtime.checkpoint_writer import BadOutputPathError, OutputExistsError
-from lmmrt.runtime.save_leftovers import lock_directory
+from lmmrt.runtime.save_leftovers import MARKER, lock_directory
 
 
 class Killed(BaseException):
@@ -35,11 +34,6 @@ def _snapshot(path):
 
 def _beside(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
-def _age(path, seconds=3600):
-    t = time.time() - seconds
-    os.utime(path, (t, t))
 
 
 def test_unwritable_parent_names_the_requested_path(model, tmp_path, monkeypatch):
@@ -136,25 +130,22 @@ def test_a_killed_saves_partial_is_removed_by_the_next_save(model, tmp_path, mon
         model.save(out)
     [stale] = [tmp_path / n for n in _beside(out)]
     assert stale.name.endswith(".partial") and not out.exists()
-    _age(stale)
-    # what must stay: another target's, not named by mkdtemp, holding a foreign file, too new, locked
-    keep = [tmp_path / ".other.abcdefgh.partial", tmp_path / ".ckpt.mine.partial", tmp_path / ".ckpt.zzzzzzzz.partial"]
+    # what must stay: another target's, not named by mkdtemp, unmarked, marked but holding a foreign
+    # file, marked but locked (a live save's)
+    keep = [tmp_path / n for n in (".other.abcdefgh.partial", ".ckpt.mine.partial", ".ckpt.unmarked.partial",
+                                   ".ckpt.zzzzzzzz.partial", ".ckpt.lockedxx.partial")]
     for p in keep:
-        p.mkdir()
-        _age(p)
-    (keep[2] / "notes.txt").write_text("not a checkpoint file")
-    fresh = tmp_path / ".ckpt.freshnew.partial"
-    fresh.mkdir()
-    locked = tmp_path / ".ckpt.lockedxx.partial"
-    locked.mkdir()
-    _age(locked)
-    fd = lock_directory(locked)
+        shutil.copytree(stale, p)
+        (p / MARKER).write_bytes((stale / MARKER).read_bytes().replace(stale.name.encode(), p.name.encode()))
+    (keep[2] / MARKER).unlink()
+    (keep[3] / "notes.txt").write_text("not a checkpoint file")
+    fd = lock_directory(keep[4])
     try:
         model.save(out)
     finally:
         os.close(fd)
     assert not stale.exists() and out.is_dir()
-    assert all(p.exists() for p in [*keep, fresh, locked])
+    assert all(p.exists() for p in keep)
 
 
 def test_a_kill_between_the_two_renames_is_restored_by_the_next_save(model, tmp_path, monkeypatch):
@@ -172,8 +163,6 @@ def test_a_kill_between_the_two_renames_is_restored_by_the_next_save(model, tmp_
         with pytest.raises(OutputExistsError, match="already exists"):  # the old one is back: replacing it needs force
             model.save(out)
     assert _snapshot(out) == old
-    for name in _beside(out):
-        _age(tmp_path / name)
     model.save(out, force=True)
     assert _beside(out) == [] and _snapshot(out) != old
 
@@ -185,11 +174,10 @@ def test_a_kill_before_the_old_checkpoint_is_deleted_is_cleaned_by_the_next_forc
         _kill(m, at_rmtree_of=".old")
         model.save(out, force=True)
     new = _snapshot(out)
-    [old] = _beside(out)
-    assert old.endswith(".old")
-    _age(tmp_path / old)
+    left = _beside(out)
+    assert sorted(n.rsplit(".", 1)[1] for n in left) == ["old", "partial"], left  # the partial: its marker only
     with pytest.raises(OutputExistsError):
         model.save(out)
-    assert _beside(out) == [old]  # a refused save touches nothing
+    assert _beside(out) == left  # a refused save touches nothing
     model.save(out, force=True)
     assert _beside(out) == [] and _snapshot(out) == new

@@ -1,0 +1,91 @@
+"""What a save of a checkpoint never does to the folders beside it, however they are named."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+from serve_util import tiny_model
+
+import lmmrt
+from lmmrt.runtime.save_leftovers import MARKER
+
+
+class Killed(BaseException):
+    """What the process would have died of."""
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llava")
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def _age(path, seconds=7200):
+    t = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
+def _users_folder(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    _age(path)
+    return _tree(path)
+
+
+def test_a_users_old_folder_survives_a_save_of_the_target_it_is_named_after(model, tmp_path):
+    backup = tmp_path / ".ckpt.20240101.old"
+    before = _users_folder(backup, {"notes.txt": "mine"})
+    model.save(tmp_path / "ckpt")
+    model.save(tmp_path / "ckpt", force=True)
+    assert _tree(backup) == before
+
+
+def test_a_users_previous_folder_is_never_taken_for_a_missing_targets_checkpoint(model, tmp_path):
+    backup = tmp_path / ".ckpt.20240101.old"
+    before = _users_folder(backup, {"previous/thesis.tex": "x"})
+    with pytest.raises(FileNotFoundError) as e:
+        lmmrt.load(tmp_path / "ckpt", device="cpu")
+    assert str(backup) not in str(e.value)
+    model.save(tmp_path / "ckpt")  # neither a warning nor a refusal: nothing of lmmrt's was there
+    assert _tree(backup) == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_users_partial_folder_holding_checkpoint_file_names_survives(model, tmp_path):
+    partial = tmp_path / ".m2.abcdefgh.partial"
+    before = _users_folder(partial, {"config.json": '{"mine": 1}'})
+    model.save(tmp_path / "m2")
+    assert _tree(partial) == before
+
+
+def test_only_a_leftover_with_its_own_marker_is_deleted(model, tmp_path, monkeypatch):
+    """A killed save's partial is deleted; a copy of it under another name, or one whose marker was
+    emptied, is not lmmrt's leftover (the marker names the directory it was written into)."""
+    out = tmp_path / "ckpt"
+
+    def killed(*a, **k):
+        raise Killed
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr("lmmrt.runtime.checkpoint_writer.write_safetensors", killed)
+        m.setattr(shutil, "rmtree", lambda *a, **k: None)  # a dead process cleans nothing up
+        model.save(out)
+    [partial] = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert (partial / MARKER).is_file()
+    copy, emptied = tmp_path / ".ckpt.copyofit.partial", tmp_path / ".ckpt.emptymrk.partial"
+    shutil.copytree(partial, copy)
+    shutil.copytree(partial, emptied)
+    (emptied / MARKER).write_bytes(b"")
+    kept = {p: _tree(p) for p in (copy, emptied)}
+    model.save(out)
+    assert not partial.exists() and out.is_dir()
+    assert {p: _tree(p) for p in kept} == kept
