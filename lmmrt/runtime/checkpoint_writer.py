@@ -9,6 +9,8 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
   renames it into place: an existing checkpoint stays intact until the new one is complete;
 - on failure (a full disk, ...) removes the partial output and raises an OSError that says what
   happened while writing which file;
+- takes turns with every other save into the same directory (an flock on it, which leaves nothing
+  behind), so concurrent saves of one target each replace it whole, one after the other;
 - after a save that was killed (nothing ran to clean up), puts back a checkpoint it had moved aside
   and deletes what it left, and only what it provably left (lmmrt/runtime/save_leftovers.py says
   what and when).
@@ -38,6 +40,7 @@ from lmmrt.runtime.save_leftovers import (
     PARTIAL,
     PARTIAL_CHECKPOINT,
     PREVIOUS,
+    lock_directory,
     make_save_directory,
     remove_stale_leftovers,
     restore_interrupted_replace,
@@ -136,7 +139,10 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
             raise OutputExistsError(f"{out} already exists; choose a new path, or pass force=True (--force) "
                                     f"to replace it")
         if out.is_dir() and not out.is_symlink():
-            foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+            try:
+                foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+            except (FileNotFoundError, NotADirectoryError):  # a save (without our turn) is replacing it
+                foreign = []
             if foreign:
                 raise OutputExistsError(
                     f"refusing to replace {out}, even with force: it is not an lmmrt checkpoint (it holds "
@@ -236,29 +242,35 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     written beside them (only the optional files of the format: chat_template.jinja). Returns the
     output path.
 
-    A save killed midway (nothing ran to clean up) is dealt with by the next save of the same path:
-    a checkpoint it had moved aside while `out_dir` is missing is moved back first (replacing it
-    again needs force), and its partial output, or the old checkpoint it had replaced, is deleted
-    (lmmrt/runtime/save_leftovers.py: which directories, and when; never one lmmrt did not write).
-    An OSError names `out_dir` or the file in it being written, never the temporary directory."""
+    Saves into one directory take turns: one waits for another to finish. A save killed midway
+    (nothing ran to clean up) is dealt with by the next save of the same path: a checkpoint it had
+    moved aside while `out_dir` is missing is moved back first (replacing it again needs force), and
+    its partial output, or the old checkpoint it had replaced, is deleted (lmmrt/runtime/
+    save_leftovers.py: which directories, and when; never one lmmrt did not write). An OSError names
+    `out_dir` or the file in it being written, never the temporary directory."""
     bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
     if bad:
         raise ValueError(f"extra checkpoint files {bad}: the format's optional files are {CHAT_TEMPLATE}")
-    out = check_output_path(out_dir, sources=sources, force=force)
+    out = check_output_path(out_dir, sources=sources, force=force)  # before any work, and without waiting
     meta = {"format": "lmmrt", "format_version": str(cfg.format_version)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        turn = lock_directory(out.parent)
     except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
         raise _write_error(e, out) from None
-    _write_checkpoint(out, cfg, state, meta, tok_bytes, extra_files or {})
+    try:
+        check_output_path(out, sources=sources, force=force)  # again: another save may have finished meanwhile
+        _write_checkpoint(out, cfg, state, meta, tok_bytes, extra_files or {})
+    finally:
+        os.close(turn)
     return out
 
 
 def _write_checkpoint(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], meta: dict[str, str],
                       tok_bytes: bytes | None, extra_files: dict[str, bytes]) -> None:
-    """save_checkpoint's writing: into `.NAME.XXXXXXXX.partial/checkpoint`, then renamed to
+    """save_checkpoint's writing, in its turn: into `.NAME.XXXXXXXX.partial/checkpoint`, then renamed to
     `out`; the partial directory, which holds only its marker then, goes last."""
     try:
         remove_stale_leftovers(out, checkpoint_files=CHECKPOINT_FILES)

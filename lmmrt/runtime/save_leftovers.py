@@ -16,8 +16,11 @@ left by a killed save (SIGKILL, power loss: nothing ran to clean up):
 - `.old` while NAME exists: killed after the new checkpoint was in place, before deleting the old
   one. The next save of NAME deletes it (only a save that replaces NAME, with force, gets there).
 A partial is deleted only when it holds nothing but its marker and a checkpoint directory of
-checkpoint files. Everything here is best effort: a leftover that cannot be read, locked or
-removed stays, and the save goes on. Where the file system has no locks, nothing is ever cleaned up.
+checkpoint files. Saves into one directory take turns (save_checkpoint holds an flock on it), so
+the next save never meets a live one's directories; their own locks keep a bare check_output_path,
+which takes no turn, off them. Everything here is best effort: a leftover that cannot be read,
+locked or removed stays, and the save goes on. Where the file system has no locks, nothing is ever
+cleaned up.
 """
 
 from __future__ import annotations

@@ -1,15 +1,19 @@
-"""What a save of a checkpoint never does to the folders beside it, however they are named."""
+"""What a save of a checkpoint never does to the folders beside it, however they are named; saves of one
+target from several processes at once."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
 
 import pytest
+import torch
 from serve_util import tiny_model
 
 import lmmrt
+from lmmrt.runtime.checkpoint_writer import save_checkpoint
 from lmmrt.runtime.save_leftovers import MARKER
 
 
@@ -89,3 +93,45 @@ def test_only_a_leftover_with_its_own_marker_is_deleted(model, tmp_path, monkeyp
     model.save(out)
     assert not partial.exists() and out.is_dir()
     assert {p: _tree(p) for p in kept} == kept
+
+
+def _save_many(out, who: int, saves: int, start, errors) -> None:
+    real_rename = os.rename
+
+    def slow_rename(a, b):  # a busy disk, or a writer preempted between its renames: races show at once
+        real_rename(a, b)
+        time.sleep(0.002)
+
+    os.rename = slow_rename  # in this forked writer only
+    cfg = tiny_model("llava").config
+    state = {"x": torch.full((50_000,), float(who))}
+    start.wait()
+    for _ in range(saves):
+        try:
+            save_checkpoint(out, cfg, state, force=True, metadata={"who": str(who)})
+        except Exception as e:  # every one is a failure; the test prints what they were
+            errors.put(f"{type(e).__name__}: {e}")
+    errors.put(None)
+
+
+def test_concurrent_forced_saves_of_one_target_take_turns(tmp_path):
+    out, writers, saves = tmp_path / "ck", 3, 25
+    ctx = multiprocessing.get_context("fork")
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_save_many, args=(out, who, saves, start, errors)) for who in range(writers)]
+    for p in procs:
+        p.start()
+    start.set()
+    failures, done = [], 0
+    while done < writers:
+        e = errors.get(timeout=60)
+        done += e is None
+        failures += [] if e is None else [e]
+    for p in procs:
+        p.join(timeout=30)
+    assert failures == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing left beside it
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        who = f.metadata()["who"]
+        assert torch.equal(f.get_tensor("x"), torch.full((50_000,), float(who)))  # one writer's, whole
