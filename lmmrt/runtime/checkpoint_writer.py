@@ -14,6 +14,8 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
 - after a save that was killed (nothing ran to clean up), puts back a checkpoint it had moved aside
   and deletes what it left, and only what it provably left (lmmrt/runtime/save_leftovers.py says
   what and when).
+The temporary directory's name is the target's plus 18 bytes (`.NAME.XXXXXXXX.partial`), so a
+target name longer than the file system's limit less 18 (237 bytes of 255) is refused up front.
 
 model.safetensors is written here, tensor by tensor straight from the tensors' memory (the format
 is an 8-byte header length, a JSON header, then the raw bytes): no second copy of the model is
@@ -61,6 +63,9 @@ SAFETENSORS_DTYPES = {
 # again, or applies it unfolded, leaves the branch as it was. Zero gates stay zero (branch off).
 TANH_NEUTRAL_GATE = 32.0
 
+# What the temporary directory's name adds to the target's: ".", ".XXXXXXXX" (mkdtemp's), ".partial"
+TEMPORARY_NAME_EXTRA = 1 + 9 + len(PARTIAL)
+
 
 class OutputExistsError(FileExistsError):
     """The output path exists and replacing it was not asked for (or is never allowed)."""
@@ -91,6 +96,33 @@ def _output_path(out) -> Path:
     return path
 
 
+def _existing_parent(path: Path) -> Path:
+    """The nearest directory above `path` that exists (the one the output would be created in)."""
+    for p in path.parents:
+        try:
+            if p.exists():
+                return p
+        except OSError:  # a name too long in it, ...: no directory there
+            continue
+    return Path(path.anchor)
+
+
+def _check_name_length(out: Path) -> None:
+    """Refuse a name that fits the file system but not the save's temporary directory beside it,
+    which would otherwise fail with "File name too long" naming `out`, after all the work."""
+    try:
+        limit = os.pathconf(_existing_parent(out), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # Linux's and macOS's file systems
+    length = len(os.fsencode(out.name))
+    if length + TEMPORARY_NAME_EXTRA > limit:
+        raise BadOutputPathError(
+            f"cannot write a checkpoint at {out}: its name is {length} bytes long, and a save writes first into "
+            f"a temporary directory .NAME.XXXXXXXX{PARTIAL} beside it, {TEMPORARY_NAME_EXTRA} bytes longer, over "
+            f"this file system's limit of {limit} bytes a name; choose a name of at most "
+            f"{limit - TEMPORARY_NAME_EXTRA} bytes")
+
+
 def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
@@ -111,16 +143,17 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     it). A target that a killed save left missing is first restored from where that save had moved
     it (with a warning; save_leftovers.restore_interrupted_replace). Returns `out` as a Path. Raises
     OutputExistsError / OutputIsSourceError, NotADirectoryError when a file stands where a directory
-    above `out` should be, BadOutputPathError for an empty path or the root, TypeError for a path or
-    `force` of the wrong type."""
+    above `out` should be, BadOutputPathError for an empty path, the root or a name too long (see the
+    module docstring), TypeError for a path or `force` of the wrong type."""
     if not isinstance(force, bool):  # force="no" would count as true
         raise TypeError(f"force must be True or False, not {force!r}")
     out = _output_path(out)
+    _check_name_length(out)
     restored_from = restore_interrupted_replace(out)
     if restored_from is not None:
         warnings.warn(f"{out} was missing because a save replacing it was killed: moved its previous checkpoint "
                       f"back from {restored_from}", stacklevel=2)
-    parent = next(p for p in out.parents if p.exists())  # the directory the output would be created in
+    parent = _existing_parent(out)
     if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
         raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
     target = _resolved(out)

@@ -1,5 +1,5 @@
 """What a save of a checkpoint never does to the folders beside it, however they are named; saves of one
-target from several processes at once."""
+target from several processes at once; a target name too long for the save's temporary directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from serve_util import tiny_model
 
 import lmmrt
-from lmmrt.runtime.checkpoint_writer import save_checkpoint
+from lmmrt.runtime.checkpoint_writer import BadOutputPathError, save_checkpoint
 from lmmrt.runtime.save_leftovers import MARKER
 
 
@@ -135,3 +135,15 @@ def test_concurrent_forced_saves_of_one_target_take_turns(tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         who = f.metadata()["who"]
         assert torch.equal(f.get_tensor("x"), torch.full((50_000,), float(who)))  # one writer's, whole
+
+
+@pytest.mark.parametrize("extra", [1, 19], ids=["temporary-name-too-long", "name-itself-too-long"])
+def test_a_name_too_long_for_the_temporary_directory_is_refused_clearly(model, tmp_path, extra):
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - len(".partial") - 10  # . NAME . XXXXXXXX .partial
+    out = tmp_path / ("n" * (longest + extra))
+    with pytest.raises(BadOutputPathError) as e:
+        model.save(out)
+    msg = str(e.value)
+    assert str(out) in msg and ".partial" in msg and f"at most {longest} bytes" in msg, msg
+    assert list(tmp_path.iterdir()) == []
+    model.save(tmp_path / ("n" * longest))
