@@ -88,6 +88,7 @@ def test_not_an_idefics_dir(tmp_path):
     assert r.returncode == 2 and "model_type is 'llama', expected 'idefics'" in r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")  # its tiny model has no tokenizer.json, on purpose
 def test_load_transformers_dir_directly(hf, tmp_path):
     """lmmrt.load on a transformers IDEFICS directory converts in memory: same logits as converting first."""
     _convert(hf / "sharded", tmp_path / "c", "--quiet")

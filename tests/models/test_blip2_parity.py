@@ -13,6 +13,9 @@ from PIL import Image
 import lmmrt
 from lmmrt.convert.blip2 import convert_blip2
 
+# the tiny models here are saved without tokenizer.json on purpose: the warning users get for that is expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")
+
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 

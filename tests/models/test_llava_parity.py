@@ -13,6 +13,9 @@ from llava_util import IMAGE_ID, expanded, hf_prompt_logits, tiny_llava
 import lmmrt
 from lmmrt.convert.llava import convert_llava
 
+# the tiny models here are saved without tokenizer.json on purpose: the warning users get for that is expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")
+
 # (vision_feature_layer, vision_feature_select_strategy): LLaVA-1.5's own, and a list of layers with the CLS kept
 VARIANTS = [(-2, "default"), ([-3, -1], "full")]
 PROMPTS = [[1, 5, IMAGE_ID, 7, 8, 9, 11], [1, 6, 12], [1, IMAGE_ID, 3, 4, IMAGE_ID, 13, 14, 15, 16]]
