@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,27 @@ def test_generate_with_stderr_to_a_file_writes_no_bar(ckpt, capsys):
     err = capsys.readouterr().err
     assert "\r" not in err and "loading" not in err, err
     assert err.count("\n") == 1 and err.startswith("[length: 2 tokens"), err
+
+
+@pytest.mark.filterwarnings("ignore:.*has no tokenizer.json")  # the tiny model has none, on purpose
+@pytest.mark.parametrize("tty", [True, False])
+def test_convert_draws_its_bar_on_a_terminal_only(tmp_path, monkeypatch, tty):
+    pytest.importorskip("transformers")
+    from llava_util import tiny_llava
+
+    from lmmrt.convert.llava import convert_llava
+
+    tiny_llava(seed=1).save_pretrained(tmp_path / "src")
+    stderr = Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    convert_llava(tmp_path / "src", tmp_path / "out", progress=True)
+    drawn = stderr.getvalue()
+    assert ("converting" in drawn and "\r" in drawn) if tty else drawn == "", drawn
+
+
+def test_every_bar_lmmrt_draws_goes_through_progress_bar():
+    """So that each follows the terminal-only rule: lmmrt's sources create no tqdm of their own."""
+    package = Path(lmmrt.__file__).parent
+    own = [str(p.relative_to(package)) for p in package.rglob("*.py")
+           if "tqdm" in p.read_text() and p.name != "progress.py"]
+    assert own == [], own

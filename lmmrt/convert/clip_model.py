@@ -108,9 +108,9 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[st
         raise CheckpointError(msg)
     items = list(wmap.items())
     if progress:
-        from tqdm import tqdm
+        from lmmrt.runtime.progress import progress_bar
 
-        items = tqdm(items, desc="converting", unit="tensor")
+        items = progress_bar(items, desc="converting", unit="tensor")
     out = {}
     finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:

@@ -319,9 +319,9 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
     out: dict[str, torch.Tensor] = {}
     items = list(wmap.items())
     if progress:
-        from tqdm import tqdm
+        from lmmrt.runtime.progress import progress_bar
 
-        items = tqdm(items, desc="converting", unit="tensor")
+        items = progress_bar(items, desc="converting", unit="tensor")
     finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]
