@@ -194,7 +194,8 @@ run_stage build bash -c build_ext
 # whole-model backend parity and CUDA-graph decode (with the CUDA decode kernel in the graph)
 STAGE_GRACE=$XDIST_GRACE_S run_stage tests_model bash -c 'gpu_tests tests_model 4 tests/models/test_backend_parity.py \
   tests/runtime/test_static_decode.py tests/kernels/test_cuda_graph_decode.py \
-  tests/test_mllama_generate.py::test_cuda_graph_decode_on_gpu'
+  tests/test_mllama_generate.py::test_cuda_graph_decode_on_gpu \
+  tests/runtime/test_decode_compaction.py::test_compaction_captures_and_replays_the_smaller_batch_graph_on_gpu'
 # kernel numerics (bf16/fp16 against the references) and the build tests (archs from LMMRT_CUDA_ARCHS)
 STAGE_GRACE=$XDIST_GRACE_S run_stage tests_kernels bash -c 'gpu_tests tests_kernels 8 tests/kernels tests/test_build.py -m "not slow" \
   --ignore tests/kernels/test_cuda_graph_decode.py'

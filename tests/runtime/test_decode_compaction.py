@@ -314,3 +314,25 @@ def test_mllama_graph_path_compaction(mllama, monkeypatch, on_path, overlap):
     finally:
         mllama.cuda_graph = False
     assert sizes == _expected_sizes(steps, overlap) and min(sizes) < len(prompts)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compaction_captures_and_replays_the_smaller_batch_graph_on_gpu(monkeypatch):
+    """The real thing (bench/device.sh): on CUDA the graph path moves the live KV rows to the front of
+    the pool and replays the smaller batch's graph, in the overlapped loop; every row's tokens are the
+    uncompacted run's."""
+    from lmmrt.runtime.static_decode import graph_capturable
+
+    m = demo_model(device="cuda", backend="auto")
+    assert graph_capturable(m), "the cross-attention op must resolve to a kernel on CUDA"
+    with monkeypatch.context() as p:
+        _no_compaction(p)
+        full = [r.token_ids for r in _run(m)]
+        stops = _stop_ids(full)
+        want = [r.token_ids for r in _run(m, stop_token_ids=stops)]
+    steps = _stop_steps(full, stops)
+    got = [r.token_ids for r in _run(m, stop_token_ids=stops)]
+    assert got == want, (steps, got, want)
+    batches = {key[0] for key in m.decode_state.graphs}
+    assert len(PROMPTS) in batches and min(batches) < len(PROMPTS), (steps, sorted(batches))
+    assert m.decode_state.graph_error is None
