@@ -96,7 +96,9 @@ def test_only_a_leftover_with_its_own_marker_is_deleted(model, tmp_path, monkeyp
     assert {p: _tree(p) for p in kept} == kept
 
 
-def _save_many(out, who: int, saves: int, start, errors) -> None:
+def _save_many(out, cfg, state, who: int, saves: int, start, errors) -> None:
+    """One writer: `saves` forced saves of `out`. It computes nothing with torch: a child forked after
+    the parent's thread pools ran hangs in its first parallel op."""
     real_rename = os.rename
 
     def slow_rename(a, b):  # a busy disk, or a writer preempted between its renames: races show at once
@@ -104,8 +106,6 @@ def _save_many(out, who: int, saves: int, start, errors) -> None:
         time.sleep(0.002)
 
     os.rename = slow_rename  # in this forked writer only
-    cfg = tiny_model("llava").config
-    state = {"x": torch.full((50_000,), float(who))}
     start.wait()
     for _ in range(saves):
         try:
@@ -115,27 +115,33 @@ def _save_many(out, who: int, saves: int, start, errors) -> None:
     errors.put(None)
 
 
-def test_concurrent_forced_saves_of_one_target_take_turns(tmp_path):
+def test_concurrent_forced_saves_of_one_target_take_turns(model, tmp_path):
     out, writers, saves = tmp_path / "ck", 3, 25
+    states = [{"x": torch.randn(50_000, generator=torch.Generator().manual_seed(who))} for who in range(writers)]
     ctx = multiprocessing.get_context("fork")
     start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_save_many, args=(out, who, saves, start, errors)) for who in range(writers)]
+    procs = [ctx.Process(target=_save_many, args=(out, model.config, states[who], who, saves, start, errors),
+                         daemon=True) for who in range(writers)]
     for p in procs:
         p.start()
     start.set()
     failures, done = [], 0
-    while done < writers:
-        e = errors.get(timeout=60)
-        done += e is None
-        failures += [] if e is None else [e]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        while done < writers:
+            e = errors.get(timeout=60)
+            done += e is None
+            failures += [] if e is None else [e]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     assert failures == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # nothing left beside it
     from safetensors import safe_open
     with safe_open(out / "model.safetensors", "pt") as f:
-        who = f.metadata()["who"]
-        assert torch.equal(f.get_tensor("x"), torch.full((50_000,), float(who)))  # one writer's, whole
+        who = int(f.metadata()["who"])
+        assert torch.equal(f.get_tensor("x"), states[who]["x"])  # one writer's, whole
 
 
 @pytest.mark.parametrize("extra", [1, 19], ids=["temporary-name-too-long", "name-itself-too-long"])
