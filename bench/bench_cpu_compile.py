@@ -216,11 +216,8 @@ def _run(*, out_dir, quick, budget_s, file_stem, use_compile, runs, new_tokens, 
 
 def write_report(data: dict, out_dir: Path, name: str) -> list[Path]:
     """<name>.md (+ <name>.png) beside <name>.json."""
-    png = out_dir / f"{name}.png"
-    plots = [png.name] if report.plot_kernel("cpu_compile", GROUP, data["rows"], data["key"], png) else []
-    md = report.markdown({"key": data["key"], "benches": {"cpu_compile": data}}, plots)
-    (out_dir / f"{name}.md").write_text(md + "\n")
-    return [out_dir / f"{name}.json", out_dir / f"{name}.md", *(out_dir / p for p in plots)]
+    return report.write_bench_report("cpu_compile", data, out_dir, name,
+                                     lambda png: report.plot_kernel("cpu_compile", GROUP, data["rows"], data["key"], png))
 
 
 def main(argv: list[str] | None = None) -> int:

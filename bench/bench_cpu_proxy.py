@@ -203,12 +203,9 @@ def _run(*, out_dir, quick, budget_s, file_stem, pairs, new_tokens, batches) -> 
 
 def write_report(data: dict, out_dir: Path, name: str) -> list[Path]:
     """<name>.md (+ <name>.png) beside <name>.json."""
-    png = out_dir / f"{name}.png"
-    plots = [png.name] if report.plot_generate([r for r in data["rows"] if r.get("group") == TIMING_GROUP],
-                                               data["key"], png, title="CPU proxy, one thread") else []
-    md = report.markdown({"key": data["key"], "benches": {"cpu_proxy": data}}, plots)
-    (out_dir / f"{name}.md").write_text(md + "\n")
-    return [out_dir / f"{name}.json", out_dir / f"{name}.md", *(out_dir / p for p in plots)]
+    timing = [r for r in data["rows"] if r.get("group") == TIMING_GROUP]
+    return report.write_bench_report("cpu_proxy", data, out_dir, name,
+                                     lambda png: report.plot_generate(timing, data["key"], png, title="CPU proxy, one thread"))
 
 
 def main(argv: list[str] | None = None) -> int:

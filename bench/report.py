@@ -137,6 +137,15 @@ def describe_ceilings(c: dict | None) -> str:
             f"matmul {c['matmul_tflops']:.2f} TFLOP/s")
 
 
+def write_bench_report(bench: str, data: dict, out_dir: Path, name: str, plot) -> list[Path]:
+    """<name>.md, and <name>.png when plot(png_path) drew one, beside the bench's <name>.json; the
+    paths of all three (of two without a plot)."""
+    png = out_dir / f"{name}.png"
+    plots = [png.name] if plot(png) else []
+    (out_dir / f"{name}.md").write_text(markdown({"key": data["key"], "benches": {bench: data}}, plots) + "\n")
+    return [out_dir / f"{name}.json", out_dir / f"{name}.md", *(out_dir / p for p in plots)]
+
+
 def markdown(merged: dict, plots: list[str]) -> str:
     key = merged.get("key") or {}
     lines = [f"# lmmrt benchmark results — {key.get('gpu', '?')}", ""]
