@@ -11,9 +11,8 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
   happened while writing which file;
 - takes turns with every other save into the same directory (an flock on it, which leaves nothing
   behind), so concurrent saves of one target each replace it whole, one after the other;
-- after a save that was killed (nothing ran to clean up), puts back a checkpoint it had moved aside
-  and deletes what it left, and only what it provably left (lmmrt/runtime/save_leftovers.py says
-  what and when).
+- after a save that was killed (nothing ran to clean up), deletes what it left, and only what it
+  provably left; it never moves anything back (lmmrt/runtime/save_leftovers.py says what and when).
 The temporary directory's name is the target's plus 18 bytes (`.NAME.XXXXXXXX.partial`), so a
 target name longer than the file system's limit less 18 (237 bytes of 255) is refused up front.
 
@@ -30,7 +29,6 @@ import os
 import shutil
 import struct
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,7 +43,6 @@ from lmmrt.runtime.save_leftovers import (
     lock_directory,
     make_save_directory,
     remove_stale_leftovers,
-    restore_interrupted_replace,
 )
 from lmmrt.runtime.weights import CHAT_TEMPLATE, CONFIG, TOKENIZER, WEIGHTS
 
@@ -140,19 +137,14 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     """Check that `out` may be written: it does not exist (or `force` and it is a file or an lmmrt
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
-    it). A target that a killed save left missing is first restored from where that save had moved
-    it (with a warning; save_leftovers.restore_interrupted_replace). Returns `out` as a Path. Raises
-    OutputExistsError / OutputIsSourceError, NotADirectoryError when a file stands where a directory
-    above `out` should be, BadOutputPathError for an empty path, the root or a name too long (see the
-    module docstring), TypeError for a path or `force` of the wrong type."""
+    it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError, NotADirectoryError
+    when a file stands where a directory above `out` should be, BadOutputPathError for an empty path,
+    the root or a name too long (see the module docstring), TypeError for a path or `force` of the
+    wrong type."""
     if not isinstance(force, bool):  # force="no" would count as true
         raise TypeError(f"force must be True or False, not {force!r}")
     out = _output_path(out)
     _check_name_length(out)
-    restored_from = restore_interrupted_replace(out)
-    if restored_from is not None:
-        warnings.warn(f"{out} was missing because a save replacing it was killed: moved its previous checkpoint "
-                      f"back from {restored_from}", stacklevel=2)
     parent = _existing_parent(out)
     if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
         raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
@@ -276,9 +268,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     output path.
 
     Saves into one directory take turns: one waits for another to finish. A save killed midway
-    (nothing ran to clean up) is dealt with by the next save of the same path: a checkpoint it had
-    moved aside while `out_dir` is missing is moved back first (replacing it again needs force), and
-    its partial output, or the old checkpoint it had replaced, is deleted (lmmrt/runtime/
+    (nothing ran to clean up) is dealt with by the next save of the same path: its partial output,
+    or the old checkpoint it was replacing, is deleted, never moved back (lmmrt/runtime/
     save_leftovers.py: which directories, and when; never one lmmrt did not write). An OSError names
     `out_dir` or the file in it being written, never the temporary directory."""
     bad = [name for name in (extra_files or {}) if name not in CHECKPOINT_FILES - {CONFIG, WEIGHTS, TOKENIZER}]
@@ -350,7 +341,8 @@ def _write_error(e: OSError, where: Path) -> OSError:
 def _replace(new: Path, out: Path) -> None:
     """Rename `new` to `out`. An existing `out` is first renamed aside (into `.NAME.*.old/previous`,
     locked meanwhile) and only deleted once `new` is in place; if that fails it is put back. A
-    process killed in between leaves it there, for the next save to put back (save_leftovers)."""
+    process killed in between leaves it there (a load of the missing `out` says where), and the next
+    save deletes it (save_leftovers)."""
     if not (out.is_symlink() or out.exists()):
         os.rename(new, out)
         return

@@ -5,16 +5,16 @@ target NAME and, when NAME exists, renames the old one to `.NAME.XXXXXXXX.old/pr
 renaming the new one to NAME (XXXXXXXX: tempfile.mkdtemp's eight random characters); then it deletes
 both directories. Right after creating each of them it flocks it and writes MARKER into it, a file
 naming that very directory: only a directory holding its own marker (checked by content, so a copy
-under another name does not count) is lmmrt's, and no other is ever deleted or moved, whatever its
-name. The kernel drops a writer's lock when the process dies, so a marked and unlocked directory was
-left by a killed save (SIGKILL, power loss: nothing ran to clean up):
+under another name does not count) is lmmrt's, and no other is ever deleted, whatever its name. The
+kernel drops a writer's lock when the process dies, so a marked and unlocked directory was left by
+a killed save (SIGKILL, power loss: nothing ran to clean up):
 - a partial: an unfinished (or finished but never renamed) new checkpoint, or nothing but the
   marker. The next save of NAME deletes it.
-- `.old/previous` while NAME is missing: the save was killed between its two renames, and
-  `previous` is the checkpoint NAME held. The next save of NAME renames it back first (so replacing
-  it again needs force); a load of NAME says where it is.
-- `.old` while NAME exists: killed after the new checkpoint was in place, before deleting the old
-  one. The next save of NAME deletes it (only a save that replaces NAME, with force, gets there).
+- an `.old`: the checkpoint a forced save was replacing. Its replacement was asked for, so the next
+  save of NAME deletes it too. Nothing is ever moved back to NAME: whether NAME is missing because
+  of the kill or because its user removed or renamed it afterwards cannot be told apart, and moving
+  an old generation back in the second case would undo what the user did. While NAME is missing, a
+  load of NAME says where the old checkpoint is (interrupted_previous).
 A partial is deleted only when it holds nothing but its marker and a checkpoint directory of
 checkpoint files. Saves into one directory take turns (save_checkpoint holds an flock on it), so
 the next save never meets a live one's directories; their own locks keep a bare check_output_path,
@@ -121,8 +121,9 @@ def _missing(out: Path) -> bool:
 
 
 def interrupted_previous(out: Path) -> Path | None:
-    """The checkpoint a killed save took from `out` (`.NAME.*.old/previous`, in a directory marked as
-    lmmrt's), when `out` is missing and one is there; None otherwise."""
+    """The checkpoint an interrupted save of `out` was replacing (`.NAME.*.old/previous`, in a directory
+    marked as lmmrt's), when `out` is missing and one is there; None otherwise. It says nothing of why
+    `out` is missing (see the module docstring)."""
     if not _missing(out):
         return None
     for old in _leftovers(out, OLD):
@@ -130,31 +131,6 @@ def interrupted_previous(out: Path) -> Path | None:
         if (previous.exists() or previous.is_symlink()) and _is_lmmrts(old):
             return previous
     return None
-
-
-def restore_interrupted_replace(out: Path) -> Path | None:
-    """When `out` is missing because a save replacing it was killed between its two renames, rename
-    the checkpoint it held back to `out`. Returns where it was restored from, else None."""
-    previous = interrupted_previous(out)
-    if previous is None:
-        return None
-    fd = _unlocked(previous.parent)
-    if fd is None:  # a live save is between its renames: it puts one or the other in place itself
-        return None
-    try:
-        if not _missing(out) or not _is_lmmrts(previous.parent):
-            return None
-        os.rename(previous, out)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:  # what stays (killed, or a file someone put there) is left to the next save
-        os.unlink(previous.parent / MARKER)
-        os.rmdir(previous.parent)
-    except OSError:
-        pass
-    return previous
 
 
 def _holds_only(partial: Path, names: set[str], checkpoint_files: frozenset[str]) -> bool:
@@ -169,8 +145,8 @@ def _holds_only(partial: Path, names: set[str], checkpoint_files: frozenset[str]
 
 def remove_stale_leftovers(out: Path, *, checkpoint_files: frozenset[str]) -> list[Path]:
     """Delete what killed saves of `out` left beside it (see the module docstring): partials holding
-    only `checkpoint_files`, and `.old` directories unless they hold the checkpoint a missing `out`
-    needs; only those marked as lmmrt's. Returns the paths deleted."""
+    only `checkpoint_files`, and `.old` directories; only those marked as lmmrt's and unlocked.
+    Returns the paths deleted."""
     removed = []
     for path in _leftovers(out, PARTIAL) + _leftovers(out, OLD):
         fd = _unlocked(path)
@@ -182,8 +158,6 @@ def remove_stale_leftovers(out: Path, *, checkpoint_files: frozenset[str]) -> li
             names = {p.name for p in path.iterdir()}
             if path.name.endswith(PARTIAL) and not _holds_only(path, names, checkpoint_files):
                 continue  # not what lmmrt writes there
-            if path.name.endswith(OLD) and PREVIOUS in names and _missing(out):
-                continue  # the only copy of the checkpoint `out` held
             shutil.rmtree(path)
             removed.append(path)
         except OSError:

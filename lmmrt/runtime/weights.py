@@ -114,8 +114,8 @@ def read_config_json(path: Path) -> dict:
     if reason is not None:
         previous = interrupted_previous(Path(os.path.abspath(path)))
         if previous is not None:
-            raise FileNotFoundError(f"{reason}: a save that was replacing it was killed, and the checkpoint it held "
-                                    f"is at {previous} (move it back, or save to {path} again to restore it)")
+            raise FileNotFoundError(f"{reason} ({CHECKPOINT_DIR_HINT}); an interrupted save of {path} left the "
+                                    f"checkpoint it was replacing at {previous}")
         raise FileNotFoundError(f"{reason} ({CHECKPOINT_DIR_HINT})")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory ({CHECKPOINT_DIR_HINT})")

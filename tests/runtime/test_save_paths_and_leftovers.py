@@ -1,5 +1,6 @@
 """Model.save's path edge cases get a clear error naming the path given, and what a killed save
-leaves beside its target is dealt with by the next save or load (lmmrt/runtime/save_leftovers.py).
+leaves beside its target is deleted by the next save, never moved back (lmmrt/runtime/save_leftovers.py),
+and a load of the missing target says where the checkpoint it was replacing is.
 A kill is simulated by raising a BaseException at the point it would strike, with every clean-up
 after that point (renames back, rmtree) turned off, as a dead process runs none."""
 
@@ -148,23 +149,51 @@ def test_a_killed_saves_partial_is_removed_by_the_next_save(model, tmp_path, mon
     assert all(p.exists() for p in keep)
 
 
-def test_a_kill_between_the_two_renames_is_restored_by_the_next_save(model, tmp_path, monkeypatch):
+def test_a_kill_between_the_two_renames_leaves_the_old_checkpoint_where_load_says(model, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     tiny_model("llava", seed=9).save(out)
-    old = _snapshot(out)
     with monkeypatch.context() as m, pytest.raises(Killed):
         _kill(m, at_rename=2)  # the first moved the old checkpoint aside; the new one never arrives
         model.save(out, force=True)
     assert not out.exists()
     [previous] = [p / "previous" for p in tmp_path.iterdir() if p.name.endswith(".old")]
-    with pytest.raises(FileNotFoundError, match=re.escape(f"was killed, and the checkpoint it held is at {previous}")):
+    with pytest.raises(FileNotFoundError) as e:
         lmmrt.load(out, device="cpu")
-    with pytest.warns(UserWarning, match=re.escape(f"moved its previous checkpoint back from {previous}")):
-        with pytest.raises(OutputExistsError, match="already exists"):  # the old one is back: replacing it needs force
-            model.save(out)
-    assert _snapshot(out) == old
-    model.save(out, force=True)
-    assert _beside(out) == [] and _snapshot(out) != old
+    assert f"an interrupted save of {out} left the checkpoint it was replacing at {previous}" in str(e.value)
+    assert "killed" not in str(e.value)  # it cannot know why `out` is missing
+    model.save(out)  # no force: `out` is missing, and nothing is moved back to it
+    assert _beside(out) == [] and _snapshot(out) == _snapshot_of(model, tmp_path / "fresh")
+
+
+def _snapshot_of(model, path):
+    model.save(path)
+    return _snapshot(path)
+
+
+@pytest.mark.parametrize("user_does", ["delete", "rename"])
+def test_an_old_generation_never_comes_back_after_the_user_removes_the_target(model, tmp_path, monkeypatch,
+                                                                              user_does):
+    """The reviewer's sequence: a forced save killed after its new checkpoint was in place leaves the old
+    generation in `.ckpt.*.old/previous`; the user then deletes (or renames) ckpt. A plain save succeeds
+    and writes the model saved; the old generation is deleted, never moved back to ckpt."""
+    out = tmp_path / "ckpt"
+    tiny_model("llava", seed=9).save(out)
+    second = tiny_model("llava", seed=10)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _kill(m, at_rmtree_of=".old")
+        second.save(out, force=True)
+    generation_2 = _snapshot(out)
+    if user_does == "delete":
+        shutil.rmtree(out)
+    else:
+        os.rename(out, tmp_path / "ckpt-v2")
+    with pytest.raises(FileNotFoundError, match="an interrupted save of"):
+        lmmrt.load(out, device="cpu")
+    model.save(out)
+    assert _snapshot(out) == _snapshot_of(model, tmp_path / "fresh")
+    assert _beside(out) == []
+    if user_does == "rename":
+        assert _snapshot(tmp_path / "ckpt-v2") == generation_2
 
 
 def test_a_kill_before_the_old_checkpoint_is_deleted_is_cleaned_by_the_next_forced_save(model, tmp_path, monkeypatch):
