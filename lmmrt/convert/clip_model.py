@@ -110,7 +110,7 @@ def convert_weights(src: SourceWeights, cfg: ClipConfig, wmap: dict[str, list[st
     if progress:
         from lmmrt.runtime.progress import progress_bar
 
-        items = progress_bar(items, desc="converting", unit="tensor")
+        items = progress_bar(items, desc="converting", unit="tensor", say_when_hidden=True)
     out = {}
     finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:

@@ -321,7 +321,7 @@ def convert_state(src: SourceWeights, wmap: dict[str, list[str]], cfg: ModelConf
     if progress:
         from lmmrt.runtime.progress import progress_bar
 
-        items = progress_bar(items, desc="converting", unit="tensor")
+        items = progress_bar(items, desc="converting", unit="tensor", say_when_hidden=True)
     finite = FiniteCheck()  # the loader's check, so that a NaN source is refused now, not at load
     for name, srcs in items:
         parts = [src.get(s) for s in srcs]

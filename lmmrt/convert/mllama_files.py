@@ -50,7 +50,7 @@ class SourceTensors(Mapping):
         if progress:
             from lmmrt.runtime.progress import progress_bar
 
-            self._bar = progress_bar(total=len(weights.keys()), desc="converting", unit="tensor")
+            self._bar = progress_bar(total=len(weights.keys()), desc="converting", unit="tensor", say_when_hidden=True)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._weights:
