@@ -10,7 +10,8 @@ Every writer of lmmrt (`lmmrt convert`, `lmmrt demo --save`, `Model.save`) goes 
 - on failure (a full disk, ...) removes the partial output and raises an OSError that says what
   happened while writing which file;
 - takes turns with every other save into the same directory (an flock on it, which leaves nothing
-  behind), so concurrent saves of one target each replace it whole, one after the other;
+  behind), so concurrent saves of one target each replace it whole, one after the other; a turn
+  not given within save_leftovers.TURN_TIMEOUT_S is a clear error, never a silent hang;
 - after a save that was killed (nothing ran to clean up), deletes what it left, and only what it
   provably left; it never moves anything back (lmmrt/runtime/save_leftovers.py says what and when).
 The temporary directory's name is the target's plus 18 bytes (`.NAME.XXXXXXXX.partial`), so a
@@ -40,9 +41,10 @@ from lmmrt.runtime.save_leftovers import (
     PARTIAL,
     PARTIAL_CHECKPOINT,
     PREVIOUS,
-    lock_directory,
+    TurnTimeoutError,
     make_save_directory,
     remove_stale_leftovers,
+    take_turn,
 )
 from lmmrt.runtime.weights import CHAT_TEMPLATE, CONFIG, TOKENIZER, WEIGHTS
 
@@ -267,7 +269,8 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     written beside them (only the optional files of the format: chat_template.jinja). Returns the
     output path.
 
-    Saves into one directory take turns: one waits for another to finish. A save killed midway
+    Saves into one directory take turns: one waits for another to finish (saying so once, and for at
+    most save_leftovers.TURN_TIMEOUT_S: then save_leftovers.TurnTimeoutError). A save killed midway
     (nothing ran to clean up) is dealt with by the next save of the same path: its partial output,
     or the old checkpoint it was replacing, is deleted, never moved back (lmmrt/runtime/
     save_leftovers.py: which directories, and when; never one lmmrt did not write). An OSError names
@@ -281,7 +284,9 @@ def save_checkpoint(out_dir: str | Path, cfg: ModelConfig, state: dict[str, torc
     tok_bytes = None if tokenizer is None else _tokenizer_bytes(tokenizer)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        turn = lock_directory(out.parent)
+        turn = take_turn(out.parent)
+    except TurnTimeoutError:  # already says what and where
+        raise
     except OSError as e:  # a read-only parent, ...: named by `out`, not by a random temporary name
         raise _write_error(e, out) from None
     try:

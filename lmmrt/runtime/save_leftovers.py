@@ -1,4 +1,5 @@
-"""What a killed checkpoint save leaves beside its target, and what the next save or load does with it.
+"""What a killed checkpoint save leaves beside its target, what the next save does with it, and
+how saves into one directory take turns.
 
 save_checkpoint writes the new checkpoint into `.NAME.XXXXXXXX.partial/checkpoint` beside the
 target NAME and, when NAME exists, renames the old one to `.NAME.XXXXXXXX.old/previous` before
@@ -16,11 +17,10 @@ a killed save (SIGKILL, power loss: nothing ran to clean up):
   an old generation back in the second case would undo what the user did. While NAME is missing, a
   load of NAME says where the old checkpoint is (interrupted_previous).
 A partial is deleted only when it holds nothing but its marker and a checkpoint directory of
-checkpoint files. Saves into one directory take turns (save_checkpoint holds an flock on it), so
-the next save never meets a live one's directories; their own locks keep a bare check_output_path,
-which takes no turn, off them. Everything here is best effort: a leftover that cannot be read,
-locked or removed stays, and the save goes on. Where the file system has no locks, nothing is ever
-cleaned up.
+checkpoint files. Saves into one directory take turns (take_turn: an flock on it), so the next save
+never meets a live one's directories; their own locks keep a bare check_output_path, which takes no
+turn, off them. Everything here is best effort: a leftover that cannot be read, locked or removed
+stays, and the save goes on. Where the file system has no locks, nothing is ever cleaned up.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 PARTIAL = ".partial"
@@ -37,6 +39,15 @@ OLD = ".old"
 PREVIOUS = "previous"  # the old checkpoint inside an .old directory
 PARTIAL_CHECKPOINT = "checkpoint"  # the new checkpoint inside a .partial directory
 MARKER = ".lmmrt-save"  # in each .partial and .old directory: it is lmmrt's (see the module docstring)
+# How long a save waits for its turn in a directory before giving up: a save of a large model takes
+# seconds to a minute, and anything else holding an flock on the directory (any local user can flock
+# /tmp) must not make a save wait forever.
+TURN_TIMEOUT_S = 60.0
+TURN_POLL_S = 0.1
+
+
+class TurnTimeoutError(TimeoutError):
+    """Another process held the lock on the output's directory for longer than TURN_TIMEOUT_S."""
 
 
 def leftover_prefix(out: Path) -> str:
@@ -88,6 +99,37 @@ def lock_directory(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def take_turn(directory: Path) -> int:
+    """An open descriptor of `directory` holding its flock (exclusive) until it is closed: saves into one
+    directory take turns. When another process holds the lock, says so once (a warning) and polls for up
+    to TURN_TIMEOUT_S, then raises TurnTimeoutError naming `directory`. Where the file system has no
+    locks (ENOLCK) it goes on unlocked, like lock_directory."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            except OSError:
+                return fd
+            if deadline is None:
+                deadline = time.monotonic() + TURN_TIMEOUT_S
+                warnings.warn(f"waiting for another save into {directory} to finish (up to {TURN_TIMEOUT_S:g} s)",
+                              stacklevel=3)
+            elif time.monotonic() >= deadline:
+                raise TurnTimeoutError(
+                    f"gave up saving into {directory} after waiting {TURN_TIMEOUT_S:g} s: another process holds "
+                    f"its lock (another save, or anything else holding an flock on {directory}); try again later, "
+                    f"or save elsewhere")
+            time.sleep(TURN_POLL_S)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _leftovers(out: Path, suffix: str) -> list[Path]:

@@ -1,11 +1,14 @@
 """What a save of a checkpoint never does to the folders beside it, however they are named; saves of one
-target from several processes at once; a target name too long for the save's temporary directory."""
+target from several processes at once; a save waiting for its turn; a target name too long for the save's temporary directory."""
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
+import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -14,7 +17,7 @@ from serve_util import tiny_model
 
 import lmmrt
 from lmmrt.runtime.checkpoint_writer import BadOutputPathError, save_checkpoint
-from lmmrt.runtime.save_leftovers import MARKER
+from lmmrt.runtime.save_leftovers import MARKER, TurnTimeoutError
 
 
 class Killed(BaseException):
@@ -142,6 +145,36 @@ def test_concurrent_forced_saves_of_one_target_take_turns(model, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         who = int(f.metadata()["who"])
         assert torch.equal(f.get_tensor("x"), states[who]["x"])  # one writer's, whole
+
+
+def _flock(directory):
+    """Hold an flock on `directory` as any other process could (a separate open file description
+    conflicts with the save's even in this process)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_save_waits_a_bounded_time_for_a_lock_held_on_its_directory(model, tmp_path, monkeypatch):
+    monkeypatch.setattr("lmmrt.runtime.save_leftovers.TURN_TIMEOUT_S", 0.3)
+    fd = _flock(tmp_path)
+    try:
+        with pytest.warns(UserWarning, match=re.escape(f"waiting for another save into {tmp_path}")) as w:
+            with pytest.raises(TurnTimeoutError, match=re.escape(f"saving into {tmp_path} after waiting 0.3 s: "
+                                                                 f"another process holds its lock")):
+                model.save(tmp_path / "ck")
+    finally:
+        os.close(fd)
+    assert len([x for x in w if "waiting for another save" in str(x.message)]) == 1  # said once, not per poll
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_goes_on_once_the_lock_on_its_directory_is_released(model, tmp_path):
+    fd = _flock(tmp_path)
+    threading.Timer(0.3, os.close, (fd,)).start()
+    with pytest.warns(UserWarning, match="waiting for another save"):
+        model.save(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
 @pytest.mark.parametrize("extra", [1, 19], ids=["temporary-name-too-long", "name-itself-too-long"])
