@@ -140,9 +140,10 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     checkpoint directory), and it neither is, lies inside, nor contains any of `sources` (files or
     directories the output is made from; compared by resolved path, so links and `..` do not fool
     it). Returns `out` as a Path. Raises OutputExistsError / OutputIsSourceError, NotADirectoryError
-    when a file stands where a directory above `out` should be, BadOutputPathError for an empty path,
-    the root or a name too long (see the module docstring), TypeError for a path or `force` of the
-    wrong type."""
+    when a file stands where a directory above `out` should be, PermissionError when the directory
+    `out` would be written in lacks a permission the save needs, BadOutputPathError for an empty
+    path, the root or a name too long (see the module docstring), TypeError for a path or `force` of
+    the wrong type."""
     if not isinstance(force, bool):  # force="no" would count as true
         raise TypeError(f"force must be True or False, not {force!r}")
     out = _output_path(out)
@@ -150,6 +151,7 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
     parent = _existing_parent(out)
     if not parent.is_dir():  # else mkdir says only "[Errno 17] File exists: '<the file>'"
         raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a directory")
+    _check_permissions(out, parent)
     target = _resolved(out)
     for src in sources:
         if src is None:
@@ -175,6 +177,21 @@ def check_output_path(out: str | Path, *, sources=(), force: bool = False) -> Pa
                     f"refusing to replace {out}, even with force: it is not an lmmrt checkpoint (it holds "
                     f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''})")
     return out
+
+
+def _check_permissions(out: Path, parent: Path) -> None:
+    """Refuse, before any work, a directory the save cannot write in (else a conversion fails only at
+    its end): creating and renaming entries needs write and search (x) permission on `parent`, and the
+    turn's lock opens `out`'s own directory for reading (a directory still to be created is ours)."""
+    needed = [(os.W_OK, "write"), (os.X_OK, "search (x)")]
+    if parent == out.parent:
+        needed.insert(0, (os.R_OK, "read"))
+    missing = [name for mode, name in needed if not os.access(parent, mode)]
+    if missing:
+        err = PermissionError(f"cannot write {out}: no {' or '.join(missing)} permission on the directory "
+                              f"{parent}, which a save needs to create it there")
+        err.errno = errno.EACCES
+        raise err
 
 
 def state_for_saving(module: torch.nn.Module) -> dict[str, torch.Tensor]:

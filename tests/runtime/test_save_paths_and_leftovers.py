@@ -59,10 +59,38 @@ def test_read_only_parent_names_the_requested_path(model, tmp_path):
     ro.chmod(0o555)
     try:
         for out in (ro / "a", ro / "b" / "c"):
-            with pytest.raises(PermissionError, match=re.escape(f"while writing {out}") + "$"):
+            with pytest.raises(PermissionError, match=re.escape(f"cannot write {out}: no write permission on the "
+                                                                f"directory {ro}")):
                 model.save(out)
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize(("allowed", "missing"), [(os.R_OK | os.X_OK, "write"), (os.W_OK | os.X_OK, "read"),
+                                                  (os.R_OK | os.W_OK, "search (x)")], ids=["555", "333", "666"])
+def test_a_parent_lacking_a_permission_is_refused_before_any_work(model, tmp_path, monkeypatch, allowed, missing):
+    """chmod 555 / 333 / 666 as os.access reports it to a user who is not root (the tests run as root,
+    who may do anything): refused up front, naming the directory and the permission, not after the
+    whole conversion as "Permission denied while writing P/out"."""
+    parent, real_access = tmp_path / "p", os.access
+    parent.mkdir()
+
+    def access(path, flags, **k):
+        if os.fspath(path) == str(parent):
+            return flags & ~allowed == 0
+        return real_access(path, flags, **k)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr("lmmrt.runtime.checkpoint_writer.write_safetensors",
+                        lambda *a, **k: pytest.fail("the save got to writing"))
+    for out in (parent / "a", parent / "b" / "c"):
+        if out.parent != parent and missing == "read":
+            continue  # a directory the save creates itself is its own to read
+        with pytest.raises(PermissionError, match=re.escape(f"cannot write {out}: no {missing} permission on the "
+                                                            f"directory {parent}")) as e:
+            model.save(out)
+        assert e.value.errno == errno.EACCES
+    assert list(parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("force", [False, True])
