@@ -142,14 +142,25 @@ def installed_version() -> str:
         return lmmrt.__version__
 
 
+class _PrintVersion(argparse.Action):
+    """--version: looks the version up only when asked (the metadata lookup costs ~20 ms, which every
+    other command would pay if the parser were built with the string)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lmmrt {installed_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lmmrt", description="lmmrt - a kernel-optimized inference runtime for multimodal models: "
                "Flamingo-style (IDEFICS, OpenFlamingo, Llama 3.2 Vision / Mllama), splice models (LLaVA-1.5, BLIP-2 with OPT, MiniGPT-4) and "
                "CLIP. `lmmrt convert --help` lists the checkpoint formats it reads.",
                                 epilog=f"Errors are one line; set {TRACEBACK_ENV}=1 to see the traceback of an "
                                 "unexpected one.")
-    p.add_argument("--version", action="version", version=f"lmmrt {installed_version()}",
-                   help="print lmmrt's version and exit")
+    p.add_argument("--version", action=_PrintVersion, help="print lmmrt's version and exit")
     # not required: a bare `lmmrt` prints this help (main), where argparse would say only that COMMAND is missing
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=CommandParser)
 
